@@ -1,0 +1,28 @@
+"""Leave-one-out evaluation of the model over many users (full catalogue ranking)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedinterest.common.examples import history_batch
+from fedinterest.common.metrics import target_ranks
+from fedinterest.common.model import InterestModel
+from fedinterest.common.split import UserSplit
+
+
+@torch.no_grad()
+def model_ranks(model: InterestModel, users: list[UserSplit] | tuple[UserSplit, ...], stage: str, batch_size: int = 256) -> np.ndarray:
+    """The rank of every user's `stage` target under `model` (eval mode, no dropout)."""
+    was_training = model.training
+    model.eval()
+    ranks = []
+    try:
+        for start in range(0, len(users), batch_size):
+            chunk = users[start : start + batch_size]
+            histories = [u.history(stage) for u in chunk]
+            scores = model.score_last(history_batch(histories, model.config.max_len))
+            ranks.append(target_ranks(scores, [u.target(stage) for u in chunk], histories))
+    finally:
+        model.train(was_training)
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)

@@ -1,0 +1,127 @@
+"""The centralized baseline: the same model trained on all users' training data at once,
+without federation or privacy, with early stopping on validation NDCG@10."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fedinterest.common.evaluation import model_ranks
+from fedinterest.common.examples import bucketed_batches, stack_windows
+from fedinterest.common.metrics import summarize
+from fedinterest.common.model import InterestModel, ModelConfig, packed_sequence_loss
+from fedinterest.common.split import LeaveOneOut
+from fedinterest.common.training import train_epoch
+
+
+@dataclass(frozen=True)
+class CentralizedConfig:
+    """Training settings of the centralized run (checked on creation)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # Stop after this many evaluations without a better validation NDCG@10.
+    patience: int = 10
+    eval_every: int = 1
+    max_minutes: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}")
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    """What one epoch did, handed to the progress callback."""
+
+    epoch: int
+    loss: float
+    valid_ndcg10: float | None
+    best_ndcg10: float
+    elapsed: float
+
+
+@dataclass
+class CentralizedResult:
+    """The outcome: best epoch, validation and test metrics, the wall time of training."""
+
+    best_epoch: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    train_seconds: float
+    epochs_run: int
+    stopped_because: str
+    model: InterestModel
+    history: list[EpochReport] = field(default_factory=list)
+
+
+def train_centralized(
+    split: LeaveOneOut,
+    model_config: ModelConfig,
+    config: CentralizedConfig,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+) -> CentralizedResult:
+    """Train on every user's training windows; keep the weights of the best validation epoch."""
+    torch.manual_seed(config.seed)
+    if model_config.num_items != split.num_items:
+        raise ValueError(f"model has {model_config.num_items} items but the data has {split.num_items}")
+    model = InterestModel(model_config)
+    inputs, targets = stack_windows([u.train for u in split.users], model_config.max_len)
+    if len(inputs) == 0:
+        raise ValueError("no training examples: every training history is shorter than two items")
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = time.perf_counter()
+    best_ndcg, best_epoch, best_state, stale = -1.0, 0, None, 0
+    history: list[EpochReport] = []
+    stopped = "max epochs"
+    epoch = 0
+    for epoch in range(1, config.epochs + 1):
+        batches = bucketed_batches(inputs, targets, config.batch_size, generator)
+        loss, _ = train_epoch(model, batches, optimizer, packed_sequence_loss)
+        valid_ndcg = None
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            valid_ndcg = summarize(model_ranks(model, split.users, "valid"))["ndcg@10"]
+            if valid_ndcg > best_ndcg:
+                best_ndcg, best_epoch, best_state, stale = valid_ndcg, epoch, copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+        report = EpochReport(epoch, loss, valid_ndcg, best_ndcg, time.perf_counter() - start)
+        history.append(report)
+        if on_epoch is not None:
+            on_epoch(report)
+        if stale >= config.patience:
+            stopped = f"no better validation NDCG@10 in {config.patience} evaluations"
+            break
+        if config.max_minutes is not None and report.elapsed >= config.max_minutes * 60:
+            stopped = f"time budget of {config.max_minutes} minutes"
+            break
+    train_seconds = time.perf_counter() - start
+    if best_state is None:  # time ran out before the first evaluation
+        best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
+    model.load_state_dict(best_state)
+    model.eval()
+    return CentralizedResult(
+        best_epoch=best_epoch,
+        valid=summarize(model_ranks(model, split.users, "valid")),
+        test=summarize(model_ranks(model, split.users, "test")),
+        train_seconds=train_seconds,
+        epochs_run=epoch,
+        stopped_because=stopped,
+        model=model,
+        history=history,
+    )

@@ -1,0 +1,25 @@
+"""The `fedinterest` command: one sub-command or group per module."""
+
+from __future__ import annotations
+
+import typer
+
+from fedinterest.simulations.centralized_cli import centralized
+
+app = typer.Typer(
+    help="fedinterest: federated, differentially private modelling of users' long-term interests.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command()(centralized)
+
+
+@app.callback()
+def _root() -> None:
+    """fedinterest: federated, differentially private modelling of users' long-term interests."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
