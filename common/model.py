@@ -187,3 +187,28 @@ def packed_sequence_loss(model: InterestModel, items: torch.Tensor, targets: tor
     per_example = torch.zeros(items.shape[0], dtype=per_token.dtype, device=items.device).index_add(0, rows, per_token)
     counts = has_target.sum(dim=1).clamp(min=1)  # (B,)
     return (per_example / counts).mean()
+
+
+def sampled_sequence_loss(
+    model: InterestModel, items: torch.Tensor, targets: torch.Tensor, num_negatives: int
+) -> torch.Tensor:
+    """Sampled-softmax version of `packed_sequence_loss`: each target competes with
+    `num_negatives` items drawn uniformly (shared by the batch) instead of the whole
+    catalogue. Cheaper for very large catalogues; it reads the head's weight rows
+    directly, so it is for non-private training only. Negatives equal to a position's
+    target are masked out (accidental hits); uniform sampling needs no logQ correction.
+    """
+    hidden = model.encode(items)  # (B, L, D)
+    has_target = targets != PAD_ID  # (B, L)
+    h = hidden[has_target]  # (N, D)
+    positives = targets[has_target]  # (N,)
+    negatives = torch.randint(1, model.config.num_items + 1, (num_negatives,), device=items.device)  # (K,)
+    weight, bias = model.head.weight, model.head.bias
+    pos_logits = (h * weight[positives]).sum(dim=-1) + bias[positives]  # (N,)
+    neg_logits = h @ weight[negatives].T + bias[negatives]  # (N, K)
+    neg_logits = neg_logits.masked_fill(negatives[None, :] == positives[:, None], float("-inf"))
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)  # (N, 1 + K), positive first
+    per_token = F.cross_entropy(logits, torch.zeros(len(h), dtype=torch.long, device=items.device), reduction="none")
+    rows = has_target.nonzero()[:, 0]
+    per_example = torch.zeros(items.shape[0], dtype=per_token.dtype, device=items.device).index_add(0, rows, per_token)
+    return (per_example / has_target.sum(dim=1).clamp(min=1)).mean()

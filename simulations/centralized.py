@@ -6,16 +6,22 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.metrics import summarize
-from fedinterest.common.model import InterestModel, ModelConfig, packed_sequence_loss
+from fedinterest.common.model import InterestModel, ModelConfig, packed_sequence_loss, sampled_sequence_loss
 from fedinterest.common.split import LeaveOneOut
+from fedinterest.common.serialization import save_model
 from fedinterest.common.training import train_epoch
+from fedinterest.simulations.baselines import popularity_ranks
+from fedinterest.simulations.provenance import git_commit, machine
+from fedinterest.simulations.runs import new_run_dir, write_json
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,15 @@ class CentralizedConfig:
     eval_every: int = 1
     max_minutes: float | None = None
     seed: int = 0
+    # "full": softmax over the whole catalogue; "sampled": against `negatives` uniform items.
+    loss: str = "full"
+    negatives: int = 256
 
     def __post_init__(self) -> None:
+        if self.loss not in ("full", "sampled"):
+            raise ValueError(f"loss must be 'full' or 'sampled', got {self.loss!r}")
+        if self.negatives < 1:
+            raise ValueError(f"negatives must be at least 1, got {self.negatives}")
         for name in ("epochs", "batch_size", "patience", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -84,6 +97,10 @@ def train_centralized(
     if len(inputs) == 0:
         raise ValueError("no training examples: every training history is shorter than two items")
     generator = torch.Generator().manual_seed(config.seed)
+    if config.loss == "full":
+        loss_fn = packed_sequence_loss
+    else:
+        loss_fn = lambda m, x, y: sampled_sequence_loss(m, x, y, config.negatives)  # noqa: E731
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = time.perf_counter()
     best_ndcg, best_epoch, best_state, stale = -1.0, 0, None, 0
@@ -92,7 +109,7 @@ def train_centralized(
     epoch = 0
     for epoch in range(1, config.epochs + 1):
         batches = bucketed_batches(inputs, targets, config.batch_size, generator)
-        loss, _ = train_epoch(model, batches, optimizer, packed_sequence_loss)
+        loss, _ = train_epoch(model, batches, optimizer, loss_fn)
         valid_ndcg = None
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             valid_ndcg = summarize(model_ranks(model, split.users, "valid"))["ndcg@10"]
@@ -125,3 +142,53 @@ def train_centralized(
         model=model,
         history=history,
     )
+
+
+def run_centralized(
+    spec: DatasetSpec,
+    model_options: dict[str, object],
+    config: CentralizedConfig,
+    *,
+    threads: int,
+    out: Path,
+    on_epoch: Callable[[EpochReport], None] | None = None,
+    on_data: Callable[[LeaveOneOut], None] | None = None,
+) -> tuple[Path, dict[str, object]]:
+    """Load, train, evaluate beside popularity, and write a run directory (results.json, model).
+
+    `model_options` are ModelConfig fields other than num_items, which the data decides.
+    """
+    commit = git_commit()  # taken before training: the code that runs, not what HEAD is later
+    torch.set_num_threads(threads)
+    split = load_split(spec)
+    model_config = ModelConfig(num_items=split.num_items, **model_options)
+    if on_data is not None:
+        on_data(split)
+    result = train_centralized(split, model_config, config, on_epoch)
+    run_dir = new_run_dir(out, f"centralized-{spec.kind}")
+    save_model(result.model, run_dir)
+    payload = {
+        "command": "centralized",
+        "commit": commit,
+        "machine": machine(threads),
+        "dataset": {
+            "spec": spec.label,
+            "users": len(split),
+            "items": split.num_items,
+            "interactions": split.dataset.num_interactions,
+            "reports": list(split.dataset.reports),
+            "users_left_out": split.users_left_out,
+        },
+        "model": asdict(model_config),
+        "training": asdict(config),
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "stopped_because": result.stopped_because,
+        "train_seconds": round(result.train_seconds, 1),
+        "valid": result.valid,
+        "test": result.test,
+        "popularity_test": summarize(popularity_ranks(split, "test")),
+        "history": [asdict(r) for r in result.history],
+    }
+    write_json(run_dir / "results.json", payload)
+    return run_dir, payload

@@ -57,3 +57,28 @@ def test_history_longer_than_max_len_is_refused() -> None:
 def test_invalid_config_is_named(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{**CONFIG.__dict__, field: value})
+
+
+def test_sampled_loss_matches_a_manual_computation() -> None:
+    from fedinterest.common.model import sampled_sequence_loss
+
+    torch.manual_seed(0)
+    model = InterestModel(CONFIG)
+    items = torch.tensor([[0, 3, 4], [1, 2, 3]])
+    targets = torch.tensor([[0, 4, 5], [2, 3, 4]])
+    torch.manual_seed(7)
+    loss = sampled_sequence_loss(model, items, targets, num_negatives=6)
+    torch.manual_seed(7)
+    negatives = torch.randint(1, CONFIG.num_items + 1, (6,))
+    hidden = model.encode(items)
+    per_example = []
+    for b in range(2):
+        terms = []
+        for t in range(3):
+            if targets[b, t] == PAD_ID:
+                continue
+            scores = model.head(hidden[b, t])
+            competing = [scores[targets[b, t]]] + [scores[n] for n in negatives if n != targets[b, t]]
+            terms.append(-torch.log_softmax(torch.stack(competing), dim=0)[0])
+        per_example.append(torch.stack(terms).mean())
+    torch.testing.assert_close(loss, torch.stack(per_example).mean())

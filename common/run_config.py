@@ -1,0 +1,123 @@
+"""The federated run's configuration, parsed once from Flower's run config and checked.
+
+Flower hands both apps a flat mapping with kebab-case keys (pyproject's
+`[tool.flwr.app.config]`, overridden by `--run-config`). `RunConfig.from_flower`
+turns it into this frozen dataclass; nothing else reads `run_config[...]`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+from fedinterest.common.datasets import DatasetSpec
+from fedinterest.common.model import ModelConfig
+from fedinterest.common.synthetic import SyntheticConfig
+
+STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a federated run; field `a_b` is run-config key `a-b`."""
+
+    # Data: one user = one partition.
+    dataset: str = "synthetic"
+    data_path: str = ""
+    synthetic_users: int = 600
+    synthetic_items: int = 500
+    synthetic_seed: int = 0
+    # Federation.
+    num_server_rounds: int = 10
+    clients_per_round: int = 50
+    strategy: str = "fedavg"
+    server_lr: float = 1.0  # FedAdam / FedYogi server learning rate (eta)
+    server_momentum: float = 0.9  # FedAvgM
+    proximal_mu: float = 0.01  # FedProx
+    round_timeout: float = 600.0
+    # Local training on the device.
+    local_epochs: int = 1
+    local_lr: float = 1e-3
+    batch_size: int = 8  # expected batch size under Poisson sampling
+    # Layer-1 DP (on device). noise_multiplier = 0 turns DP off (no clipping, no noise, epsilon = inf).
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    epsilon_budget: float = 8.0
+    # Model.
+    max_len: int = 200
+    dim: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    # Evaluation and bookkeeping.
+    eval_every: int = 5
+    seed: int = 0
+    run_dir: str = ""  # where the ServerApp writes checkpoints and metrics (the runner sets it)
+
+    def __post_init__(self) -> None:
+        problems = []
+        positive_ints = ("synthetic_users", "synthetic_items", "num_server_rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                problems.append(f"{_key(name)} must be at least 1")
+        for name in ("server_lr", "local_lr", "max_grad_norm", "round_timeout", "epsilon_budget"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{_key(name)} must be positive")
+        if self.noise_multiplier < 0:
+            problems.append("noise-multiplier must be >= 0 (0 turns DP off)")
+        if not 0 < self.delta < 1:
+            problems.append("delta must be in (0, 1)")
+        if not 0 <= self.server_momentum < 1:
+            problems.append("server-momentum must be in [0, 1)")
+        if self.proximal_mu < 0:
+            problems.append("proximal-mu must be >= 0")
+        if self.strategy not in STRATEGIES:
+            problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
+        self.model_config(num_items=1)  # raises on a bad model shape
+        self.dataset_spec()  # raises on a bad dataset description
+
+    @property
+    def private(self) -> bool:
+        """Whether devices train with DP-SGD."""
+        return self.noise_multiplier > 0
+
+    def dataset_spec(self) -> DatasetSpec:
+        """The dataset every partition is cut from."""
+        synthetic = SyntheticConfig(num_users=self.synthetic_users, num_items=self.synthetic_items, seed=self.synthetic_seed)
+        return DatasetSpec(kind=self.dataset, path=self.data_path or None, synthetic=synthetic)
+
+    def model_config(self, num_items: int) -> ModelConfig:
+        """The model for a catalogue of `num_items` items."""
+        return ModelConfig(
+            num_items=num_items, max_len=self.max_len, dim=self.dim, num_blocks=self.num_blocks,
+            num_heads=self.num_heads, dropout=self.dropout,
+        )
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
+        """Parse Flower's run config; unknown keys and wrong types are errors that name the key."""
+        by_key = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(by_key))
+        if unknown:
+            raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(by_key)}")
+        values = {}
+        for key, value in run_config.items():
+            field = by_key[key]
+            expected = type(getattr(cls, field.name))
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if type(value) is not expected:
+                raise ValueError(f"run-config key {key!r} must be {expected.__name__}, got {value!r}")
+            values[field.name] = value
+        return cls(**values)
+
+    def to_flower(self) -> dict[str, object]:
+        """The kebab-case mapping Flower carries (inverse of `from_flower`)."""
+        return {_key(name): value for name, value in asdict(self).items()}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
