@@ -63,33 +63,36 @@ def centralized(
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 
+    progress = Progress(
+        TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        console=console, disable=as_json,
+    )
+    task = progress.add_task("train", total=epochs, status="")
+
     def on_data(split: LeaveOneOut) -> None:
         for line in split.dataset.reports:
             console.print(f"[dim]{line}[/dim]", soft_wrap=True)
         console.print(f"[dim]leave-one-out: {len(split)} users split, {split.users_left_out} with fewer than 3 interactions left out[/dim]")
+        progress.start()  # only once the data is in: a bad file never shows an empty bar
 
-    with Progress(
-        TextColumn("[bold]epoch"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
-        console=console, disable=as_json,
-    ) as progress:
-        task = progress.add_task("train", total=epochs, status="")
+    def on_epoch(report: EpochReport) -> None:
+        valid = "-" if report.valid_ndcg10 is None else f"{report.valid_ndcg10:.4f}"
+        status = f"loss {report.loss:.4f}  valid NDCG@10 {valid}  best {report.best_ndcg10:.4f}"
+        progress.update(task, completed=report.epoch, status=status)
+        if not console.is_terminal and not as_json:
+            # Logs and CI have no live bar: one line per epoch instead.
+            console.print(f"epoch {report.epoch}: {status}  ({report.elapsed:.0f} s)", soft_wrap=True)
 
-        def on_epoch(report: EpochReport) -> None:
-            valid = "-" if report.valid_ndcg10 is None else f"{report.valid_ndcg10:.4f}"
-            status = f"loss {report.loss:.4f}  valid NDCG@10 {valid}  best {report.best_ndcg10:.4f}"
-            progress.update(task, completed=report.epoch, status=status)
-            if not console.is_terminal and not as_json:
-                # Logs and CI have no live bar: one line per epoch instead.
-                console.print(f"epoch {report.epoch}: {status}  ({report.elapsed:.0f} s)", soft_wrap=True)
-
-        try:
-            run_dir, payload = run_centralized(
-                spec, model_options, train_config, threads=threads, out=out, on_epoch=on_epoch, on_data=on_data
-            )
-        except (DataFormatError, FileNotFoundError) as err:
+    try:
+        run_dir, payload = run_centralized(
+            spec, model_options, train_config, threads=threads, out=out, on_epoch=on_epoch, on_data=on_data
+        )
+    except (DataFormatError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(code=2) from err
+    finally:
+        if progress.live.is_started:
             progress.stop()
-            console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-            raise typer.Exit(code=2) from err
 
     if as_json:
         typer.echo(json.dumps({k: v for k, v in payload.items() if k != "history"}, indent=2))
