@@ -31,7 +31,7 @@ class RunConfig:
     num_server_rounds: int = 10
     clients_per_round: int = 50
     strategy: str = "fedavg"
-    server_lr: float = 1.0  # FedAdam / FedYogi server learning rate (eta)
+    server_lr: float = 0.0  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = the strategy's Flower default
     server_momentum: float = 0.9  # FedAvgM
     proximal_mu: float = 0.01  # FedProx
     round_timeout: float = 600.0
@@ -61,7 +61,9 @@ class RunConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 problems.append(f"{_key(name)} must be at least 1")
-        for name in ("server_lr", "local_lr", "max_grad_norm", "round_timeout", "epsilon_budget"):
+        if self.server_lr < 0:
+            problems.append("server-lr must be >= 0 (0 = the strategy's own default)")
+        for name in ("local_lr", "max_grad_norm", "round_timeout", "epsilon_budget"):
             if not getattr(self, name) > 0:
                 problems.append(f"{_key(name)} must be positive")
         if self.noise_multiplier < 0:

@@ -16,22 +16,24 @@ def train_epoch(
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     loss_fn: LossFn,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over `batches`; returns the example-weighted mean loss and the step count."""
     model.train()
     total, examples, steps = 0.0, 0, 0
     for items, targets in batches:
-        if len(items) == 0:
-            # Poisson sampling can draw an empty batch; Opacus still expects a step.
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
-            steps += 1
-            continue
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model, items, targets)
+        # An empty batch (Poisson sampling can draw one) still goes through forward and
+        # backward: Opacus's optimizer needs the zero-length per-sample gradients this
+        # leaves, and its step is then the noise-only update the accountant counts. Its
+        # loss is a mean over nothing (NaN); its gradients are zero, and it is not counted.
         loss.backward()
         optimizer.step()
-        total += float(loss.detach()) * len(items)
-        examples += len(items)
+        if after_step is not None:
+            after_step()
         steps += 1
+        if len(items):
+            total += float(loss.detach()) * len(items)
+            examples += len(items)
     return (total / examples if examples else float("nan")), steps

@@ -14,6 +14,8 @@ METRICS = "metrics"
 
 # Server -> device, in the ConfigRecord under CONFIG.
 SERVER_ROUND = "server-round"
+PROXIMAL_MU = "proximal-mu"  # train config under FedProx (Flower's FedProx sends this key)
+STAGE = "stage"  # evaluate config: "valid" or "test" (default "test")
 
 # Device -> server metrics.
 NUM_EXAMPLES = "num-examples"  # FedAvg weights by this (its `weighted_by_key` default)

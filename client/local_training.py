@@ -1,0 +1,235 @@
+"""One round of local training on the device, with DP-SGD (Opacus) unless DP is off.
+
+The front door is `train_locally`: keyword-only arguments, small `_prepare_*` helpers,
+ValueError for bad input, and one result type whatever the mode. The examples are the
+user's training windows (`common.examples.training_windows`): one window of up to
+`max_len` consecutive (item, next item) pairs is one training example, and that is the
+unit layer-1 DP protects (docs/privacy.md). The loss is the dense `sequence_loss`, the
+only one whose gradients Opacus can keep per example.
+
+Accounting: the device's ledger holds every round it was charged for. Before training,
+the round's entry (noise multiplier, Poisson sample rate, steps) is added to the ledger's
+history and epsilon computed by Opacus's RDP accountant; if that would exceed the run's
+budget the device does not train (a refusal, not an error). After training the entry is
+recorded, before anything leaves the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from torch.utils.data import DataLoader, TensorDataset
+
+from fedinterest.common.examples import training_windows
+from fedinterest.common.model import InterestModel, sequence_loss
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.training import train_epoch
+from fedinterest.client.ledger import LedgerEntry, PrivacyLedger
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    """What one round produced; `state_dict` is None when the device did not train."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    num_examples: int  # training windows (DP units) the round sampled from; 0 when not trained
+    train_loss: float  # mean over epochs of the example-weighted mean loss; 0.0 when no window was drawn
+    epsilon: float  # the device's cumulative epsilon at the run's delta after this round (inf: DP off)
+    refused: bool  # the privacy budget (or an already-charged round) kept the device from training
+
+
+@dataclass(frozen=True)
+class _Sampling:
+    """Poisson sample rate and optimizer steps of one round, as Opacus derives them."""
+
+    sample_rate: float
+    steps_per_epoch: int
+    steps: int
+
+
+@dataclass
+class _Prepared:
+    """The objects one round trains with; `engine` is None when DP is off."""
+
+    module: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    engine: PrivacyEngine | None
+
+
+def train_locally(
+    *,
+    model: InterestModel,
+    train_history: np.ndarray,
+    run: RunConfig,
+    ledger: PrivacyLedger,
+    run_id: int,
+    server_round: int,
+    poisson_sampling: bool = True,
+    generator: torch.Generator | None = None,
+    proximal_mu: float = 0.0,
+) -> LocalTrainingResult:
+    """Train `model` (updated in place) on one user's training windows for one round.
+
+    `run` gives epochs, learning rate, batch size (the expected batch under Poisson
+    sampling), noise multiplier (0 turns DP off), clipping norm, delta and epsilon
+    budget. `ledger` is charged for (run_id, server_round). `poisson_sampling=False`
+    makes batches fixed (for tests only: the accounting then assumes a sampling that was
+    not done). `generator` seeds batch sampling and the DP noise; leave it None on a real
+    device, because noise the server can reproduce protects nothing. `proximal_mu` > 0
+    (FedProx) pulls the weights towards the global ones after every step.
+    """
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    _check_round(run_id, server_round)
+    if model.config.max_len != run.max_len:
+        raise ValueError(f"model max_len {model.config.max_len} differs from the run's max-len {run.max_len}")
+    windows = _prepare_windows(train_history, run.max_len)
+    epsilon_now = ledger.epsilon(run.delta)
+    if windows is None:
+        return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=False)
+    sampling = _prepare_sampling(num_windows=len(windows), batch_size=run.batch_size, local_epochs=run.local_epochs)
+    entry = LedgerEntry(run_id, server_round, run.noise_multiplier, sampling.sample_rate, sampling.steps)
+    if ledger.entry(run_id, server_round) is not None:
+        # A retried round: training again would be a second noisy release of the same data.
+        return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=True)
+    if run.private and ledger.would_exceed(entry, run.epsilon_budget, run.delta):
+        return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=True)
+
+    if run.private:
+        prepared = _prepare_private(
+            model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr,
+            noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
+            poisson_sampling=poisson_sampling, generator=generator,
+        )
+        prepared.engine.accountant.history = ledger.history()
+        _check_sampling(prepared, sampling)
+    else:
+        prepared = _prepare_plain(model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr, generator=generator)
+    after_step = _proximal_step(model, lr=run.local_lr, mu=proximal_mu) if proximal_mu > 0 else None
+    try:
+        loss = _train(prepared, local_epochs=run.local_epochs, expected_steps=sampling.steps, ledger=ledger, after_step=after_step)
+    finally:
+        if prepared.engine is not None:
+            prepared.module.cleanup()  # removes Opacus's hooks and per-sample attributes from `model`
+    ledger.record(entry)
+    epsilon = ledger.epsilon(run.delta) if run.private else float("inf")
+    state = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    return LocalTrainingResult(state, len(windows), 0.0 if math.isnan(loss) else loss, epsilon, refused=False)
+
+
+def _check_round(run_id: int, server_round: int) -> None:
+    for name, value in (("run_id", run_id), ("server_round", server_round)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+
+
+def _prepare_windows(train_history: np.ndarray, max_len: int) -> TensorDataset | None:
+    """The user's training windows (one window = one DP unit) as a dataset; None if there are none."""
+    history = np.asarray(train_history)
+    if history.ndim != 1 or not np.issubdtype(history.dtype, np.integer):
+        raise ValueError(f"train_history must be a 1-D array of item indices, got shape {history.shape} dtype {history.dtype}")
+    inputs, targets = training_windows(history.astype(np.int64), max_len)
+    if len(inputs) == 0:
+        return None
+    return TensorDataset(torch.from_numpy(inputs), torch.from_numpy(targets))
+
+
+def _prepare_sampling(*, num_windows: int, batch_size: int, local_epochs: int) -> _Sampling:
+    """Opacus's own derivation: q = 1 / ceil(W / B) (= min(1, B / W) when B divides W), ceil(W / B) steps an epoch."""
+    if num_windows < 1 or batch_size < 1 or local_epochs < 1:
+        raise ValueError(f"need at least one window, batch size and epoch; got {num_windows}, {batch_size}, {local_epochs}")
+    batches = math.ceil(num_windows / batch_size)  # len(DataLoader(windows, batch_size))
+    return _Sampling(sample_rate=1 / batches, steps_per_epoch=batches, steps=batches * local_epochs)
+
+
+def _prepare_plain(
+    *, model: InterestModel, windows: TensorDataset, batch_size: int, lr: float, generator: torch.Generator | None
+) -> _Prepared:
+    """Non-private training: shuffled fixed-size batches, no clipping, no noise."""
+    loader = DataLoader(windows, batch_size=batch_size, shuffle=True, generator=generator)
+    return _Prepared(model, torch.optim.Adam(model.parameters(), lr=lr), loader, engine=None)
+
+
+def _prepare_private(
+    *,
+    model: InterestModel,
+    windows: TensorDataset,
+    batch_size: int,
+    lr: float,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    poisson_sampling: bool,
+    generator: torch.Generator | None,
+) -> _Prepared:
+    """DP-SGD via Opacus's make_private: per-window clipping to `max_grad_norm`, Gaussian noise, RDP accountant."""
+    if noise_multiplier < 0 or not max_grad_norm > 0:
+        raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
+    with warnings.catch_warnings():
+        # Opacus warns that secure_mode (a CSPRNG for the noise) is off; docs/privacy.md says so.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="rdp")
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loader = DataLoader(windows, batch_size=batch_size, shuffle=False, generator=generator)
+    module, dp_optimizer, dp_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling, noise_generator=generator,
+    )
+    return _Prepared(module, dp_optimizer, dp_loader, engine)
+
+
+def _check_sampling(prepared: _Prepared, sampling: _Sampling) -> None:
+    """The entry charged before training must be what Opacus's accountant will count."""
+    if getattr(prepared.loader, "sample_rate", sampling.sample_rate) != sampling.sample_rate or len(prepared.loader) != sampling.steps_per_epoch:
+        raise RuntimeError(
+            f"Opacus samples at rate {getattr(prepared.loader, 'sample_rate', None)} with {len(prepared.loader)} "
+            f"steps an epoch, not the charged {sampling.sample_rate} and {sampling.steps_per_epoch}"
+        )
+
+
+def _proximal_step(model: InterestModel, *, lr: float, mu: float) -> Callable[[], None]:
+    """FedProx's proximal term mu/2 * ||w - w_global||^2 as a decoupled step w -= lr * mu * (w - w_global).
+
+    Its gradient depends only on the weights, never on the data, so it is applied after
+    the (clipped, noised) DP step: it costs no privacy, and Opacus's per-sample
+    gradients, which only see module inputs, could not carry it anyway.
+    """
+    anchors = [(p, p.detach().clone()) for p in model.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def step() -> None:
+        for param, anchor in anchors:
+            param.sub_(lr * mu * (param - anchor))
+
+    return step
+
+
+def _train(
+    prepared: _Prepared, *, local_epochs: int, expected_steps: int, ledger: PrivacyLedger,
+    after_step: Callable[[], None] | None = None,
+) -> float:
+    """Run the epochs; the mean of the epochs' mean losses (NaN if no example was drawn at all)."""
+    counted_before = sum(steps for _, _, steps in ledger.history())
+    steps_done, epoch_losses = 0, []
+    for _ in range(local_epochs):
+        loss, steps = train_epoch(
+            prepared.module, prepared.loader, prepared.optimizer, lambda m, x, y: sequence_loss(m(x), y), after_step
+        )
+        epoch_losses.append(loss)
+        steps_done += steps
+    if steps_done != expected_steps:
+        raise RuntimeError(f"took {steps_done} optimizer steps, but the round was charged for {expected_steps}")
+    if prepared.engine is not None:
+        counted = sum(steps for _, _, steps in prepared.engine.accountant.history)
+        if counted != counted_before + steps_done:
+            raise RuntimeError(f"Opacus's accountant counted {counted - counted_before} steps, the round took {steps_done}")
+    # An epoch can draw no example at all under Poisson sampling (its loss is NaN).
+    finite = [value for value in epoch_losses if not math.isnan(value)]
+    return sum(finite) / len(finite) if finite else float("nan")

@@ -1,0 +1,137 @@
+"""Evaluation of a global model over all users.
+
+Two paths give the same numbers:
+- `ServerEvaluator` -- the simulation shortcut: the server holds the split and ranks the
+  full catalogue for every user itself (common.evaluation.model_ranks), in batches;
+- `federated_evaluate` -- the device path: every node ranks for its own user and
+  replies EVAL_REPLY_METRICS; the server averages them weighted by NUM_EXAMPLES (one per
+  evaluated user), i.e. the mean over users, as `summarize` does.
+The round loop uses the shortcut; a deployment, where the server holds no histories,
+uses the device path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from fedinterest.common.evaluation import model_ranks
+from fedinterest.common.metrics import summarize
+from fedinterest.common.model import InterestModel, ModelConfig
+from fedinterest.common.split import LeaveOneOut
+from fedinterest.common.wire import ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
+
+# Evaluate-config key naming the held-out item to rank ("valid" or "test").
+STAGE = "stage"
+STAGES = ("valid", "test")
+
+
+def arrays_from_numpy(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    """An ArrayRecord of named numpy arrays, order kept."""
+    return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in arrays.items()})
+
+
+def arrays_to_numpy(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Named numpy arrays of an ArrayRecord, order kept."""
+    return {key: array.numpy() for key, array in arrays.items()}
+
+
+def initial_arrays(model_config: ModelConfig, seed: int) -> ArrayRecord:
+    """The global model before round 1: InterestModel's own initialisation under `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = InterestModel(model_config)
+    return ArrayRecord(model.state_dict())
+
+
+class ServerEvaluator:
+    """Ranks every user's held-out item with a given global model (the simulation shortcut)."""
+
+    def __init__(self, split: LeaveOneOut, model_config: ModelConfig) -> None:
+        if model_config.num_items != split.num_items:
+            raise ValueError(f"model has {model_config.num_items} items but the data has {split.num_items}")
+        if not split.users:
+            raise ValueError("the split has no users to evaluate")
+        self.split = split
+        self.model = InterestModel(model_config)
+
+    def ranks(self, arrays: ArrayRecord, stage: str) -> np.ndarray:
+        """Rank of each user's `stage` target under the model `arrays`."""
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        return model_ranks(self.model, self.split.users, stage)
+
+    def evaluate(self, arrays: ArrayRecord, stage: str) -> dict[str, float]:
+        """HR@10, NDCG@10, HR@20, NDCG@20, MRR and the user count for `stage`."""
+        return summarize(self.ranks(arrays, stage))
+
+
+def federated_evaluate(
+    grid: Grid,
+    arrays: ArrayRecord,
+    stage: str,
+    *,
+    server_round: int,
+    timeout: float | None,
+    node_ids: Iterable[int] | None = None,
+) -> dict[str, Any]:
+    """Ask every node (or `node_ids`) to evaluate `arrays` on `stage`; average what comes back.
+
+    Replies that are errors or do not carry exactly EVAL_REPLY_METRICS with finite values
+    are counted as failed and left out. Returns hr@10, ndcg@10 (None when no user was
+    evaluated), users (the summed NUM_EXAMPLES), replies and failed.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    targets = list(grid.get_node_ids() if node_ids is None else node_ids)
+    messages = [
+        Message(
+            content=RecordDict({ARRAYS: arrays, CONFIG: ConfigRecord({SERVER_ROUND: server_round, STAGE: stage})}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in targets
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    sums = {HIT_RATE_10: 0.0, NDCG_10: 0.0}
+    users, used = 0.0, 0
+    for reply in replies:
+        values = _eval_metrics(reply)
+        if values is None:
+            continue
+        used += 1
+        users += values[NUM_EXAMPLES]
+        for key in sums:
+            sums[key] += values[NUM_EXAMPLES] * values[key]
+    return {
+        HIT_RATE_10: sums[HIT_RATE_10] / users if users else None,
+        NDCG_10: sums[NDCG_10] / users if users else None,
+        "users": int(users),
+        "replies": used,
+        "failed": len(targets) - used,
+    }
+
+
+def _eval_metrics(reply: Message) -> dict[str, float] | None:
+    """The reply's evaluation metrics, or None when it is an error or malformed."""
+    if reply.has_error() or set(reply.content.metric_records) != {METRICS}:
+        return None
+    record = reply.content[METRICS]
+    if set(record.keys()) != set(EVAL_REPLY_METRICS):
+        return None
+    values = {}
+    for key in EVAL_REPLY_METRICS:
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return None
+        values[key] = float(value)
+    if values[NUM_EXAMPLES] < 0:
+        return None
+    return values

@@ -1,0 +1,400 @@
+"""The federated round loop, driven by the ServerApp.
+
+Flower's `Strategy.start()` can neither resume at round k nor drop refused replies, so
+this loop drives the strategy's public steps itself, round by round:
+
+    configure_train -> grid.send_and_receive -> reply checks -> aggregate_train (valid only)
+    -> server-side evaluation (every eval_every rounds and at the last) -> checkpoint
+    -> one row of metrics.jsonl
+
+A round without any valid reply completes without aggregation; the model stays.
+
+Run directory (`config.run_dir`, or a fresh temporary directory when it is empty):
+- `metrics.jsonl`: one JSON object per round with exactly ROW_FIELDS:
+  round, sampled, answered (replies with content), refused, failed (error replies and
+  devices silent at the timeout; sampled = answered + failed), rejected, empty,
+  train_loss (example-weighted mean over valid replies, null without any),
+  epsilon_max / epsilon_mean (cumulative example-level epsilon at the run's delta
+  reported by the devices that replied in form this round; null when none replied or
+  when any reported inf), dp (false when a device reported inf, i.e. trained without
+  DP; null when no epsilon was reported), hr@10 / ndcg@10 (server-side validation
+  metrics when evaluated this round, else null), seconds (the round's wall time,
+  evaluation included), time (ISO 8601, UTC, end of round);
+- `final.json`: the last round's validation and test metrics over all users, rounds,
+  wall time, device epsilon max/mean, reply counts over the whole run (see `_final`);
+- `checkpoints/`: see server/checkpoint.py.
+
+Resume: when `run_dir` holds a checkpoint of round R written with the same run config
+(run-dir and num-server-rounds may differ), the loop restarts at round R + 1 from the
+saved global model, strategy state, privacy tally and counts; metrics.jsonl is cut back
+to rows 1..R (the row of round R is restored from the checkpoint if a crash came
+between the checkpoint and the row). A different config raises ConfigMismatchError.
+
+Before round 1 (and before a resumed round) the loop waits until as many nodes are
+registered as the dataset has users (`len(LeaveOneOut.users)`: in simulation one
+virtual node per user, partition i = user i), for at most `round_timeout` seconds, or
+until the count has not moved for SETTLE_SECONDS (a simulation with fewer supernodes
+than users); then it continues with the nodes present (at least one), with a warning.
+The ServerApp cannot see the federation's num-supernodes, hence the settle rule.
+
+Node sampling uses Flower's own `sample_nodes` (Python's `random`), reseeded every round
+from (seed, round), so a resumed round samples as the uninterrupted run would have --
+given the same node ids, which a new simulation does not keep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedinterest.common.datasets import load_split
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.serialization import atomic_write_text
+from fedinterest.common.split import LeaveOneOut
+from fedinterest.common.wire import HIT_RATE_10, NDCG_10
+from fedinterest.server import checkpoint as ckpt
+from fedinterest.server.evaluation import ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
+from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, classify_replies
+from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
+
+LOG = logging.getLogger("flwr.fedinterest")  # a child of Flower's logger: shown in its run log
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+ROW_FIELDS = (
+    "round", "sampled", "answered", "refused", "failed", "rejected", "empty", "train_loss",
+    "epsilon_max", "epsilon_mean", "dp", HIT_RATE_10, NDCG_10, "seconds", "time",
+)
+# Stop waiting for more nodes once the registered count has not moved for this long.
+SETTLE_SECONDS = 15.0
+COUNT_KEYS = ("sampled", "answered", "refused", "failed", "rejected", "empty", "aggregated", "rounds_without_update")
+
+
+@dataclass
+class PrivacyTally:
+    """The highest cumulative epsilon each device reported so far (keys: node ids as text).
+
+    Devices that reported inf (no DP) are listed apart, so every stored number is finite.
+    Node ids are Flower's: a new simulation assigns new ones, so after a resume a device
+    may appear under two ids (max stays an upper bound; mean covers both entries).
+    """
+
+    device_max: dict[str, float] = field(default_factory=dict)
+    without_dp: set[str] = field(default_factory=set)
+
+    def update(self, epsilons: dict[int, float]) -> None:
+        """Fold in one round's reported epsilons."""
+        for node, eps in epsilons.items():
+            key = str(node)
+            if math.isinf(eps):
+                self.without_dp.add(key)
+            else:
+                self.device_max[key] = max(eps, self.device_max.get(key, 0.0))
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe state for the checkpoint manifest."""
+        return {"device_epsilon_max": dict(sorted(self.device_max.items())), "devices_without_dp": sorted(self.without_dp)}
+
+    @classmethod
+    def from_json(cls, state: dict[str, Any]) -> PrivacyTally:
+        """Inverse of `to_json` (an empty mapping gives an empty tally)."""
+        return cls(
+            device_max={str(k): float(v) for k, v in (state.get("device_epsilon_max") or {}).items()},
+            without_dp=set(state.get("devices_without_dp") or ()),
+        )
+
+    def summary(self, delta: float) -> dict[str, Any]:
+        """What final.json reports about privacy."""
+        values = list(self.device_max.values())
+        dp = None if not values and not self.without_dp else not self.without_dp
+        return {
+            "unit": "per-device cumulative example-level (epsilon, delta)-DP of layer 1 (Opacus accountant on the device)",
+            "delta": delta,
+            "dp": dp,
+            "device_epsilon_max": max(values) if values and dp else None,
+            "device_epsilon_mean": sum(values) / len(values) if values and dp else None,
+            "devices_reporting": len(set(self.device_max) | self.without_dp),
+            "devices_without_dp": len(self.without_dp),
+        }
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one training round produced."""
+
+    arrays: ArrayRecord
+    replies: RoundReplies
+    aggregated: bool
+
+
+def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[str, Any]:
+    """Run (or resume) the whole federated training; returns what final.json holds."""
+    started = time.monotonic()
+    run_dir = resolve_run_dir(config)
+    split = load_split(config.dataset_spec())
+    model_config = config.model_config(split.num_items)
+    evaluator = ServerEvaluator(split, model_config)
+    LOG.info("fedinterest: %d users, %d items; run directory %s", len(split.users), split.num_items, run_dir)
+
+    saved = ckpt.latest(run_dir)
+    arrays = initial_arrays(model_config, config.seed)
+    spec = ArraySpec.of(arrays)
+    if saved is not None:
+        ckpt.check_compatible(saved, config)
+        if set(saved.arrays) != set(spec.shapes):
+            raise ckpt.CheckpointError("the checkpoint's array names differ from the model of this run config")
+        arrays = arrays_from_numpy({key: saved.arrays[key] for key in spec.shapes})
+        LOG.info("fedinterest: resuming after round %d from %s", saved.round, run_dir / ckpt.CHECKPOINT_DIR)
+    first = saved.round + 1 if saved else 1
+    if ArraySpec.of(arrays) != spec:
+        raise ckpt.CheckpointError("the checkpoint's array shapes or dtypes differ from the model of this run config")
+    privacy = PrivacyTally.from_json(saved.privacy if saved else {})
+    counts = {key: int((saved.counts if saved else {}).get(key, 0)) for key in COUNT_KEYS}
+    prior_seconds = saved.elapsed_seconds if saved else 0.0
+    _reconcile_metrics(run_dir / METRICS_FILE, saved)
+
+    last_valid: dict[str, float] | None = None
+    if first <= config.num_server_rounds:
+        (run_dir / FINAL_FILE).unlink(missing_ok=True)  # it described fewer rounds than this run will
+        nodes = wait_for_nodes(grid, len(split.users), timeout=config.round_timeout, settle=SETTLE_SECONDS, poll_interval=poll_interval)
+        strategy = build_strategy(config, nodes)
+        load_strategy_state(strategy, saved.strategy_state if saved else {})
+        strategy.summary()
+    elif saved is not None:
+        LOG.warning("fedinterest: the checkpoint is at round %d >= num-server-rounds %d: nothing to train", saved.round, config.num_server_rounds)
+    final_round = saved.round if saved else 0
+
+    for server_round in range(first, config.num_server_rounds + 1):
+        round_start = time.monotonic()
+        LOG.info("fedinterest: [ROUND %d/%d]", server_round, config.num_server_rounds)
+        result = train_round(grid, strategy, arrays, server_round, config, spec)
+        arrays = result.arrays
+        evaluation = None
+        if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
+            evaluation = last_valid = evaluator.evaluate(arrays, "valid")
+        privacy.update(result.replies.epsilons)
+        _add_counts(counts, result)
+        row = metrics_row(server_round, result.replies, evaluation, time.monotonic() - round_start)
+        ckpt.save(run_dir, ckpt.Checkpoint(
+            round=server_round,
+            arrays=arrays_to_numpy(arrays),
+            config=ckpt.hashed_config(config),
+            strategy_state=strategy_state(strategy),
+            privacy=privacy.to_json(),
+            counts=counts,
+            elapsed_seconds=prior_seconds + time.monotonic() - started,
+            metrics_row=row,
+        ))
+        _append_row(run_dir / METRICS_FILE, row)
+        final_round = server_round
+        LOG.info("fedinterest: round %d: %s", server_round, json.dumps(row))
+
+    if last_valid is None:
+        last_valid = evaluator.evaluate(arrays, "valid")
+    test = evaluator.evaluate(arrays, "test")
+    final = _final(config, split, run_dir, final_round, first, last_valid, test, privacy, counts, prior_seconds + time.monotonic() - started)
+    atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
+    LOG.info("fedinterest: done after round %d: test hr@10 %.4f ndcg@10 %.4f; %s", final_round, test["hr@10"], test["ndcg@10"], run_dir / FINAL_FILE)
+    return final
+
+
+def train_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round: int, config: RunConfig, spec: ArraySpec) -> RoundResult:
+    """One round: sample, send, check replies, aggregate the valid ones (if any)."""
+    nodes = len(list(grid.get_node_ids())) or wait_for_nodes(grid, 1, timeout=config.round_timeout)
+    fit_sampling(strategy, nodes, config.clients_per_round)
+    random.seed(round_seed(config.seed, server_round))
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    replies = classify_replies(len(messages), grid.send_and_receive(messages, timeout=config.round_timeout), spec)
+    for checked in replies.checked:
+        if checked.kind in (ReplyKind.REJECTED, ReplyKind.FAILED):
+            LOG.warning("fedinterest: round %d: node %d %s: %s", server_round, checked.node_id, checked.kind.value, checked.reason)
+    valid = replies.valid_messages
+    if not valid:
+        LOG.warning("fedinterest: round %d: no valid update (%d sampled); the model stays", server_round, len(messages))
+        return RoundResult(arrays, replies, aggregated=False)
+    new_arrays, _ = strategy.aggregate_train(server_round, valid)
+    if new_arrays is None:
+        return RoundResult(arrays, replies, aggregated=False)
+    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True)
+
+
+def round_seed(seed: int, server_round: int) -> int:
+    """The seed of round `server_round`'s node sampling."""
+    return seed * 1_000_003 + server_round
+
+
+def _as_dtypes(arrays: ArrayRecord, spec: ArraySpec) -> ArrayRecord:
+    """The aggregate in the model's own dtypes: FedAdam's update upcasts float32 to float64
+    (numpy 2 scalar promotion), which the devices' float32 replies would then not match."""
+    if all(str(arrays[k].dtype) == spec.dtypes[k] for k in spec.shapes):
+        return arrays
+    return ArrayRecord({k: Array(arrays[k].numpy().astype(spec.dtypes[k])) for k in spec.shapes})
+
+
+def wait_for_nodes(
+    grid: Grid,
+    expected: int,
+    *,
+    timeout: float,
+    settle: float | None = None,
+    poll_interval: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Wait until `expected` nodes are registered; return how many there are.
+
+    Stops early, with a warning, when `timeout` passes or -- with `settle` set -- when
+    at least one node is registered and the count has not changed for `settle` seconds
+    (a simulation started with fewer supernodes than users registers them all within
+    moments, then stays put). Raises RuntimeError when no node registered in time.
+    """
+    start = clock()
+    deadline = start + timeout
+    next_log = start
+    last_count, last_change = -1, start
+    while True:
+        count = len(list(grid.get_node_ids()))
+        now = clock()
+        if count >= expected:
+            LOG.info("fedinterest: %d nodes registered (expected %d)", count, expected)
+            return count
+        if count != last_count:
+            last_count, last_change = count, now
+        if now >= deadline:
+            reason = f"after {timeout:g} s"
+            break
+        if settle is not None and count >= 1 and now - last_change >= settle:
+            reason = f"unchanged for {settle:g} s"
+            break
+        if now >= next_log:
+            LOG.info("fedinterest: waiting for nodes: %d of %d registered", count, expected)
+            next_log = now + 10.0
+        sleep(poll_interval)
+    if count < 1:
+        raise RuntimeError(f"no node registered within {timeout:g} s (expected {expected})")
+    LOG.warning("fedinterest: %d of %d expected nodes registered (%s); continuing with them", count, expected, reason)
+    return count
+
+
+def resolve_run_dir(config: RunConfig) -> Path:
+    """`config.run_dir` (created), or a new temporary directory when it is empty (logged)."""
+    if config.run_dir:
+        path = Path(config.run_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path = Path(tempfile.mkdtemp(prefix="fedinterest-run-"))
+    LOG.warning("fedinterest: run-dir is empty: writing metrics and checkpoints to %s", path)
+    return path
+
+
+def metrics_row(server_round: int, replies: RoundReplies, evaluation: dict[str, float] | None, seconds: float) -> dict[str, Any]:
+    """The metrics.jsonl row of one round (exactly ROW_FIELDS)."""
+    epsilons = list(replies.epsilons.values())
+    dp = None if not epsilons else not any(math.isinf(e) for e in epsilons)
+    row = {
+        "round": server_round,
+        "sampled": replies.sampled,
+        "answered": replies.answered,
+        "refused": replies.count(ReplyKind.REFUSED),
+        "failed": replies.count(ReplyKind.FAILED),
+        "rejected": replies.count(ReplyKind.REJECTED),
+        "empty": replies.count(ReplyKind.EMPTY),
+        "train_loss": replies.train_loss,
+        "epsilon_max": max(epsilons) if dp else None,
+        "epsilon_mean": sum(epsilons) / len(epsilons) if dp else None,
+        "dp": dp,
+        HIT_RATE_10: evaluation[HIT_RATE_10] if evaluation else None,
+        NDCG_10: evaluation[NDCG_10] if evaluation else None,
+        "seconds": round(seconds, 3),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    assert tuple(row) == ROW_FIELDS
+    return row
+
+
+def _add_counts(counts: dict[str, int], result: RoundResult) -> None:
+    replies = result.replies
+    counts["sampled"] += replies.sampled
+    counts["answered"] += replies.answered
+    for kind in (ReplyKind.REFUSED, ReplyKind.FAILED, ReplyKind.REJECTED, ReplyKind.EMPTY):
+        counts[kind.value] += replies.count(kind)
+    counts["aggregated"] += replies.count(ReplyKind.VALID) if result.aggregated else 0
+    counts["rounds_without_update"] += 0 if result.aggregated else 1
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a torn last line (crash mid-append) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _reconcile_metrics(path: Path, saved: ckpt.Checkpoint | None) -> None:
+    """Cut metrics.jsonl back to the checkpoint's rounds, restoring its last row if missing."""
+    last = saved.round if saved else 0
+    rows = {row["round"]: row for row in read_metrics(path) if isinstance(row.get("round"), int) and row["round"] <= last}
+    if saved is not None and saved.metrics_row is not None:
+        rows.setdefault(saved.round, saved.metrics_row)
+    if not rows and not path.exists():
+        return
+    text = "".join(json.dumps(rows[r], allow_nan=False) + "\n" for r in sorted(rows))
+    atomic_write_text(path, text)
+
+
+def _append_row(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(row, allow_nan=False) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _final(
+    config: RunConfig,
+    split: LeaveOneOut,
+    run_dir: Path,
+    final_round: int,
+    first: int,
+    valid: dict[str, float],
+    test: dict[str, float],
+    privacy: PrivacyTally,
+    counts: dict[str, int],
+    seconds: float,
+) -> dict[str, Any]:
+    """The content of final.json."""
+    return {
+        "rounds": final_round,
+        "resumed_after_round": first - 1,
+        "strategy": config.strategy,
+        "valid": valid,
+        "test": test,
+        "wall_seconds": round(seconds, 3),
+        "privacy": privacy.summary(config.delta),
+        "counts": counts,
+        "dataset": {"label": config.dataset_spec().label, "users": len(split.users), "items": split.num_items},
+        "config_hash": ckpt.config_hash(config),
+        "run_config": config.to_flower(),
+        "run_dir": str(run_dir),
+        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
