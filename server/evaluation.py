@@ -25,10 +25,9 @@ from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel, ModelConfig
 from fedinterest.common.split import LeaveOneOut
-from fedinterest.common.wire import ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
+from fedinterest.common.wire import ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND, STAGE
 
 # Evaluate-config key naming the held-out item to rank ("valid" or "test").
-STAGE = "stage"
 STAGES = ("valid", "test")
 
 
