@@ -27,7 +27,7 @@ from fedinterest.common.model import InterestModel, ModelConfig
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.wire import ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND, STAGE
 
-# Evaluate-config key naming the held-out item to rank ("valid" or "test").
+# The held-out items an evaluation can rank (sent under STAGE).
 STAGES = ("valid", "test")
 
 
