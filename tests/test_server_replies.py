@@ -8,21 +8,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, TRAIN_LOSS
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, check_train_reply, classify_replies
+from scripted_grid import as_server_task
 
 GLOBAL = {"a": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
 
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    """Flower stamps instruction messages with the running task's ids; tests play the ServerApp."""
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+    with as_server_task():
+        yield
 
 
 def spec() -> ArraySpec:

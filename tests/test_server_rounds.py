@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
@@ -23,6 +22,7 @@ from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, HIT_RATE_10, METRIC
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import STAGE, ServerEvaluator, federated_evaluate, initial_arrays
 from fedinterest.server.rounds import FINAL_FILE, METRICS_FILE, ROW_FIELDS, read_metrics, run, wait_for_nodes
+from scripted_grid import ScriptedGrid, as_server_task
 
 torch.set_num_threads(1)
 
@@ -34,47 +34,8 @@ BASE = RunConfig(
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class ScriptedGrid(Grid):
-    """A Grid whose nodes are functions: message -> reply (or None for silence)."""
-
-    def __init__(self, nodes):
-        self.nodes = dict(nodes)
-        self.sent: list[tuple[int, int]] = []  # (round, node)
-
-    def set_run(self, run):  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for message in messages:
-            node = message.metadata.dst_node_id
-            self.sent.append((message.content[CONFIG].get(SERVER_ROUND, 0), node))
-            reply = self.nodes[node](message)
-            if reply is not None:
-                replies.append(reply)
-        return replies
+    with as_server_task():
+        yield
 
 
 def metrics(n, loss, eps, refused=0.0):

@@ -8,50 +8,18 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
 from fedinterest.server.strategies import PROXIMAL_MU, build_strategy, fit_sampling, load_strategy_state, strategy_state
+from scripted_grid import ScriptedGrid, as_server_task
 
 
 @pytest.fixture(autouse=True)
 def task_identity():
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class NodesOnly(Grid):
-    """Just enough of a Grid for configure_train: a fixed set of registered nodes."""
-
-    def __init__(self, nodes):
-        self.nodes = list(nodes)
-
-    def set_run(self, run):  # pragma: no cover - not used
-        pass
-
-    @property
-    def run(self):  # pragma: no cover - not used
-        return None
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):  # pragma: no cover
-        raise NotImplementedError
-
-    def get_node_ids(self):
-        return list(self.nodes)
-
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
-
-    def send_and_receive(self, messages, *, timeout=None):  # pragma: no cover
-        raise NotImplementedError
+    with as_server_task():
+        yield
 
 
 BASE = RunConfig(server_lr=0.05, server_momentum=0.5, proximal_mu=0.3, local_lr=0.002, clients_per_round=3)
@@ -77,7 +45,7 @@ def test_each_strategy_is_flowers_own_with_the_run_settings(name, cls, settings)
 
 @pytest.mark.parametrize("nodes, per_round, expected", [(10, 3, 3), (7, 3, 3), (2, 3, 2), (1, 50, 1), (600, 50, 50)])
 def test_configure_train_samples_clients_per_round_capped_at_the_nodes(nodes, per_round, expected):
-    grid = NodesOnly(range(100, 100 + nodes))
+    grid = ScriptedGrid(range(100, 100 + nodes))
     strategy = build_strategy(dataclasses.replace(BASE, clients_per_round=per_round), num_nodes=nodes)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
     messages = list(strategy.configure_train(4, arrays, ConfigRecord(), grid))
@@ -89,7 +57,7 @@ def test_configure_train_samples_clients_per_round_capped_at_the_nodes(nodes, pe
 def test_fedprox_sends_mu_to_the_device():
     strategy = build_strategy(dataclasses.replace(BASE, strategy="fedprox"), num_nodes=3)
     arrays = ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))})
-    (message, *_) = strategy.configure_train(1, arrays, ConfigRecord(), NodesOnly([1, 2, 3]))
+    (message, *_) = strategy.configure_train(1, arrays, ConfigRecord(), ScriptedGrid([1, 2, 3]))
     assert message.content["config"][PROXIMAL_MU] == 0.3
 
 
@@ -113,7 +81,7 @@ def _round(strategy, arrays, server_round, grid, step):
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi", "fedavgm", "fedavg", "fedprox"])
 def test_state_round_trip_makes_resume_exact(name):
     config = dataclasses.replace(BASE, strategy=name, clients_per_round=3)
-    grid = NodesOnly([1, 2, 3])
+    grid = ScriptedGrid([1, 2, 3])
     start = ArrayRecord({"w": Array(np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)), "b": Array(np.ones(2, dtype=np.float32))})
 
     straight = build_strategy(config, 3)
@@ -146,8 +114,6 @@ def test_state_of_another_strategy_is_refused():
 
 
 def test_server_lr_zero_keeps_flowers_own_defaults() -> None:
-    from fedinterest.server.strategies import build_strategy
-
     config = RunConfig(server_lr=0.0, clients_per_round=3)
     assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedadam"}), 5).eta == 0.1
     assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedyogi"}), 5).eta == 0.01
