@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from fedinterest.simulations.centralized_cli import centralized
+from fedinterest.simulations.simulate_cli import simulate
 
 app = typer.Typer(
     help="fedinterest: federated, differentially private modelling of users' long-term interests.",
@@ -13,6 +14,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command()(centralized)
+app.command("simulate")(simulate)
 
 
 @app.callback()

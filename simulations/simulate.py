@@ -1,0 +1,944 @@
+"""Run the federated apps in Flower's simulation engine and report on the run.
+
+A simulation config is a TOML file with two tables:
+
+    [run]          # RunConfig keys, kebab-case (common/run_config.py has the defaults)
+    dataset = "ml-100k"
+    data-path = "../../../shared/data/ml-100k/u.data"   # relative to this file
+    [federation]
+    num-supernodes = 943   # virtual devices; default: one per user of the dataset
+    client-cpus = 1        # CPUs Ray reserves per virtual device
+
+`resolve_config` parses it once (plus `--set key=value` overrides) into a checked
+`SimulationConfig`; `run_simulation` prepares a run directory, runs Flower, follows
+`metrics.jsonl`, checks how the run ended and writes the privacy report and plots.
+
+Why the runner starts its own SuperLink: in flwr 1.41 the default `:local:` connection
+lazily starts a detached SuperLink on the fixed port 39091 that outlives the command and
+is shared by every FLWR_HOME on the machine, so two concurrent runs would submit to the
+same SuperLink. Here each run gets a private FLWR_HOME, a SuperLink on a free loopback
+port that the runner stops at the end, and the offline flags of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import fedinterest.simulations
+from fedinterest.common.datasets import SYNTHETIC, load_split
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.serialization import atomic_write_text
+from fedinterest.simulations.provenance import git_commit, machine
+from fedinterest.simulations.runs import new_run_dir, write_json
+
+# Files the ServerApp writes into the run directory (the contract with server/app.py).
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+CHECKPOINT_DIR = "checkpoints"
+DEVICES_DIR = "devices"
+# Files this runner writes.
+FLWR_LOG = "flwr.log"
+SUPERLINK_LOG = "superlink.log"
+FLWR_HOME_DIR = "flwr-home"
+RESOLVED_TOML = "config.resolved.toml"
+RESOLVED_JSON = "config.resolved.json"
+FLOWER_RUN_JSON = "flower_run.json"
+PRIVACY_JSON = "privacy_report.json"
+PRIVACY_MD = "privacy_report.md"
+NDCG_PNG = "ndcg.png"
+EPSILON_PNG = "epsilon.png"
+
+RUN_TABLE = "run"
+FEDERATION_TABLE = "federation"
+NUM_SUPERNODES = "num-supernodes"
+CLIENT_CPUS = "client-cpus"
+FEDERATION_KEYS = (NUM_SUPERNODES, CLIENT_CPUS)
+
+# DESIGN.md, runtime notes: no dependency installs, no telemetry, no update check.
+OFFLINE_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+}
+# The only end state of a Flower run that counts as success (`flwr ls` status text).
+COMPLETED = "finished:completed"
+SUPERLINK_CONNECTION = "simulate"
+SUPERLINK_STARTUP_SECONDS = 60.0
+STATUS_SETTLE_SECONDS = 30.0
+LOG_TAIL_LINES = 40
+_RUN_ID = re.compile(r"Successfully started run (\d+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)):\s?(.*)$")
+
+# What on-device DP-SGD protects (common/examples.py defines the training example).
+UNIT_OF_PROTECTION = (
+    "one training example of one device: a window of up to max-len consecutive "
+    "(input item, next item) pairs of the user's training history (layer 1, on-device DP-SGD)"
+)
+USER_LEVEL_NOTE = (
+    "not applied: this run has no server-side DP-FedAvg (layer 2), so a user's whole "
+    "history is protected only through the per-example guarantee and its group privacy"
+)
+
+
+class SimulationConfigError(ValueError):
+    """A simulation config or override that cannot run (the message names the key)."""
+
+
+class SimulationFailed(RuntimeError):
+    """The Flower run did not complete; `reason` says why and `log_tail` shows flwr's last lines."""
+
+    def __init__(self, reason: str, run_dir: Path, log_tail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.run_dir = run_dir
+        self.log_tail = log_tail
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The simulated federation: how many virtual devices and the CPUs each one holds."""
+
+    num_supernodes: int | None = None  # None: one virtual device per user of the dataset
+    client_cpus: int = 1
+
+    def __post_init__(self) -> None:
+        for key, value in ((NUM_SUPERNODES, self.num_supernodes), (CLIENT_CPUS, self.client_cpus)):
+            if value is None and key == NUM_SUPERNODES:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SimulationConfigError(f"[federation] {key} must be an integer >= 1, got {value!r}")
+
+    def flower_args(self) -> str:
+        """The `--federation-config` string of `flwr run` (num-supernodes must be set)."""
+        if self.num_supernodes is None:
+            raise ValueError("num-supernodes is not resolved yet")
+        return f"num-supernodes={self.num_supernodes} client-resources-num-cpus={self.client_cpus}"
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    """One simulation, resolved and checked: its name, the run config and the federation."""
+
+    name: str
+    run: RunConfig
+    federation: FederationConfig
+    source: str | None = None  # the config file it came from
+    overrides: tuple[str, ...] = ()  # the --set items, as given
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One row of metrics.jsonl (a round of the ServerApp); absent or null fields are None."""
+
+    round: int
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        return self.raw.get(key)
+
+    def number(self, key: str) -> float | None:
+        """The field as a float (inf allowed), None when absent, null or not a number."""
+        return _as_number(self.raw.get(key))
+
+
+@dataclass
+class SimulationResult:
+    """What a completed simulation left behind."""
+
+    run_dir: Path
+    run_id: int
+    config: SimulationConfig
+    rows: list[RoundRow]
+    final: dict[str, Any]
+    privacy: dict[str, Any]
+    wall_seconds: float
+    summary: dict[str, Any]
+
+
+# --------------------------------------------------------------------------- config
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, object]:
+    """`--set key=value` items as a mapping; values are TOML literals, or plain strings.
+
+    A string field takes the text as it is (`dataset=ml-100k`, quotes optional); other
+    fields need a TOML literal of their type (`noise-multiplier=0.5`, `seed=3`).
+    """
+    types = {f.name.replace("_", "-"): type(getattr(RunConfig, f.name)) for f in fields(RunConfig)}
+    types.update({NUM_SUPERNODES: int, CLIENT_CPUS: int})
+    parsed: dict[str, object] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SimulationConfigError(f"--set {item!r}: expected key=value")
+        text = text.strip()
+        literal = _toml_literal(text)
+        if types.get(key) is str:
+            value: object = literal if isinstance(literal, str) else text
+        elif literal is _NOT_TOML:
+            if key in types:
+                raise SimulationConfigError(f"--set {key}={text}: not a valid {types[key].__name__}")
+            value = text  # unknown key: RunConfig names it below
+        else:
+            value = literal
+        parsed[key] = value
+    return parsed
+
+
+_NOT_TOML = object()
+
+
+def _toml_literal(text: str) -> object:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return _NOT_TOML
+
+
+def resolve_config(path: Path, overrides: Sequence[str] = (), *, cwd: Path | None = None) -> SimulationConfig:
+    """Read a simulation TOML, apply `--set` overrides, check everything through RunConfig.
+
+    A relative `data-path` in the file is relative to the file; one given with `--set`
+    is relative to `cwd` (the current directory by default).
+    """
+    path = Path(path)
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise SimulationConfigError(f"{path}: no such config file") from err
+    except tomllib.TOMLDecodeError as err:
+        raise SimulationConfigError(f"{path}: not valid TOML ({err})") from err
+    unknown = sorted(set(document) - {RUN_TABLE, FEDERATION_TABLE})
+    if unknown:
+        raise SimulationConfigError(f"{path}: unknown tables or keys {unknown}; a config has only [run] and [federation]")
+    run_table = _table(document, RUN_TABLE, path)
+    federation_table = _table(document, FEDERATION_TABLE, path)
+    bad = sorted(set(federation_table) - set(FEDERATION_KEYS))
+    if bad:
+        raise SimulationConfigError(f"{path}: unknown [federation] keys {bad}; known: {list(FEDERATION_KEYS)}")
+
+    run_values = dict(run_table)
+    if run_values.get("data-path"):
+        run_values["data-path"] = _resolve_path(run_values["data-path"], path.resolve().parent)
+    set_values = parse_overrides(overrides)
+    for key, value in set_values.items():
+        if key in FEDERATION_KEYS:
+            federation_table[key] = value
+        elif key == "data-path" and value:
+            run_values[key] = _resolve_path(value, cwd)
+        else:
+            run_values[key] = value
+    if "run-dir" in run_values:
+        raise SimulationConfigError("run-dir is set by the runner (the run directory under --out); leave it out")
+    try:
+        run = RunConfig.from_flower(run_values)
+    except ValueError as err:
+        raise SimulationConfigError(str(err)) from err
+    federation = FederationConfig(
+        num_supernodes=federation_table.get(NUM_SUPERNODES), client_cpus=federation_table.get(CLIENT_CPUS, 1)
+    )
+    return SimulationConfig(name=path.stem, run=run, federation=federation, source=str(path.resolve()), overrides=tuple(overrides))
+
+
+def _table(document: Mapping[str, Any], name: str, path: Path) -> dict[str, Any]:
+    table = document.get(name, {})
+    if not isinstance(table, dict):
+        raise SimulationConfigError(f"{path}: [{name}] must be a table")
+    nested = sorted(k for k, v in table.items() if isinstance(v, dict))
+    if nested:
+        raise SimulationConfigError(f"{path}: [{name}] holds sub-tables {nested}; keys are flat (e.g. noise-multiplier = 1.0)")
+    return dict(table)
+
+
+def _resolve_path(value: object, base: Path) -> object:
+    if not isinstance(value, str):
+        return value  # RunConfig reports the wrong type
+    candidate = Path(value).expanduser()
+    return str(candidate if candidate.is_absolute() else (base / candidate).resolve())
+
+
+def check_project(project_dir: Path) -> None:
+    """Fail early when the Flower app's pyproject would make flwr reject the run config.
+
+    flwr 1.41 refuses (`Invalid run configuration`) any `--run-config` key that is not
+    in `[tool.flwr.app.config]`, and the runner passes every RunConfig key.
+    """
+    pyproject = project_dir / "pyproject.toml"
+    try:
+        document = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (FileNotFoundError, tomllib.TOMLDecodeError) as err:
+        raise SimulationConfigError(f"{pyproject}: cannot read the Flower app config ({err})") from err
+    app = document.get("tool", {}).get("flwr", {}).get("app", {})
+    if "components" not in app:
+        raise SimulationConfigError(f"{pyproject}: no [tool.flwr.app.components] (serverapp/clientapp)")
+    declared = set(app.get("config", {}))
+    missing = sorted(set(RunConfig().to_flower()) - declared)
+    if missing:
+        raise SimulationConfigError(
+            f"{pyproject}: [tool.flwr.app.config] lacks run-config keys {missing}; flwr rejects a run that "
+            "sets keys its app does not declare (every RunConfig key must be listed there)"
+        )
+
+
+def project_dir() -> Path:
+    """The directory holding the Flower app's pyproject.toml (the repository root)."""
+    return Path(fedinterest.simulations.__file__).resolve().parents[1]
+
+
+def count_users(run: RunConfig) -> tuple[int, int]:
+    """(users with a leave-one-out split, catalogue size) of the run's dataset."""
+    split = load_split(run.dataset_spec())
+    return len(split), split.num_items
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A run directory ready for Flower: the final config (run-dir set) and where things go."""
+
+    run_dir: Path
+    flwr_home: Path
+    config: SimulationConfig
+    dataset: dict[str, Any]
+    commit: str | None
+
+
+def prepare_run(config: SimulationConfig, out: Path, *, argv: Sequence[str] = ()) -> PreparedRun:
+    """Resolve the federation size, create the run directory and write the resolved config.
+
+    With num-supernodes unset the dataset is loaded to count its users (one device per
+    user); with it set the data is left to the apps, which report their own errors.
+    """
+    commit = git_commit()
+    dataset: dict[str, Any] = {"spec": config.run.dataset_spec().label}
+    federation = config.federation
+    if federation.num_supernodes is None:
+        users, items = count_users(config.run)
+        if users < 1:
+            raise SimulationConfigError(f"dataset {dataset['spec']!r} has no user with at least 3 interactions")
+        dataset.update(users=users, items=items)
+        federation = replace(federation, num_supernodes=users)
+    elif config.run.dataset == SYNTHETIC:
+        # Every synthetic user has a split (histories are at least 3 long), so this check is free.
+        if federation.num_supernodes > config.run.synthetic_users:
+            raise SimulationConfigError(
+                f"{NUM_SUPERNODES} = {federation.num_supernodes} exceeds the {config.run.synthetic_users} "
+                "synthetic users (one virtual device per user)"
+            )
+    run_dir = new_run_dir(Path(out), f"simulate-{config.name}").resolve()
+    flwr_home = run_dir / FLWR_HOME_DIR
+    flwr_home.mkdir()
+    final = replace(config, run=replace(config.run, run_dir=str(run_dir)), federation=federation)
+    resolved = {
+        "command": ["fedinterest", "simulate", *argv] if argv else None,
+        "source": config.source,
+        "overrides": list(config.overrides),
+        "commit": commit,
+        "machine": machine(threads=1),
+        "flwr": _flwr_version(),
+        "dataset": dataset,
+        RUN_TABLE: final.run.to_flower(),
+        FEDERATION_TABLE: {NUM_SUPERNODES: federation.num_supernodes, CLIENT_CPUS: federation.client_cpus},
+    }
+    write_json(run_dir / RESOLVED_JSON, resolved)
+    atomic_write_text(run_dir / RESOLVED_TOML, _resolved_toml(resolved))
+    return PreparedRun(run_dir=run_dir, flwr_home=flwr_home, config=final, dataset=dataset, commit=commit)
+
+
+def _flwr_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("flwr")
+    except Exception:  # noqa: BLE001 - provenance is best effort
+        return None
+
+
+def _resolved_toml(resolved: Mapping[str, Any]) -> str:
+    """The resolved config as a TOML file `fedinterest simulate` can run again."""
+    lines = [
+        "# Resolved by `fedinterest simulate`: every RunConfig key, defaults included.",
+        f"# source: {resolved['source']}",
+        f"# overrides: {' '.join(resolved['overrides']) or '-'}",
+        f"# commit: {resolved['commit']}   flwr: {resolved['flwr']}",
+        "# run-dir is the directory of this run; leave it out to run this file again.",
+        "",
+    ]
+    for table in (RUN_TABLE, FEDERATION_TABLE):
+        lines.append(f"[{table}]")
+        for key, value in resolved[table].items():
+            prefix = "# " if key == "run-dir" else ""
+            lines.append(f"{prefix}{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def _flat_toml(values: Mapping[str, object]) -> str:
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every flwr process of a run: private FLWR_HOME, offline flags."""
+    env = dict(os.environ)
+    env.update(OFFLINE_ENV)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PYTHONUNBUFFERED"] = "1"
+    # The SuperLink starts `flower-superexec` and `flwr-simulation` by name: the venv first.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _executable(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    return name
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def write_flower_config(flwr_home: Path, port: int) -> Path:
+    """`$FLWR_HOME/config.toml` with one default connection: this run's SuperLink."""
+    path = flwr_home / "config.toml"
+    atomic_write_text(
+        path,
+        "# Written by `fedinterest simulate`: the run's private SuperLink (simulation runtime).\n"
+        f'[superlink]\ndefault = "{SUPERLINK_CONNECTION}"\n\n'
+        f'[superlink.{SUPERLINK_CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n',
+    )
+    return path
+
+
+class SuperLink:
+    """A `flower-superlink --simulation` on a free loopback port, stopped on exit."""
+
+    def __init__(self, flwr_home: Path, log_path: Path, env: Mapping[str, str]) -> None:
+        self.port = _free_port()
+        self.log_path = log_path
+        self.env = dict(env)
+        self.flwr_home = flwr_home
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SuperLink:
+        command = [
+            _executable("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--database", str(self.flwr_home / "superlink.db"),
+            "--disable-runtime-dependency-installation",
+        ]
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.flwr_home)
+        deadline = time.monotonic() + SUPERLINK_STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SimulationFailed(
+                    f"flower-superlink exited with code {self.process.returncode} before it was ready",
+                    self.flwr_home.parent, log_tail(self.log_path),
+                )
+            if self._healthy():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise SimulationFailed(f"flower-superlink was not ready after {SUPERLINK_STARTUP_SECONDS:.0f} s", self.flwr_home.parent, log_tail(self.log_path))
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        """SIGTERM (it stops its SuperExec), then SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
+
+
+def run_status(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
+    """The run's entry of `flwr ls --run-id ID --format json` (keys "status", "status-details", ...)."""
+    done = subprocess.run(
+        [_executable("flwr"), "ls", "--run-id", str(run_id), "--format", "json"],
+        capture_output=True, text=True, env=dict(env), timeout=120,
+    )
+    text = done.stdout
+    start = text.find("{")
+    if done.returncode != 0 or start < 0:
+        raise RuntimeError(f"flwr ls --run-id {run_id} failed ({done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
+    payload = json.loads(text[start:])
+    runs = payload.get("runs") or []
+    if not payload.get("success") or not runs:
+        raise RuntimeError(f"flwr ls --run-id {run_id}: no such run ({payload})")
+    return runs[0]
+
+
+def stop_run(run_id: int, env: Mapping[str, str]) -> None:
+    """Ask the SuperLink to stop a run (best effort)."""
+    subprocess.run([_executable("flwr"), "stop", str(run_id)], capture_output=True, env=dict(env), timeout=60, check=False)
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log, colour codes removed."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(_ANSI.sub("", text).rstrip().splitlines()[-lines:])
+
+
+def last_exception(path: Path) -> str | None:
+    """The last `SomeError: message` line of a log (the root cause of a traceback), if any.
+
+    Lines without a message are skipped: Flower re-raises a ClientApp's error as an empty
+    `ClientAppException:` after the original one.
+    """
+    found = None
+    for line in log_tail(path, lines=10_000).splitlines():
+        match = _EXCEPTION_LINE.match(line.strip())
+        if match and match.group(2).strip():
+            found = line.strip()
+    return found
+
+
+class MetricsFollower:
+    """Reads the complete rows appended to metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def poll(self) -> list[RoundRow]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []  # a row is being written
+        self.offset += end + 1
+        rows = []
+        for line in data[: end + 1].decode("utf-8").splitlines():
+            if line.strip():
+                rows.append(parse_row(line))
+        return rows
+
+
+def parse_row(line: str) -> RoundRow:
+    """One metrics.jsonl line (NaN/Infinity tolerated, as Python's json writes them)."""
+    raw = json.loads(line)
+    return RoundRow(round=int(raw.get("round", 0)), raw=raw)
+
+
+def read_rows(path: Path) -> list[RoundRow]:
+    """Every row of a metrics.jsonl (empty when the file is absent)."""
+    if not path.is_file():
+        return []
+    return [parse_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def run_flower(
+    prepared: PreparedRun,
+    *,
+    app_dir: Path | None = None,
+    on_round: Callable[[RoundRow], None] | None = None,
+    on_started: Callable[[int], None] | None = None,
+    timeout: float | None = None,
+    poll_seconds: float = 0.5,
+) -> tuple[int, dict[str, Any]]:
+    """Run the prepared simulation with `flwr run --stream`; (run id, `flwr ls` entry) when it completed.
+
+    Raises SimulationFailed when flwr fails, the run ends in any state but
+    finished:completed, the ServerApp wrote no final.json, or `timeout` seconds pass.
+    """
+    run_dir, flwr_home, config = prepared.run_dir, prepared.flwr_home, prepared.config
+    app_dir = project_dir() if app_dir is None else Path(app_dir)
+    env = flower_env(flwr_home)
+    run_config_file = flwr_home / "run-config.toml"
+    atomic_write_text(run_config_file, _flat_toml(config.run.to_flower()))
+    flwr_log = run_dir / FLWR_LOG
+    follower = MetricsFollower(run_dir / METRICS_FILE)
+    run_id: int | None = None
+    status: dict[str, Any] = {}
+    failure: str | None = None
+
+    def fail(reason: str) -> SimulationFailed:
+        record = {"run_id": run_id, "status": status.get("status"), "status_details": status.get("status-details"), "failure": reason}
+        write_json(run_dir / FLOWER_RUN_JSON, record)
+        return SimulationFailed(reason, run_dir, log_tail(flwr_log))
+
+    with SuperLink(flwr_home, run_dir / SUPERLINK_LOG, env) as superlink:
+        write_flower_config(flwr_home, superlink.port)
+        command = [
+            _executable("flwr"), "run", str(app_dir), "--stream",
+            "--federation-config", config.federation.flower_args(),
+            "--run-config", str(run_config_file),
+        ]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with open(flwr_log, "ab") as log:
+            log.write(("$ " + " ".join(command) + "\n").encode())
+            log.flush()
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
+            try:
+                while process.poll() is None:
+                    run_id = run_id if run_id is not None else _find_run_id(flwr_log, on_started)
+                    for row in follower.poll():
+                        if on_round is not None:
+                            on_round(row)
+                    if deadline is not None and time.monotonic() > deadline:
+                        failure = f"timed out after {timeout:.0f} s; the run was stopped"
+                        if run_id is not None:
+                            stop_run(run_id, env)
+                        process.terminate()
+                        process.wait(timeout=30)
+                        break
+                    time.sleep(poll_seconds)
+            finally:
+                if process.poll() is None:  # interrupted (Ctrl-C) or a callback raised
+                    if run_id is not None:
+                        stop_run(run_id, env)
+                    process.terminate()
+                    process.wait(timeout=30)
+        for row in follower.poll():
+            if on_round is not None:
+                on_round(row)
+        run_id = run_id if run_id is not None else _find_run_id(flwr_log, on_started)
+        if failure is not None:
+            raise fail(failure)
+        if run_id is None:
+            raise fail(f"flwr run exited with code {process.returncode} without starting a run")
+        try:
+            status = _settled_status(run_id, env)
+        except (RuntimeError, subprocess.SubprocessError, json.JSONDecodeError) as err:
+            raise fail(f"could not read the status of Flower run {run_id}: {err}") from err
+    state = status.get("status", "unknown")
+    if state != COMPLETED:
+        details = status.get("status-details") or "no details"
+        raise fail(f"Flower run {run_id} ended {state}: {details}")
+    if process.returncode != 0:
+        raise fail(f"flwr run exited with code {process.returncode}")
+    if not (run_dir / FINAL_FILE).is_file():
+        raise fail(f"Flower run {run_id} completed but the ServerApp wrote no {FINAL_FILE} in {run_dir}")
+    write_json(run_dir / FLOWER_RUN_JSON, {"run_id": run_id, "status": state, "status_details": status.get("status-details"), "flwr_ls": status})
+    return run_id, status
+
+
+def _find_run_id(flwr_log: Path, on_started: Callable[[int], None] | None) -> int | None:
+    try:
+        text = flwr_log.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return None
+    match = _RUN_ID.search(_ANSI.sub("", text))
+    if match is None:
+        return None
+    run_id = int(match.group(1))
+    if on_started is not None:
+        on_started(run_id)
+    return run_id
+
+
+def _settled_status(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
+    """The run's status once it is finished (the stream can end a moment before the state is written)."""
+    deadline = time.monotonic() + STATUS_SETTLE_SECONDS
+    while True:
+        status = run_status(run_id, env)
+        if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _as_number(value: Any) -> float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):
+        return math.inf
+    return None
+
+
+def _json_number(value: float | None) -> float | str | None:
+    """JSON has no infinity: write it as the string "inf"."""
+    if value is None or math.isnan(value):
+        return None
+    return "inf" if math.isinf(value) else value
+
+
+def _final_epsilon(final: Mapping[str, Any], rows: Sequence[RoundRow]) -> tuple[float | None, float | None]:
+    """(max, mean) device epsilon at the end: final.json's privacy summary, else the last row that has one."""
+    server = final.get("privacy") if isinstance(final.get("privacy"), dict) else {}
+    eps_max, eps_mean = _as_number(server.get("device_epsilon_max")), _as_number(server.get("device_epsilon_mean"))
+    if eps_max is not None or eps_mean is not None:
+        return eps_max, eps_mean
+    for row in reversed(rows):
+        if row.number("epsilon_max") is not None:
+            return row.number("epsilon_max"), row.number("epsilon_mean")
+    return None, None
+
+
+def _split_metrics(final: Mapping[str, Any], split: str) -> dict[str, float]:
+    """final.json's metrics of one split ("valid" or "test")."""
+    metrics = final.get(split)
+    if not isinstance(metrics, dict):
+        return {}
+    return {k: float(v) for k, v in metrics.items() if _as_number(v) is not None}
+
+
+def ledger_epsilons(run_dir: Path, delta: float) -> dict[str, tuple[float, int]]:
+    """Per device ledger under `{run_dir}/devices/`: (epsilon at `delta`, rounds charged).
+
+    The ledger is the device's own accountant state, so this is the device-side figure,
+    recomputed with Opacus's RDP accountant; the ServerApp's figure is what devices reported.
+    """
+    from fedinterest.client.ledger import PrivacyLedger
+
+    found: dict[str, tuple[float, int]] = {}
+    for path in sorted((run_dir / DEVICES_DIR).glob("*.sqlite")):
+        with PrivacyLedger(path) as ledger:
+            found[path.stem] = (ledger.epsilon(delta), len(ledger.entries()))
+    return found
+
+
+def privacy_report(
+    config: SimulationConfig, rows: Sequence[RoundRow], final: Mapping[str, Any], ledgers: Mapping[str, tuple[float, int]] | None = None
+) -> dict[str, Any]:
+    """The privacy facts of a finished run, each with its unit and assumptions."""
+    run = config.run
+    eps_max, eps_mean = _final_epsilon(final, rows)
+    counts = final.get("counts") if isinstance(final.get("counts"), dict) else {}
+    per_round_refused = [int(r.number("refused") or 0) for r in rows]
+    refused_total = _as_number(counts.get("refused"))
+    server = final.get("privacy") if isinstance(final.get("privacy"), dict) else {}
+    report: dict[str, Any] = {
+        "dp": run.private,
+        "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its privacy ledger",
+        "unit_of_protection": UNIT_OF_PROTECTION,
+        "user_level": USER_LEVEL_NOTE,
+        "accountant": "Opacus RDPAccountant (RDP), recomputed by each device from its ledger" if run.private else None,
+        "delta": run.delta,
+        "epsilon_budget": run.epsilon_budget,
+        "noise_multiplier": run.noise_multiplier,
+        "max_grad_norm": run.max_grad_norm,
+        "expected_batch_size": run.batch_size,
+        "local_epochs": run.local_epochs,
+        "devices": config.federation.num_supernodes,
+        "device_epsilon": {
+            "max": _json_number(eps_max if run.private else math.inf),
+            "mean": _json_number(eps_mean if run.private else math.inf),
+            "devices_reporting": server.get("devices_reporting"),
+            "source": "final.json: the highest cumulative epsilon each device reported to the server",
+            "meaning": "cumulative example-level epsilon of each device at the run's delta, over the devices that reported one",
+        },
+        "refusals": {
+            "device_rounds": int(refused_total) if refused_total is not None else sum(per_round_refused),
+            "rounds_with_refusals": sum(1 for n in per_round_refused if n > 0),
+            "meaning": "a device refuses to train when one more round would take it past the budget; "
+            "the ServerApp counts refusals per round, not which devices they came from",
+        },
+        "per_round": [
+            {
+                "round": r.round,
+                "epsilon_max": _json_number(r.number("epsilon_max")),
+                "epsilon_mean": _json_number(r.number("epsilon_mean")),
+                "refused": r.get("refused"),
+            }
+            for r in rows
+        ],
+    }
+    if ledgers is not None:
+        trained = sorted(eps for eps, charged in ledgers.values() if charged > 0)
+        finite = [e for e in trained if math.isfinite(e)]
+        report["ledgers"] = {
+            "source": f"{DEVICES_DIR}/*.sqlite, epsilon recomputed here with Opacus's RDP accountant at the run's delta",
+            "devices_with_ledger": len(ledgers),
+            "devices_trained": len(trained),
+            "epsilon_max": _json_number(max(trained)) if trained else None,
+            "epsilon_mean": _json_number(sum(finite) / len(finite)) if finite and len(finite) == len(trained) else None,
+            "epsilon_median": _json_number(trained[len(trained) // 2]) if trained else None,
+            "devices_over_budget": sum(1 for e in trained if e > run.epsilon_budget),
+        }
+    if not run.private:
+        report["note"] = "noise-multiplier = 0: DP-SGD is off; no clipping, no noise, epsilon is infinite"
+    return report
+
+
+def privacy_markdown(report: Mapping[str, Any]) -> str:
+    """The privacy report as a short Markdown page."""
+    eps = report["device_epsilon"]
+    ref = report["refusals"]
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "not measured"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = [
+        "# Privacy report",
+        "",
+        f"- **Differential privacy**: {'on' if report['dp'] else 'off'} (layer {report['layer']})",
+        f"- **Unit of protection**: {report['unit_of_protection']}",
+        f"- **User level**: {report['user_level']}",
+        f"- **Accountant**: {fmt(report['accountant'])}",
+        f"- **delta**: {fmt(report['delta'])}",
+        f"- **Budget per device**: epsilon {fmt(report['epsilon_budget'])} at that delta; a device refuses to train "
+        "once one more round would exceed it",
+        f"- **DP-SGD**: noise multiplier {fmt(report['noise_multiplier'])}, clipping norm {fmt(report['max_grad_norm'])}, "
+        f"expected batch size {report['expected_batch_size']} (Poisson sampling), {report['local_epochs']} local epoch(s) per round",
+        "",
+        "| devices | reporting | epsilon max | epsilon mean | refusals (device-rounds) | rounds with refusals |",
+        "|---|---|---|---|---|---|",
+        f"| {fmt(report['devices'])} | {fmt(eps.get('devices_reporting'))} | {fmt(eps['max'])} | {fmt(eps['mean'])} "
+        f"| {ref['device_rounds']} | {ref['rounds_with_refusals']} |",
+        "",
+        f"Epsilon is the {eps['meaning']} ({eps['source']}). Refusals: {ref['meaning']}.",
+    ]
+    ledgers = report.get("ledgers")
+    if ledgers:
+        lines += [
+            "",
+            f"Device ledgers ({ledgers['source']}): {ledgers['devices_trained']} of {ledgers['devices_with_ledger']} "
+            f"devices trained at least once; epsilon max {fmt(ledgers['epsilon_max'])}, mean {fmt(ledgers['epsilon_mean'])}, "
+            f"median {fmt(ledgers['epsilon_median'])}; {ledgers['devices_over_budget']} over the budget.",
+        ]
+    if report.get("note"):
+        lines += ["", f"Note: {report['note']}."]
+    if report["per_round"]:
+        lines += ["", "| round | epsilon max | epsilon mean | refused |", "|---|---|---|---|"]
+        lines += [f"| {r['round']} | {fmt(r['epsilon_max'])} | {fmt(r['epsilon_mean'])} | {fmt(r['refused'])} |" for r in report["per_round"]]
+    return "\n".join(lines) + "\n"
+
+
+def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Mapping[str, Any], privacy: Mapping[str, Any], wall_seconds: float) -> dict[str, Any]:
+    """The numbers of the final table (and of `--json`)."""
+    return {
+        "rounds": len(rows),
+        "devices": config.federation.num_supernodes,
+        "test": _split_metrics(final, "test"),
+        "valid": _split_metrics(final, "valid"),
+        "epsilon_max": privacy["device_epsilon"]["max"],
+        "epsilon_mean": privacy["device_epsilon"]["mean"],
+        "delta": config.run.delta,
+        "epsilon_budget": config.run.epsilon_budget,
+        "refused_device_rounds": privacy["refusals"]["device_rounds"],
+        "failed_replies": int((final.get("counts") or {}).get("failed", 0) or 0),
+        "rejected_replies": int((final.get("counts") or {}).get("rejected", 0) or 0),
+        "wall_seconds": round(wall_seconds, 1),
+        "server_wall_seconds": _as_number(final.get("wall_seconds")),
+    }
+
+
+def write_report(config: SimulationConfig, run_dir: Path, wall_seconds: float) -> tuple[list[RoundRow], dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """privacy_report.json/.md and the plots of a completed run; (rows, final, privacy, summary)."""
+    from fedinterest.simulations.plots import plot_epsilon, plot_ndcg
+
+    rows = read_rows(run_dir / METRICS_FILE)
+    final = json.loads((run_dir / FINAL_FILE).read_text(encoding="utf-8"))
+    privacy = privacy_report(config, rows, final, ledger_epsilons(run_dir, config.run.delta))
+    write_json(run_dir / PRIVACY_JSON, privacy)
+    atomic_write_text(run_dir / PRIVACY_MD, privacy_markdown(privacy))
+    plot_ndcg(rows, run_dir / NDCG_PNG, final_test=_as_number(_split_metrics(final, "test").get("ndcg@10")))
+    plot_epsilon(rows, run_dir / EPSILON_PNG, budget=config.run.epsilon_budget if config.run.private else None)
+    summary = summarize_run(config, rows, final, privacy, wall_seconds)
+    return rows, final, privacy, summary
+
+
+def run_simulation(
+    config: SimulationConfig,
+    out: Path,
+    *,
+    argv: Sequence[str] = (),
+    app_dir: Path | None = None,
+    on_prepared: Callable[[PreparedRun], None] | None = None,
+    on_started: Callable[[int], None] | None = None,
+    on_round: Callable[[RoundRow], None] | None = None,
+    timeout: float | None = None,
+) -> SimulationResult:
+    """Prepare, run and report one simulation (raises SimulationConfigError or SimulationFailed)."""
+    app_dir = project_dir() if app_dir is None else Path(app_dir)
+    check_project(app_dir)
+    prepared = prepare_run(config, out, argv=argv)
+    if on_prepared is not None:
+        on_prepared(prepared)
+    start = time.perf_counter()
+    run_id, _ = run_flower(prepared, app_dir=app_dir, on_round=on_round, on_started=on_started, timeout=timeout)
+    wall = time.perf_counter() - start
+    rows, final, privacy, summary = write_report(prepared.config, prepared.run_dir, wall)
+    check_updates(prepared.run_dir, final)
+    return SimulationResult(
+        run_dir=prepared.run_dir, run_id=run_id, config=prepared.config, rows=rows, final=final,
+        privacy=privacy, wall_seconds=wall, summary=summary,
+    )
+
+
+def check_updates(run_dir: Path, final: Mapping[str, Any]) -> None:
+    """Fail a run that completed without aggregating a single device update because replies
+    failed or were rejected: its metrics would describe the initial model."""
+    counts = final.get("counts") if isinstance(final.get("counts"), dict) else {}
+    broken = int(counts.get("failed", 0) or 0) + int(counts.get("rejected", 0) or 0)
+    if int(counts.get("aggregated", 0) or 0) == 0 and broken > 0:
+        hint = last_exception(run_dir / FLWR_LOG)
+        reason = (
+            f"no device update was aggregated in {final.get('rounds')} rounds: {counts.get('failed', 0)} replies failed "
+            f"and {counts.get('rejected', 0)} were rejected"
+        )
+        if hint:
+            reason += f"; last error in {FLWR_LOG}: {hint}"
+        raise SimulationFailed(reason, run_dir, log_tail(run_dir / FLWR_LOG))

@@ -1,0 +1,153 @@
+"""`fedinterest simulate`: run a federated simulation from a config file and report it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedinterest.common.interactions import DataFormatError
+from fedinterest.simulations.simulate import (
+    PreparedRun,
+    RoundRow,
+    SimulationConfigError,
+    SimulationFailed,
+    SimulationResult,
+    resolve_config,
+    run_simulation,
+)
+
+
+def simulate(
+    config: Annotated[Path, typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")],
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a key, e.g. --set noise-multiplier=0.5 --set dataset=ml-100k (repeatable)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
+    timeout_minutes: Annotated[Optional[float], typer.Option(help="Stop the run and fail after this many minutes.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Run the ServerApp and ClientApps in Flower's simulation engine (one virtual device per
+    user) and write metrics, checkpoints, a privacy report and plots to a run directory."""
+    console = Console(stderr=True)
+    overrides = list(set_ or [])
+    try:
+        resolved = resolve_config(config, overrides)
+    except SimulationConfigError as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(code=2) from err
+
+    run = resolved.run
+    total = run.num_server_rounds
+    live = console.is_terminal and not as_json
+    with Progress(
+        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
+        console=console, disable=not live,
+    ) as progress:
+        task = progress.add_task("simulate", total=total, status="starting the SuperLink and Ray...")
+
+        def say(text: str) -> None:
+            if not as_json:
+                console.print(text, soft_wrap=True, highlight=False)  # above the live bar when there is one
+
+        def on_prepared(prepared: PreparedRun) -> None:
+            fed = prepared.config.federation
+            say(f"[dim]run dir {prepared.run_dir}; {fed.num_supernodes} virtual devices, {fed.client_cpus} CPU each; "
+                f"{total} rounds of {min(run.clients_per_round, fed.num_supernodes or 0)} devices[/dim]")
+
+        def on_started(run_id: int) -> None:
+            say(f"[dim]Flower run {run_id} started (log: flwr.log)[/dim]")
+            progress.update(task, status="waiting for round 1...")
+
+        def on_round(row: RoundRow) -> None:
+            status = round_status(row)
+            progress.update(task, completed=min(row.round, total), status=status)
+            if not live and not as_json:
+                # Logs and CI have no live bar: one line per round instead.
+                console.print(f"round {row.round}/{total}: {status}", soft_wrap=True, highlight=False)
+
+        try:
+            result = run_simulation(
+                resolved, out, argv=[str(config), *(x for item in overrides for x in ("--set", item)), "--out", str(out)],
+                on_prepared=on_prepared, on_started=on_started, on_round=on_round,
+                timeout=None if timeout_minutes is None else timeout_minutes * 60,
+            )
+        except (SimulationConfigError, DataFormatError, FileNotFoundError) as err:
+            progress.stop()
+            console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+            raise typer.Exit(code=2) from err
+        except SimulationFailed as err:
+            progress.stop()
+            console.print(f"[red]simulation failed:[/red] {err.reason}", soft_wrap=True, highlight=False)
+            console.print(f"run dir: {err.run_dir}", soft_wrap=True, highlight=False)
+            if err.log_tail:
+                console.print("last lines of flwr.log:", highlight=False)
+                console.print(err.log_tail, markup=False, highlight=False, soft_wrap=True)
+            if as_json:
+                typer.echo(json.dumps({"success": False, "reason": err.reason, "run_dir": str(err.run_dir)}, indent=2))
+            raise typer.Exit(code=1) from err
+
+    if as_json:
+        typer.echo(json.dumps(result_payload(result), indent=2))
+        return
+    print_table(result)
+
+
+def round_status(row: RoundRow) -> str:
+    """One round in one line: devices, loss, latest NDCG@10, device epsilon."""
+
+    def num(key: str, spec: str) -> str:
+        value = row.number(key)
+        if value is None:
+            return "-"
+        return "inf" if math.isinf(value) else format(value, spec)
+
+    devices = f"sampled {row.get('sampled') or 0} answered {row.get('answered') or 0} refused {row.get('refused') or 0}"
+    failed = sum(int(row.number(k) or 0) for k in ("failed", "rejected"))
+    if failed:
+        devices += f" failed/rejected {failed}"
+    return (
+        f"{devices} | loss {num('train_loss', '.4f')} | NDCG@10 {num('ndcg@10', '.4f')} | "
+        f"eps max {num('epsilon_max', '.3g')} mean {num('epsilon_mean', '.3g')}"
+    )
+
+
+def result_payload(result: SimulationResult) -> dict[str, Any]:
+    """What `--json` prints."""
+    return {"success": True, "run_dir": str(result.run_dir), "run_id": str(result.run_id), **result.summary, "privacy": result.privacy}
+
+
+def print_table(result: SimulationResult) -> None:
+    """The final table: quality of the global model, device epsilon, wall time."""
+    s = result.summary
+    typer.echo(f"results in {result.run_dir}")
+    keys = ("hr@10", "ndcg@10", "ndcg@20", "mrr")
+    typer.echo(f"{'split':<8}" + "".join(f"{k.upper() if k != 'mrr' else 'MRR':>9}" for k in keys))
+    for split in ("valid", "test"):
+        metrics = s[split]
+        if metrics:
+            typer.echo(f"{split:<8}" + "".join(_cell(metrics.get(k)) for k in keys))
+    eps = f"max {_fmt(s['epsilon_max'])}, mean {_fmt(s['epsilon_mean'])}"
+    typer.echo(
+        f"device epsilon {eps} (delta {s['delta']:g}, budget {s['epsilon_budget']:g}); "
+        f"refusals: {s['refused_device_rounds']} device-rounds"
+    )
+    typer.echo(f"{s['rounds']} rounds, {s['devices']} devices, wall time {s['wall_seconds']:.0f} s")
+    if s["failed_replies"] or s["rejected_replies"]:
+        typer.echo(f"warning: {s['failed_replies']} device replies failed and {s['rejected_replies']} were rejected (see flwr.log)")
+
+
+def _cell(value: Any) -> str:
+    return f"{value:>9.4f}" if isinstance(value, (int, float)) else f"{'-':>9}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "not measured"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
