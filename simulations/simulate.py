@@ -882,7 +882,17 @@ def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Map
         "rejected_replies": int((final.get("counts") or {}).get("rejected", 0) or 0),
         "wall_seconds": round(wall_seconds, 1),
         "server_wall_seconds": _as_number(final.get("wall_seconds")),
+        "popularity_test": popularity_test(config.run),
     }
+
+
+def popularity_test(run: RunConfig) -> dict[str, float]:
+    """The popularity baseline on the same split, shown beside every federated figure (DESIGN.md)."""
+    from fedinterest.common.datasets import load_split
+    from fedinterest.common.metrics import summarize
+    from fedinterest.simulations.baselines import popularity_ranks
+
+    return summarize(popularity_ranks(load_split(run.dataset_spec()), "test"))
 
 
 def write_report(config: SimulationConfig, run_dir: Path, wall_seconds: float) -> tuple[list[RoundRow], dict[str, Any], dict[str, Any], dict[str, Any]]:

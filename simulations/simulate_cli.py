@@ -133,6 +133,7 @@ def print_table(result: SimulationResult) -> None:
         metrics = s[split]
         if metrics:
             typer.echo(f"{split:<8}" + "".join(_cell(metrics.get(k)) for k in keys))
+    typer.echo(f"{'popular.':<8}" + "".join(_cell(s["popularity_test"].get(k)) for k in keys) + "   (popularity baseline, test)")
     eps = f"max {_fmt(s['epsilon_max'])}, mean {_fmt(s['epsilon_mean'])}"
     typer.echo(
         f"device epsilon {eps} (delta {s['delta']:g}, budget {s['epsilon_budget']:g}); "

@@ -80,6 +80,8 @@ def test_every_round_trained_and_was_recorded(finished: tuple[Path, dict, str]) 
     assert final["rounds"] == 2 and final["counts"]["aggregated"] > 0
     assert set(final["test"]) >= {"hr@10", "ndcg@10"}
     assert payload["success"] and payload["rounds"] == 2 and payload["test"]["ndcg@10"] == final["test"]["ndcg@10"]
+    # The popularity baseline stands beside the federated figure, on the same split.
+    assert payload["popularity_test"]["users"] == final["test"]["users"] == 4
     assert json.loads((run_dir / "flower_run.json").read_text())["status"] == "finished:completed"
 
 
