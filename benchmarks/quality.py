@@ -46,7 +46,8 @@ def _spec(dataset: str, data_root: Path) -> DatasetSpec | None:
 
 
 def _method_of(payload: dict) -> str:
-    return "sasrec" if payload["training"]["loss"] == "full" else "sasrec-sampled"
+    # Runs made before the loss option existed trained with full softmax.
+    return "sasrec" if payload["training"].get("loss", "full") == "full" else "sasrec-sampled"
 
 
 def _dataset_of(payload: dict) -> str:
@@ -79,13 +80,20 @@ def run(datasets: list[str], methods: list[str], seeds: list[int], data_root: Pa
                 print(f"  stored {_store(payload, run_dir)}", file=sys.stderr)
 
 
-def import_runs(run_dirs: list[Path]) -> None:
-    """Add runs made with `fedinterest centralized` to the stored results."""
+def import_runs(run_dirs: list[Path], commit: str | None = None, note: str | None = None) -> None:
+    """Add runs made with `fedinterest centralized` to the stored results.
+
+    `commit` corrects the recorded commit (with `note` saying why), e.g. for runs whose
+    CLI stamped the commit at the end of training instead of the start.
+    """
     for run_dir in run_dirs:
         results = run_dir / "results.json"
         if not results.is_file():
             raise SystemExit(f"{results}: no results.json in this run directory")
-        print(f"imported {_store(json.loads(results.read_text()), run_dir)}", file=sys.stderr)
+        payload = json.loads(results.read_text())
+        if commit is not None:
+            payload = {**payload, "commit": commit, "recorded_commit": payload.get("commit"), "provenance_note": note}
+        print(f"imported {_store(payload, run_dir)}", file=sys.stderr)
 
 
 def _mean(values: list[float]) -> str:
@@ -136,10 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("runs"), help="where run directories go")
     parser.add_argument("--import-run", nargs="*", type=Path, default=[], help="run directories of `fedinterest centralized`")
+    parser.add_argument("--commit", help="with --import-run: the commit the imported runs really ran on")
+    parser.add_argument("--note", help="with --commit: why the recorded commit is corrected")
     parser.add_argument("--table-only", action="store_true", help="only rebuild the table from stored results")
     args = parser.parse_args(argv)
     if args.import_run:
-        import_runs(args.import_run)
+        import_runs(args.import_run, args.commit, args.note)
     elif not args.table_only:
         run(args.datasets, args.methods, args.seeds, args.data_root, args.max_minutes, args.threads, args.out)
     rendered = table()
