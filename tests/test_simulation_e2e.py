@@ -75,6 +75,9 @@ def test_every_round_trained_and_was_recorded(finished: tuple[Path, dict, str]) 
     assert [r["round"] for r in rows] == [1, 2]
     for row in rows:
         assert row["sampled"] == 4 and row["answered"] > 0 and row["failed"] == 0, row
+        # The server rejects any reply holding more than one ArrayRecord of the model's
+        # shape and a MetricRecord of exactly the documented keys (server/reply_checks.py).
+        assert row["rejected"] == 0, row
         assert row["train_loss"] is not None and row["ndcg@10"] is not None
     final = json.loads((run_dir / "final.json").read_text())
     assert final["rounds"] == 2 and final["counts"]["aggregated"] > 0
