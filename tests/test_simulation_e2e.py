@@ -137,3 +137,13 @@ def test_an_error_inside_the_server_app_fails_the_command(tmp_path: Path) -> Non
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / "flower_run.json").read_text())["status"] == "finished:failed"
     assert not (run_dir / "privacy_report.json").exists()
+
+
+def test_federated_benchmark_reads_a_real_run_dir(finished: tuple[Path, dict, str]) -> None:
+    from fedinterest.benchmarks.federated import summarize_run_dir
+
+    run_dir, payload, _ = finished
+    summary = summarize_run_dir(run_dir)
+    assert summary["rounds"] == 2 and summary["devices"] == 4
+    assert summary["test"]["ndcg@10"] == payload["test"]["ndcg@10"]
+    assert summary["privacy"]["dp"] and summary["seconds_per_device_update"] > 0

@@ -1,0 +1,157 @@
+"""Federated benchmark: FedAvg without DP and with on-device DP at several noise levels.
+
+Each (dataset, variant) is one `fedinterest simulate` run of the dataset's config in
+simulations/configs/ with the variant's overrides. Its summary is kept under
+benchmarks/results/federated/ (small JSON, no data), and the table in
+docs/benchmarks.md is rebuilt from every stored result, beside popularity and the
+centralized model of the quality benchmark (benchmarks/results/quality/).
+
+    python -m fedinterest.benchmarks.federated --datasets ml-100k --variants no-dp dp-1.0
+    python -m fedinterest.benchmarks.federated --import-run runs/simulate-ml-100k-...
+    python -m fedinterest.benchmarks.federated --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from fedinterest.benchmarks.report import replace_section
+from fedinterest.simulations.simulate import resolve_config, run_simulation
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "simulations" / "configs"
+RESULTS = REPO / "benchmarks" / "results" / "federated"
+QUALITY = REPO / "benchmarks" / "results" / "quality"
+BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
+DATASETS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "synthetic": "synthetic"}
+
+# Overrides of the dataset's config. Without DP the devices take more local steps (they
+# have no budget to spend); with DP the noise multiplier sets the per-device epsilon.
+VARIANTS: dict[str, list[str]] = {
+    "no-dp": ["noise-multiplier=0", "local-epochs=5", "local-lr=0.005"],
+    "dp-0.7": ["noise-multiplier=0.7"],
+    "dp-1.0": ["noise-multiplier=1.0"],
+    "dp-2.0": ["noise-multiplier=2.0"],
+}
+
+
+def variant_of(overrides: list[str]) -> str:
+    """The variant whose overrides a run used (its noise multiplier decides)."""
+    noise = next((o.split("=", 1)[1] for o in overrides if o.startswith("noise-multiplier=")), None)
+    if noise is not None and float(noise) == 0:
+        return "no-dp"
+    return f"dp-{float(noise):.1f}" if noise is not None else "config-default"
+
+
+def summarize_run_dir(run_dir: Path) -> dict:
+    """The benchmark's figures from a finished simulation's run directory."""
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    counts = final["counts"]
+    wall = final["wall_seconds"]
+    trained = counts["aggregated"]
+    return {
+        "dataset": resolved["run"]["dataset"],
+        "variant": variant_of(list(resolved["overrides"])),
+        "command": " ".join(resolved["command"]),
+        "commit": resolved["commit"],
+        "run_dir": run_dir.name,
+        "devices": resolved["federation"]["num-supernodes"],
+        "rounds": final["rounds"],
+        "clients_per_round": resolved["run"]["clients-per-round"],
+        "test": final["test"],
+        "privacy": final["privacy"],
+        "epsilon_budget": resolved["run"]["epsilon-budget"],
+        "noise_multiplier": resolved["run"]["noise-multiplier"],
+        "counts": counts,
+        "wall_seconds": wall,
+        # Wall time of the whole run (server evaluation included) per device update aggregated.
+        "seconds_per_device_update": wall / trained if trained else None,
+    }
+
+
+def _store(summary: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{summary['dataset']}-{summary['variant']}.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def run(datasets: list[str], variants: list[str], extra: list[str], out: Path) -> None:
+    """Simulate every requested (dataset, variant) and store its summary."""
+    for dataset in datasets:
+        for variant in variants:
+            overrides = VARIANTS[variant] + extra
+            config = resolve_config(CONFIGS / f"{dataset}.toml", overrides)
+            print(f"simulating {dataset} / {variant}: {' '.join(overrides)}", file=sys.stderr)
+
+            def progress(row) -> None:
+                print(f"  round {row.round}: answered {row.answered} refused {row.refused} ndcg@10 {row.ndcg10}", file=sys.stderr)
+
+            result = run_simulation(config, out, argv=["benchmarks/federated.py", dataset, variant], on_round=progress)
+            print(f"  stored {_store(summarize_run_dir(result.run_dir))}", file=sys.stderr)
+
+
+def _centralized(dataset: str) -> dict | None:
+    path = QUALITY / f"{dataset}-sasrec-seed0.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _number(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table() -> str:
+    """Markdown table of every stored federated result beside popularity and centralized."""
+    lines = [
+        "| dataset | model | NDCG@10 | HR@10 | vs centralized | device epsilon max (delta) | rounds x devices/round | wall time | s per device update | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    stored = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
+    for dataset, label in DATASETS.items():
+        runs = [s for s in stored if s["dataset"] == dataset]
+        if not runs:
+            continue
+        central = _centralized(dataset)
+        if central is not None:
+            pop, cen = central["popularity_test"], central["test"]
+            lines.append(f"| {label} | popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | {pop['ndcg@10'] / cen['ndcg@10']:.0%} | - | - | - | - | - |")
+            lines.append(f"| {label} | centralized (no DP) | {cen['ndcg@10']:.4f} | {cen['hr@10']:.4f} | 100% | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
+        for s in sorted(runs, key=lambda s: s["variant"]):
+            privacy = s["privacy"]
+            eps = "no DP" if not privacy.get("dp") else f"{_number(privacy.get('device_epsilon_max'), '.2f')} ({privacy['delta']:g})"
+            ratio = f"{s['test']['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
+            lines.append(
+                f"| {label} | FedAvg {s['variant']} | {s['test']['ndcg@10']:.4f} | {s['test']['hr@10']:.4f} | {ratio} | {eps} | "
+                f"{s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
+                f"{_number(s['seconds_per_device_update'], '.2f')} | {s['commit']} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run or import simulations, then rebuild the federated table in docs/benchmarks.md."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="*", default=["ml-100k", "ml-1m"], choices=list(DATASETS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--set", dest="extra", action="append", default=[], help="extra override for every run, key=value")
+    parser.add_argument("--out", type=Path, default=Path("runs"))
+    parser.add_argument("--import-run", nargs="*", type=Path, default=[], help="run directories of `fedinterest simulate`")
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.import_run:
+        for run_dir in args.import_run:
+            print(f"imported {_store(summarize_run_dir(run_dir))}", file=sys.stderr)
+    elif not args.table_only:
+        run(args.datasets, args.variants, args.extra, args.out)
+    rendered = table()
+    print(rendered)
+    replace_section(BENCHMARKS_MD, "federated", rendered)
+    print(f"wrote the federated table to {BENCHMARKS_MD}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The federated benchmark names variants from their overrides and tables stored results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedinterest.benchmarks import federated
+
+
+@pytest.mark.parametrize(
+    "overrides, variant",
+    [(["noise-multiplier=0", "local-epochs=5"], "no-dp"), (["noise-multiplier=1.0"], "dp-1.0"), (["noise-multiplier=2"], "dp-2.0"), ([], "config-default")],
+)
+def test_variant_of(overrides: list[str], variant: str) -> None:
+    assert federated.variant_of(overrides) == variant
+
+
+def test_table_puts_runs_beside_popularity_and_centralized(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    results, quality = tmp_path / "federated", tmp_path / "quality"
+    results.mkdir()
+    quality.mkdir()
+    monkeypatch.setattr(federated, "RESULTS", results)
+    monkeypatch.setattr(federated, "QUALITY", quality)
+    (quality / "ml-100k-sasrec-seed0.json").write_text(json.dumps({
+        "test": {"ndcg@10": 0.08, "hr@10": 0.15}, "popularity_test": {"ndcg@10": 0.04, "hr@10": 0.09},
+        "train_seconds": 600, "commit": "abc",
+    }))
+    summary = {
+        "dataset": "ml-100k", "variant": "dp-1.0", "test": {"ndcg@10": 0.06, "hr@10": 0.12},
+        "privacy": {"dp": True, "device_epsilon_max": 7.5, "delta": 1e-5}, "rounds": 30, "clients_per_round": 100,
+        "wall_seconds": 120.0, "seconds_per_device_update": 0.04, "commit": "def",
+    }
+    (results / "ml-100k-dp-1.0.json").write_text(json.dumps(summary))
+    rows = federated.table().splitlines()
+    assert rows[2].startswith("| ML-100K | popularity | 0.0400 | 0.0900 | 50% |")
+    assert "| ML-100K | centralized (no DP) | 0.0800 |" in rows[3]
+    assert rows[4] == "| ML-100K | FedAvg dp-1.0 | 0.0600 | 0.1200 | 75% | 7.50 (1e-05) | 30 x 100 | 2.0 min | 0.04 | def |"
