@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedinterest.benchmarks.report import replace_section
+from fedinterest.benchmarks.report import publish
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,10 +147,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"imported {_store(summarize_run_dir(run_dir))}", file=sys.stderr)
     elif not args.table_only:
         run(args.datasets, args.variants, args.extra, args.out)
-    rendered = table()
-    print(rendered)
-    replace_section(BENCHMARKS_MD, "federated", rendered)
-    print(f"wrote the federated table to {BENCHMARKS_MD}", file=sys.stderr)
+    publish(BENCHMARKS_MD, "federated", table())
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from fedinterest.benchmarks.report import replace_section
+from fedinterest.benchmarks.report import publish
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.simulations.centralized import CentralizedConfig, run_centralized
 
@@ -152,10 +152,7 @@ def main(argv: list[str] | None = None) -> None:
         import_runs(args.import_run, args.commit, args.note)
     elif not args.table_only:
         run(args.datasets, args.methods, args.seeds, args.data_root, args.max_minutes, args.threads, args.out)
-    rendered = table()
-    print(rendered)
-    replace_section(BENCHMARKS_MD, "quality", rendered)
-    print(f"wrote the quality table to {BENCHMARKS_MD}", file=sys.stderr)
+    publish(BENCHMARKS_MD, "quality", table())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 
@@ -17,3 +18,10 @@ def replace_section(path: Path, name: str, content: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text, encoding="utf-8")
+
+
+def publish(path: Path, name: str, table: str) -> None:
+    """Print a benchmark's table and rewrite its section of `path` with it."""
+    print(table)
+    replace_section(path, name, table)
+    print(f"wrote the {name} table to {path}", file=sys.stderr)
