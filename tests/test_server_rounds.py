@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
 
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
