@@ -75,7 +75,8 @@ def summarize_run_dir(run_dir: Path) -> dict:
 
 def _store(summary: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{summary['dataset']}-{summary['variant']}.json"
+    # Keyed by rounds too: runs of one variant for different lengths are all kept.
+    path = RESULTS / f"{summary['dataset']}-{summary['variant']}-{summary['rounds']}x{summary['clients_per_round']}.json"
     path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     return path
 
@@ -120,7 +121,7 @@ def table() -> str:
             pop, cen = central["popularity_test"], central["test"]
             lines.append(f"| {label} | popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | {pop['ndcg@10'] / cen['ndcg@10']:.0%} | - | - | - | - | - |")
             lines.append(f"| {label} | centralized (no DP) | {cen['ndcg@10']:.4f} | {cen['hr@10']:.4f} | 100% | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
-        for s in sorted(runs, key=lambda s: s["variant"]):
+        for s in sorted(runs, key=lambda s: (s["variant"], s["rounds"])):
             privacy = s["privacy"]
             eps = "no DP" if not privacy.get("dp") else f"{_number(privacy.get('device_epsilon_max'), '.2f')} ({privacy['delta']:g})"
             ratio = f"{s['test']['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
