@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from fedinterest.client.device_cli import app as device_app
+from fedinterest.server.operator_cli import app as server_app
 from fedinterest.simulations.centralized_cli import centralized
 from fedinterest.simulations.simulate_cli import simulate
 
@@ -15,6 +17,8 @@ app = typer.Typer(
 )
 app.command()(centralized)
 app.command("simulate")(simulate)
+app.add_typer(server_app, name="server")
+app.add_typer(device_app, name="device")
 
 
 @app.callback()
