@@ -63,6 +63,8 @@ def summarize_run_dir(run_dir: Path) -> dict:
         "rounds": final["rounds"],
         "clients_per_round": resolved["run"]["clients-per-round"],
         "test": final["test"],
+        # Early stopping on the server's validation split: the round it picks and its test metrics.
+        "best_valid": final.get("best_valid"),
         "privacy": final["privacy"],
         "epsilon_budget": resolved["run"]["epsilon-budget"],
         "noise_multiplier": resolved["run"]["noise-multiplier"],
@@ -101,6 +103,15 @@ def _centralized(dataset: str) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _chosen(summary: dict) -> tuple[dict, str]:
+    """Test metrics of the round early stopping on validation picks (as the centralized model
+    keeps its best epoch), and a label naming that round; the last round for older results."""
+    best = summary.get("best_valid")
+    if best and best.get("test"):
+        return best["test"], f" (round {best['round']})"
+    return summary["test"], " (last round)"
+
+
 def _number(value: float | None, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -108,8 +119,8 @@ def _number(value: float | None, spec: str = ".4f") -> str:
 def table() -> str:
     """Markdown table of every stored federated result beside popularity and centralized."""
     lines = [
-        "| dataset | model | NDCG@10 | HR@10 | vs centralized | device epsilon max (delta) | rounds x devices/round | wall time | s per device update | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | model | NDCG@10 | HR@10 | vs centralized | last round NDCG@10 | device epsilon max (delta) | rounds x devices/round | wall time | s per device update | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     stored = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     for dataset, label in DATASETS.items():
@@ -119,15 +130,16 @@ def table() -> str:
         central = _centralized(dataset)
         if central is not None:
             pop, cen = central["popularity_test"], central["test"]
-            lines.append(f"| {label} | popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | {pop['ndcg@10'] / cen['ndcg@10']:.0%} | - | - | - | - | - |")
-            lines.append(f"| {label} | centralized (no DP) | {cen['ndcg@10']:.4f} | {cen['hr@10']:.4f} | 100% | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
+            lines.append(f"| {label} | popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | {pop['ndcg@10'] / cen['ndcg@10']:.0%} | - | - | - | - | - | - |")
+            lines.append(f"| {label} | centralized (no DP) | {cen['ndcg@10']:.4f} | {cen['hr@10']:.4f} | 100% | - | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
         for s in sorted(runs, key=lambda s: (s["variant"], s["rounds"])):
             privacy = s["privacy"]
             eps = "no DP" if not privacy.get("dp") else f"{_number(privacy.get('device_epsilon_max'), '.2f')} ({privacy['delta']:g})"
-            ratio = f"{s['test']['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
+            chosen, name = _chosen(s)
+            ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
             lines.append(
-                f"| {label} | FedAvg {s['variant']} | {s['test']['ndcg@10']:.4f} | {s['test']['hr@10']:.4f} | {ratio} | {eps} | "
-                f"{s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
+                f"| {label} | FedAvg {s['variant']}{name} | {chosen['ndcg@10']:.4f} | {chosen['hr@10']:.4f} | {ratio} | "
+                f"{s['test']['ndcg@10']:.4f} | {eps} | {s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
                 f"{_number(s['seconds_per_device_update'], '.2f')} | {s['commit']} |"
             )
     return "\n".join(lines)

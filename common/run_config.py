@@ -14,6 +14,8 @@ from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.model import ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
 
+# The dataset of a run on real devices (deployment): each device holds its own history.
+DEPLOYED = "deployed"
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm")
 
 
@@ -21,12 +23,15 @@ STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm")
 class RunConfig:
     """Every setting of a federated run; field `a_b` is run-config key `a-b`."""
 
-    # Data: one user = one partition.
+    # Data: one user = one partition. dataset = "deployed": real devices hold the data
+    # (node config history-db); the server loads none and takes the catalogue size from
+    # num-items.
     dataset: str = "synthetic"
     data_path: str = ""
     synthetic_users: int = 600
     synthetic_items: int = 500
     synthetic_seed: int = 0
+    num_items: int = 0  # catalogue size of a deployed run (0 in simulation: the dataset decides)
     # Federation.
     num_server_rounds: int = 10
     clients_per_round: int = 50
@@ -76,10 +81,20 @@ class RunConfig:
             problems.append("proximal-mu must be >= 0")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.deployed and self.num_items < 1:
+            problems.append(f'dataset "{DEPLOYED}" needs num-items (the catalogue size) of at least 1')
+        if not self.deployed and self.num_items != 0:
+            problems.append(f'num-items is only for dataset "{DEPLOYED}"; a simulation takes it from its dataset')
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
         self.model_config(num_items=1)  # raises on a bad model shape
-        self.dataset_spec()  # raises on a bad dataset description
+        if not self.deployed:
+            self.dataset_spec()  # raises on a bad dataset description
+
+    @property
+    def deployed(self) -> bool:
+        """Whether real devices hold the data (the server has none to load or evaluate)."""
+        return self.dataset == DEPLOYED
 
     @property
     def private(self) -> bool:
@@ -87,7 +102,9 @@ class RunConfig:
         return self.noise_multiplier > 0
 
     def dataset_spec(self) -> DatasetSpec:
-        """The dataset every partition is cut from."""
+        """The dataset every partition is cut from (a simulation's; a deployed run has none)."""
+        if self.deployed:
+            raise ValueError(f'a run on dataset "{DEPLOYED}" has no dataset to load: its devices hold the data')
         synthetic = SyntheticConfig(num_users=self.synthetic_users, num_items=self.synthetic_items, seed=self.synthetic_seed)
         return DatasetSpec(kind=self.dataset, path=self.data_path or None, synthetic=synthetic)
 

@@ -11,7 +11,8 @@ Layout, in `{run_dir}/checkpoints/`:
    "weights": file name, "weights_sha256": ..., "array_order": [model keys in order],
    "strategy_state": file name or null,
    "strategy_state_sha256": ... or null, "privacy": {...}, "counts": {...},
-   "elapsed_seconds": float, "metrics_row": {the round's metrics.jsonl row}, "time": ISO}.
+   "elapsed_seconds": float, "metrics_row": {the round's metrics.jsonl row},
+   "best": {"round", "valid", "test"} of the best validation NDCG@10 so far, "time": ISO}.
 
 Every file is written to a temporary name, fsynced and renamed into place, and the
 manifest last: until the new manifest is in place, the old one still points at the
@@ -63,6 +64,7 @@ class Checkpoint:
     counts: dict[str, int] = field(default_factory=dict)
     elapsed_seconds: float = 0.0
     metrics_row: dict[str, Any] | None = None
+    best: dict[str, Any] = field(default_factory=dict)  # round, valid and test of the best validation so far
 
     @property
     def config_hash(self) -> str:
@@ -123,6 +125,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "counts": checkpoint.counts,
         "elapsed_seconds": checkpoint.elapsed_seconds,
         "metrics_row": checkpoint.metrics_row,
+        "best": checkpoint.best,
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     _commit_manifest(directory, manifest)
@@ -160,6 +163,7 @@ def latest(run_dir: Path) -> Checkpoint | None:
         counts=manifest.get("counts") or {},
         elapsed_seconds=float(manifest.get("elapsed_seconds") or 0.0),
         metrics_row=manifest.get("metrics_row"),
+        best=manifest.get("best") or {},
     )
     if checkpoint.config_hash != manifest["config_hash"]:
         raise CheckpointError(f"{path}: config_hash does not match the config stored beside it")

@@ -72,6 +72,19 @@ class ServerEvaluator:
         return summarize(self.ranks(arrays, stage))
 
 
+class FederatedEvaluator:
+    """Ranks through the devices' evaluate path (deployment: the server holds no histories)."""
+
+    def __init__(self, grid: Grid, *, timeout: float | None) -> None:
+        self.grid = grid
+        self.timeout = timeout
+
+    def evaluate(self, arrays: ArrayRecord, stage: str) -> dict[str, Any]:
+        """HR@10, NDCG@10 (None when no device answered), users, replies and failed for `stage`."""
+        # Round 0: the devices' evaluate handler ranks whatever weights it is sent.
+        return federated_evaluate(self.grid, arrays, stage, server_round=0, timeout=self.timeout)
+
+
 def federated_evaluate(
     grid: Grid,
     arrays: ArrayRecord,

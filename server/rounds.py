@@ -20,8 +20,14 @@ Run directory (`config.run_dir`, or a fresh temporary directory when it is empty
   DP; null when no epsilon was reported), hr@10 / ndcg@10 (server-side validation
   metrics when evaluated this round, else null), seconds (the round's wall time,
   evaluation included), time (ISO 8601, UTC, end of round);
-- `final.json`: the last round's validation and test metrics over all users, rounds,
-  wall time, device epsilon max/mean, reply counts over the whole run (see `_final`);
+- `final.json`: the last round's validation and test metrics over all users, and
+  `best_valid`: the round with the best validation NDCG@10 with its validation and test
+  metrics (the early-stopping choice; test never decides it); rounds, wall time, device
+  epsilon max/mean, reply counts over the whole run (see `_final`);
+
+Deployment (`dataset = "deployed"`): the server loads no data; it waits for
+clients-per-round nodes and evaluates through the devices' evaluate path
+(server/evaluation.FederatedEvaluator), so metrics average the devices that answered.
 - `checkpoints/`: see server/checkpoint.py.
 
 Resume: when `run_dir` holds a checkpoint of round R written with the same run config
@@ -67,7 +73,7 @@ from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 from fedinterest.server import checkpoint as ckpt
-from fedinterest.server.evaluation import ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
+from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, classify_replies
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
 
@@ -145,10 +151,17 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     """Run (or resume) the whole federated training; returns what final.json holds."""
     started = time.monotonic()
     run_dir = resolve_run_dir(config)
-    split = load_split(config.dataset_spec())
-    model_config = config.model_config(split.num_items)
-    evaluator = ServerEvaluator(split, model_config)
-    LOG.info("fedinterest: %d users, %d items; run directory %s", len(split.users), split.num_items, run_dir)
+    if config.deployed:
+        # Real devices hold the data: evaluate through them, wait for a round's worth.
+        split, num_items, expected_nodes = None, config.num_items, config.clients_per_round
+        evaluator: ServerEvaluator | FederatedEvaluator = FederatedEvaluator(grid, timeout=config.round_timeout)
+        LOG.info("fedinterest: deployed run, %d items; run directory %s", num_items, run_dir)
+    else:
+        split = load_split(config.dataset_spec())
+        num_items, expected_nodes = split.num_items, len(split.users)
+        evaluator = ServerEvaluator(split, config.model_config(num_items))
+        LOG.info("fedinterest: %d users, %d items; run directory %s", len(split.users), num_items, run_dir)
+    model_config = config.model_config(num_items)
 
     saved = ckpt.latest(run_dir)
     arrays = initial_arrays(model_config, config.seed)
@@ -168,9 +181,10 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     _reconcile_metrics(run_dir / METRICS_FILE, saved)
 
     last_valid: dict[str, float] | None = None
+    best = dict(saved.best) if saved else {}
     if first <= config.num_server_rounds:
         (run_dir / FINAL_FILE).unlink(missing_ok=True)  # it described fewer rounds than this run will
-        nodes = wait_for_nodes(grid, len(split.users), timeout=config.round_timeout, settle=SETTLE_SECONDS, poll_interval=poll_interval)
+        nodes = wait_for_nodes(grid, expected_nodes, timeout=config.round_timeout, settle=SETTLE_SECONDS, poll_interval=poll_interval)
         strategy = build_strategy(config, nodes)
         load_strategy_state(strategy, saved.strategy_state if saved else {})
         strategy.summary()
@@ -186,6 +200,9 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         evaluation = None
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
             evaluation = last_valid = evaluator.evaluate(arrays, "valid")
+            if is_better(evaluation, best.get("valid")):
+                # Model selection on validation only; test is recorded, never used to choose.
+                best = {"round": server_round, "valid": evaluation, "test": evaluator.evaluate(arrays, "test")}
         privacy.update(result.replies.epsilons)
         _add_counts(counts, result)
         row = metrics_row(server_round, result.replies, evaluation, time.monotonic() - round_start)
@@ -198,6 +215,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
             counts=counts,
             elapsed_seconds=prior_seconds + time.monotonic() - started,
             metrics_row=row,
+            best=best,
         ))
         _append_row(run_dir / METRICS_FILE, row)
         final_round = server_round
@@ -206,7 +224,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     if last_valid is None:
         last_valid = evaluator.evaluate(arrays, "valid")
     test = evaluator.evaluate(arrays, "test")
-    final = _final(config, split, run_dir, final_round, first, last_valid, test, privacy, counts, prior_seconds + time.monotonic() - started)
+    final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, counts, prior_seconds + time.monotonic() - started)
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
     LOG.info("fedinterest: done after round %d: test hr@10 %.4f ndcg@10 %.4f; %s", final_round, test["hr@10"], test["ndcg@10"], run_dir / FINAL_FILE)
     return final
@@ -326,6 +344,13 @@ def metrics_row(server_round: int, replies: RoundReplies, evaluation: dict[str, 
     return row
 
 
+def is_better(valid: dict[str, Any], best_valid: dict[str, Any] | None) -> bool:
+    """Whether a validation result beats the best so far on NDCG@10 (ties keep the earlier round)."""
+    if valid.get(NDCG_10) is None:
+        return False
+    return best_valid is None or best_valid.get(NDCG_10) is None or valid[NDCG_10] > best_valid[NDCG_10]
+
+
 def _add_counts(counts: dict[str, int], result: RoundResult) -> None:
     replies = result.replies
     counts["sampled"] += replies.sampled
@@ -372,12 +397,13 @@ def _append_row(path: Path, row: dict[str, Any]) -> None:
 
 def _final(
     config: RunConfig,
-    split: LeaveOneOut,
+    split: LeaveOneOut | None,
     run_dir: Path,
     final_round: int,
     first: int,
     valid: dict[str, float],
     test: dict[str, float],
+    best: dict[str, Any],
     privacy: PrivacyTally,
     counts: dict[str, int],
     seconds: float,
@@ -389,10 +415,14 @@ def _final(
         "strategy": config.strategy,
         "valid": valid,
         "test": test,
+        "best_valid": best or None,
         "wall_seconds": round(seconds, 3),
         "privacy": privacy.summary(config.delta),
         "counts": counts,
-        "dataset": {"label": config.dataset_spec().label, "users": len(split.users), "items": split.num_items},
+        "dataset": (
+            {"label": "deployed", "users": None, "items": config.num_items} if split is None
+            else {"label": config.dataset_spec().label, "users": len(split.users), "items": split.num_items}
+        ),
         "config_hash": ckpt.config_hash(config),
         "run_config": config.to_flower(),
         "run_dir": str(run_dir),

@@ -133,6 +133,9 @@ def print_table(result: SimulationResult) -> None:
         metrics = s[split]
         if metrics:
             typer.echo(f"{split:<8}" + "".join(_cell(metrics.get(k)) for k in keys))
+    best = s.get("best_valid")
+    if best and best["round"] != s["rounds"]:
+        typer.echo(f"{'best':<8}" + "".join(_cell(best["test"].get(k)) for k in keys) + f"   (test at round {best['round']}, the best validation NDCG@10)")
     typer.echo(f"{'popular.':<8}" + "".join(_cell(s["popularity_test"].get(k)) for k in keys) + "   (popularity baseline, test)")
     eps = f"max {_fmt(s['epsilon_max'])}, mean {_fmt(s['epsilon_mean'])}"
     typer.echo(

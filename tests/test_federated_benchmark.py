@@ -37,4 +37,18 @@ def test_table_puts_runs_beside_popularity_and_centralized(tmp_path: Path, monke
     rows = federated.table().splitlines()
     assert rows[2].startswith("| ML-100K | popularity | 0.0400 | 0.0900 | 50% |")
     assert "| ML-100K | centralized (no DP) | 0.0800 |" in rows[3]
-    assert rows[4] == "| ML-100K | FedAvg dp-1.0 | 0.0600 | 0.1200 | 75% | 7.50 (1e-05) | 30 x 100 | 2.0 min | 0.04 | def |"
+    assert rows[4] == "| ML-100K | FedAvg dp-1.0 (last round) | 0.0600 | 0.1200 | 75% | 0.0600 | 7.50 (1e-05) | 30 x 100 | 2.0 min | 0.04 | def |"
+
+
+def test_table_reports_the_round_validation_picks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(federated, "RESULTS", tmp_path)
+    monkeypatch.setattr(federated, "QUALITY", tmp_path / "none")
+    summary = {
+        "dataset": "ml-100k", "variant": "no-dp", "test": {"ndcg@10": 0.05, "hr@10": 0.10},
+        "best_valid": {"round": 20, "valid": {"ndcg@10": 0.07}, "test": {"ndcg@10": 0.065, "hr@10": 0.13}},
+        "privacy": {"dp": False, "delta": 1e-5}, "rounds": 30, "clients_per_round": 100,
+        "wall_seconds": 60.0, "seconds_per_device_update": 0.02, "commit": "abc",
+    }
+    (tmp_path / "ml-100k-no-dp-30x100.json").write_text(json.dumps(summary))
+    (row,) = federated.table().splitlines()[2:]
+    assert row == "| ML-100K | FedAvg no-dp (round 20) | 0.0650 | 0.1300 | - | 0.0500 | no DP | 30 x 100 | 1.0 min | 0.02 | abc |"

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
@@ -108,6 +108,51 @@ def test_rounds_write_metrics_final_and_checkpoints(tmp_path):
     assert ckpt.latest(tmp_path).round == 3
 
 
+def test_best_validation_round_is_chosen_on_validation_and_carries_its_test(tmp_path):
+    nodes = {n: trainer(n) for n in (1, 2, 3, 4)}
+    final = run(ScriptedGrid(nodes), config(tmp_path, num_server_rounds=5, eval_every=1))
+    rows = read_metrics(tmp_path / METRICS_FILE)
+    scores = [r[NDCG_10] for r in rows]
+    best = final["best_valid"]
+    assert best["round"] == 1 + scores.index(max(scores))  # the first round with the best validation
+    assert best["valid"][NDCG_10] == max(scores)
+    assert set(best["test"]) == set(final["test"]) and best["test"]["users"] == 4
+    if best["round"] == 5:
+        assert best["test"] == final["test"]
+
+
+def deployed_device(node: int, ndcg: float):
+    """A device of a deployed run: trains like `trainer`, evaluates its own user as `ndcg`."""
+    train = trainer(node)
+
+    def respond(message: Message) -> Message:
+        if message.metadata.message_type == MessageType.EVALUATE:
+            record = MetricRecord({NUM_EXAMPLES: 1, HIT_RATE_10: float(ndcg > 0), NDCG_10: ndcg})
+            return Message(RecordDict({METRICS: record}), reply_to=message)
+        return train(message)
+
+    return respond
+
+
+def test_deployed_run_loads_no_data_and_evaluates_through_the_devices(tmp_path):
+    cfg = config(tmp_path, dataset="deployed", num_items=50, num_server_rounds=2, eval_every=1, clients_per_round=3)
+    grid = ScriptedGrid({1: deployed_device(1, 0.5), 2: deployed_device(2, 0.25), 3: deployed_device(3, 0.0)})
+    final = run(grid, cfg)
+    assert final["dataset"] == {"label": "deployed", "users": None, "items": 50}
+    assert final["valid"][NDCG_10] == pytest.approx(0.25) and final["test"]["users"] == 3
+    assert final["rounds"] == 2 and final["counts"]["aggregated"] == 6
+    assert ckpt.latest(tmp_path).arrays["item_emb.weight"].shape[0] == 51  # PAD + 50 items
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"dataset": "deployed"}, "needs num-items"),
+    ({"num_items": 10}, "num-items is only for"),
+])
+def test_deployed_run_config_is_checked(changes, message):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(BASE, **changes)
+
+
 def test_round_without_valid_update_keeps_the_model(tmp_path):
     cfg = config(tmp_path, num_server_rounds=2, noise_multiplier=0.0)
     nodes = {1: refuser, 2: idle, 3: broken, 4: malformed}
@@ -167,6 +212,7 @@ def test_crash_and_resume_continue_exactly(tmp_path, strategy):
     assert _strip_times(read_metrics(resumed_dir / METRICS_FILE)) == _strip_times(read_metrics(straight_dir / METRICS_FILE))
     straight_final = json.loads((straight_dir / FINAL_FILE).read_text())
     assert final["test"] == straight_final["test"] and final["valid"] == straight_final["valid"]
+    assert final["best_valid"] == straight_final["best_valid"]  # the best round survives the resume
 
 
 def test_lost_metrics_row_is_restored_from_the_checkpoint(tmp_path):
