@@ -1,4 +1,4 @@
-"""PNG plots of a simulation's rounds (matplotlib's Agg backend: no display needed)."""
+"""PNG plots of a federated run's rounds (simulated or deployed) (matplotlib's Agg backend: no display needed)."""
 
 from __future__ import annotations
 

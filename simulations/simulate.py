@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
 import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +40,30 @@ import fedinterest.simulations
 from fedinterest.common.datasets import SYNTHETIC, load_split
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.serialization import atomic_write_text
+from fedinterest.server.flower_processes import ANSI as _ANSI
+from fedinterest.server.flower_processes import (  # noqa: F401
+    COMPLETED,
+    OFFLINE_ENV,
+    flower_env,
+    last_exception,
+    log_tail,
+    run_status,
+    stop_run,
+)
+from fedinterest.server.flower_processes import executable as _executable
+from fedinterest.server.flower_processes import free_port as _free_port
+from fedinterest.server.run_metrics import (  # noqa: F401
+    MetricsFollower,
+    RoundRow,
+    parse_row,
+    read_rows,
+)
+from fedinterest.server.run_metrics import as_number as _as_number
 from fedinterest.simulations.provenance import git_commit, machine
 from fedinterest.simulations.runs import new_run_dir, write_json
+
+# The Flower-process and metrics helpers live in server/ (shared with the operator CLI);
+# OFFLINE_ENV and the metrics readers stay importable from here.
 
 # Files the ServerApp writes into the run directory (the contract with server/app.py).
 METRICS_FILE = "metrics.jsonl"
@@ -69,21 +88,10 @@ NUM_SUPERNODES = "num-supernodes"
 CLIENT_CPUS = "client-cpus"
 FEDERATION_KEYS = (NUM_SUPERNODES, CLIENT_CPUS)
 
-# DESIGN.md, runtime notes: no dependency installs, no telemetry, no update check.
-OFFLINE_ENV = {
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-}
-# The only end state of a Flower run that counts as success (`flwr ls` status text).
-COMPLETED = "finished:completed"
 SUPERLINK_CONNECTION = "simulate"
 SUPERLINK_STARTUP_SECONDS = 60.0
 STATUS_SETTLE_SECONDS = 30.0
-LOG_TAIL_LINES = 40
 _RUN_ID = re.compile(r"Successfully started run (\d+)")
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception)):\s?(.*)$")
 
 # What on-device DP-SGD protects (common/examples.py defines the training example).
 UNIT_OF_PROTECTION = (
@@ -140,21 +148,6 @@ class SimulationConfig:
     federation: FederationConfig
     source: str | None = None  # the config file it came from
     overrides: tuple[str, ...] = ()  # the --set items, as given
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    """One row of metrics.jsonl (a round of the ServerApp); absent or null fields are None."""
-
-    round: int
-    raw: dict[str, Any] = field(default_factory=dict)
-
-    def get(self, key: str) -> Any:
-        return self.raw.get(key)
-
-    def number(self, key: str) -> float | None:
-        """The field as a float (inf allowed), None when absent, null or not a number."""
-        return _as_number(self.raw.get(key))
 
 
 @dataclass
@@ -416,31 +409,6 @@ def _flat_toml(values: Mapping[str, object]) -> str:
 # --------------------------------------------------------------------------- Flower
 
 
-def flower_env(flwr_home: Path) -> dict[str, str]:
-    """The environment of every flwr process of a run: private FLWR_HOME, offline flags."""
-    env = dict(os.environ)
-    env.update(OFFLINE_ENV)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["PYTHONUNBUFFERED"] = "1"
-    # The SuperLink starts `flower-superexec` and `flwr-simulation` by name: the venv first.
-    bin_dir = str(Path(sys.executable).parent)
-    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def _executable(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    return name
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_flower_config(flwr_home: Path, port: int) -> Path:
     """`$FLWR_HOME/config.toml` with one default connection: this run's SuperLink."""
     path = flwr_home / "config.toml"
@@ -505,89 +473,6 @@ class SuperLink:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=15)
-
-
-def run_status(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
-    """The run's entry of `flwr ls --run-id ID --format json` (keys "status", "status-details", ...)."""
-    done = subprocess.run(
-        [_executable("flwr"), "ls", "--run-id", str(run_id), "--format", "json"],
-        capture_output=True, text=True, env=dict(env), timeout=120,
-    )
-    text = done.stdout
-    start = text.find("{")
-    if done.returncode != 0 or start < 0:
-        raise RuntimeError(f"flwr ls --run-id {run_id} failed ({done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
-    payload = json.loads(text[start:])
-    runs = payload.get("runs") or []
-    if not payload.get("success") or not runs:
-        raise RuntimeError(f"flwr ls --run-id {run_id}: no such run ({payload})")
-    return runs[0]
-
-
-def stop_run(run_id: int, env: Mapping[str, str]) -> None:
-    """Ask the SuperLink to stop a run (best effort)."""
-    subprocess.run([_executable("flwr"), "stop", str(run_id)], capture_output=True, env=dict(env), timeout=60, check=False)
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log, colour codes removed."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(_ANSI.sub("", text).rstrip().splitlines()[-lines:])
-
-
-def last_exception(path: Path) -> str | None:
-    """The last `SomeError: message` line of a log (the root cause of a traceback), if any.
-
-    Lines without a message are skipped: Flower re-raises a ClientApp's error as an empty
-    `ClientAppException:` after the original one.
-    """
-    found = None
-    for line in log_tail(path, lines=10_000).splitlines():
-        match = _EXCEPTION_LINE.match(line.strip())
-        if match and match.group(2).strip():
-            found = line.strip()
-    return found
-
-
-class MetricsFollower:
-    """Reads the complete rows appended to metrics.jsonl since the last call."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.offset = 0
-
-    def poll(self) -> list[RoundRow]:
-        try:
-            with open(self.path, "rb") as handle:
-                handle.seek(self.offset)
-                data = handle.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n")
-        if end < 0:
-            return []  # a row is being written
-        self.offset += end + 1
-        rows = []
-        for line in data[: end + 1].decode("utf-8").splitlines():
-            if line.strip():
-                rows.append(parse_row(line))
-        return rows
-
-
-def parse_row(line: str) -> RoundRow:
-    """One metrics.jsonl line (NaN/Infinity tolerated, as Python's json writes them)."""
-    raw = json.loads(line)
-    return RoundRow(round=int(raw.get("round", 0)), raw=raw)
-
-
-def read_rows(path: Path) -> list[RoundRow]:
-    """Every row of a metrics.jsonl (empty when the file is absent)."""
-    if not path.is_file():
-        return []
-    return [parse_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def run_flower(
@@ -703,16 +588,6 @@ def _settled_status(run_id: int, env: Mapping[str, str]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- report
 
 
-def _as_number(value: Any) -> float | None:
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):
-        return math.inf
-    return None
-
-
 def _json_number(value: float | None) -> float | str | None:
     """JSON has no infinity: write it as the string "inf"."""
     if value is None or math.isnan(value):
@@ -738,6 +613,14 @@ def _split_metrics(final: Mapping[str, Any], split: str) -> dict[str, float]:
     if not isinstance(metrics, dict):
         return {}
     return {k: float(v) for k, v in metrics.items() if _as_number(v) is not None}
+
+
+def _best_valid(final: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The round with the best validation NDCG@10 and its test metrics (None when never evaluated)."""
+    best = final.get("best_valid")
+    if not isinstance(best, dict) or not isinstance(best.get("round"), int):
+        return None
+    return {"round": best["round"], "test": _split_metrics(best, "test")}
 
 
 def ledger_epsilons(run_dir: Path, delta: float) -> dict[str, tuple[float, int]]:
@@ -873,6 +756,7 @@ def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Map
         "devices": config.federation.num_supernodes,
         "test": _split_metrics(final, "test"),
         "valid": _split_metrics(final, "valid"),
+        "best_valid": _best_valid(final),
         "epsilon_max": privacy["device_epsilon"]["max"],
         "epsilon_mean": privacy["device_epsilon"]["mean"],
         "delta": config.run.delta,
@@ -897,7 +781,7 @@ def popularity_test(run: RunConfig) -> dict[str, float]:
 
 def write_report(config: SimulationConfig, run_dir: Path, wall_seconds: float) -> tuple[list[RoundRow], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """privacy_report.json/.md and the plots of a completed run; (rows, final, privacy, summary)."""
-    from fedinterest.simulations.plots import plot_epsilon, plot_ndcg
+    from fedinterest.server.plots import plot_epsilon, plot_ndcg
 
     rows = read_rows(run_dir / METRICS_FILE)
     final = json.loads((run_dir / FINAL_FILE).read_text(encoding="utf-8"))

@@ -1,0 +1,69 @@
+"""Reading a run's metrics.jsonl (one row per round, written by server/rounds.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def as_number(value: Any) -> float | None:
+    """A JSON value as a float (the string "inf" allowed), None when absent or not a number."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", "+inf"):
+        return math.inf
+    return None
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One row of metrics.jsonl (a round of the ServerApp); absent or null fields are None."""
+
+    round: int
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def get(self, key: str) -> Any:
+        return self.raw.get(key)
+
+    def number(self, key: str) -> float | None:
+        """The field as a float (inf allowed), None when absent, null or not a number."""
+        return as_number(self.raw.get(key))
+
+
+def parse_row(line: str) -> RoundRow:
+    """One metrics.jsonl line (NaN/Infinity tolerated, as Python's json writes them)."""
+    raw = json.loads(line)
+    return RoundRow(round=int(raw.get("round", 0)), raw=raw)
+
+
+def read_rows(path: Path) -> list[RoundRow]:
+    """Every row of a metrics.jsonl (empty when the file is absent)."""
+    if not path.is_file():
+        return []
+    return [parse_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class MetricsFollower:
+    """Reads the complete rows appended to metrics.jsonl since the last call."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = 0
+
+    def poll(self) -> list[RoundRow]:
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []  # a row is being written
+        self.offset += end + 1
+        return [parse_row(line) for line in data[: end + 1].decode("utf-8").splitlines() if line.strip()]
