@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fedinterest.benchmarks.report import publish
+from fedinterest.server.run_metrics import RoundRow
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,12 @@ def _store(summary: dict) -> Path:
     return path
 
 
+def print_progress(row: RoundRow) -> None:
+    """One line per finished round on stderr (the run can take an hour)."""
+    fields = ("answered", "refused", "train_loss", "ndcg@10", "epsilon_max")
+    print(f"  round {row.round}: " + " ".join(f"{key} {row.get(key)}" for key in fields), file=sys.stderr, flush=True)
+
+
 def run(datasets: list[str], variants: list[str], extra: list[str], out: Path) -> None:
     """Simulate every requested (dataset, variant) and store its summary."""
     for dataset in datasets:
@@ -97,10 +104,7 @@ def run(datasets: list[str], variants: list[str], extra: list[str], out: Path) -
             config = resolve_config(CONFIGS / f"{dataset}.toml", overrides)
             print(f"simulating {dataset} / {variant}: {' '.join(overrides)}", file=sys.stderr)
 
-            def progress(row) -> None:
-                print(f"  round {row.round}: answered {row.answered} refused {row.refused} ndcg@10 {row.ndcg10}", file=sys.stderr)
-
-            result = run_simulation(config, out, argv=["benchmarks/federated.py", dataset, variant], on_round=progress)
+            result = run_simulation(config, out, argv=["benchmarks/federated.py", dataset, variant], on_round=print_progress)
             print(f"  stored {_store(summarize_run_dir(result.run_dir))}", file=sys.stderr)
 
 

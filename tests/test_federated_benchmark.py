@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedinterest.benchmarks import federated
+from fedinterest.server.run_metrics import RoundRow
 
 
 @pytest.mark.parametrize(
@@ -52,3 +53,9 @@ def test_table_reports_the_round_validation_picks(tmp_path: Path, monkeypatch: p
     (tmp_path / "ml-100k-no-dp-30x100.json").write_text(json.dumps(summary))
     (row,) = federated.table().splitlines()[2:]
     assert row == "| ML-100K | FedAvg no-dp (round 20) | 0.0650 | 0.1300 | - | 0.0500 | no DP | 30 x 100 | 1.0 min | 0.02 | abc |"
+
+
+def test_progress_line_names_the_round_and_its_figures(capsys: pytest.CaptureFixture[str]) -> None:
+    federated.print_progress(RoundRow(round=3, raw={"round": 3, "answered": 90, "refused": 10, "ndcg@10": 0.05}))
+    line = capsys.readouterr().err
+    assert line.startswith("  round 3: answered 90 refused 10 train_loss None ndcg@10 0.05")
