@@ -16,6 +16,7 @@ from flwr.clientapp import ClientApp
 from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
+from fedinterest.client.local_models import save_global_model
 from fedinterest.client.local_training import train_locally
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
@@ -43,6 +44,13 @@ def _decode(msg: Message, context: Context) -> _Request:
     model = InterestModel(run.model_config(device.num_items))
     model.load_state_dict(arrays.to_torch_state_dict())
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    if device.store_path is not None:
+        # A real device keeps the global model it received, so it can rank offline later.
+        server_round = config.get(wire.SERVER_ROUND)
+        save_global_model(
+            device.store_path, model, run_id=context.run_id, server_round=server_round if isinstance(server_round, int) else None,
+            delta=run.delta, epsilon_budget=run.epsilon_budget,
+        )
     return _Request(run, device, model, config)
 
 

@@ -3,7 +3,12 @@
 In simulation a virtual node gets only `partition-id` and `num-partitions`: partition
 `i` is user `LeaveOneOut.users[i]` of the run's dataset. One simulation process serves
 many virtual devices, so the loaded split is cached per process, keyed by the frozen
-`DatasetSpec`. A real device will name its own store with `history-db` (a later issue).
+`DatasetSpec`.
+
+A real device names its store with `history-db=PATH` (client/device_store.py): its
+history is mapped to the store's catalogue (items outside it are kept in the store but
+not used), split leave-one-out exactly as in simulation, and the privacy ledger lives in
+the same SQLite file, so it survives a restart of the SuperNode.
 """
 
 from __future__ import annotations
@@ -13,13 +18,16 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from fedinterest.client.device_store import DeviceStore
+from fedinterest.common.constants import MIN_INTERACTIONS_FOR_SPLIT
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.split import LeaveOneOut, UserSplit
+from fedinterest.common.interactions import SequenceDataset
+from fedinterest.common.split import LeaveOneOut, UserSplit, leave_one_out
 
 # Node-config keys.
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
-HISTORY_DB = "history-db"  # a real device's store (deployment; not supported yet)
+HISTORY_DB = "history-db"  # a real device's store file (deployment)
 
 
 @dataclass(frozen=True)
@@ -29,6 +37,8 @@ class DeviceData:
     user: UserSplit
     num_items: int
     ledger_path: Path | None  # None: keep the ledger in the node's Context.state (simulation only)
+    store_path: Path | None = None  # the device store (history-db mode), where received models are kept
+    unknown_items: int = 0  # history rows whose item is not in the catalogue (kept in the store, not used)
 
 
 @lru_cache(maxsize=4)
@@ -39,10 +49,7 @@ def _cached_split(spec: DatasetSpec) -> LeaveOneOut:
 def load_device_data(node_config: Mapping[str, object], run: RunConfig) -> DeviceData:
     """The device's data as its node config names it; ValueError when the config does not."""
     if HISTORY_DB in node_config:
-        raise ValueError(
-            f"node config {HISTORY_DB!r} (an on-device history store) is not supported yet; "
-            f"this version only runs in simulation, where the node config has {PARTITION_ID!r}"
-        )
+        return load_store_data(node_config[HISTORY_DB], run)
     if PARTITION_ID not in node_config:
         raise ValueError(
             f"node config needs {PARTITION_ID!r} (simulation) or {HISTORY_DB!r} (device); "
@@ -59,6 +66,34 @@ def load_device_data(node_config: Mapping[str, object], run: RunConfig) -> Devic
             "run the simulation with at most that many supernodes"
         )
     return DeviceData(user=split.users[partition], num_items=split.num_items, ledger_path=simulation_ledger_path(run.run_dir, partition))
+
+
+def load_store_data(path: object, run: RunConfig) -> DeviceData:
+    """The user of the device store at `path`, split leave-one-out over the store's catalogue."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"node config {HISTORY_DB!r} must be the path of the device store file, got {path!r}")
+    store_path = Path(path).expanduser()
+    with DeviceStore(store_path) as store:
+        catalogue = store.catalogue()
+        history = store.history(catalogue)
+        user_id = store.user_id() or ""
+    if run.num_items and run.num_items != len(catalogue):
+        raise ValueError(
+            f"{store_path}: the device's catalogue has {len(catalogue)} items but the run's num-items is {run.num_items}; "
+            "the device was initialised with another catalogue than the operator's"
+        )
+    # The same split function as simulation, so the evaluate handler sees the same protocol.
+    dataset = SequenceDataset(name=str(store_path), user_ids=(user_id,), item_ids=catalogue.ids, sequences=(history.indices,))
+    split = leave_one_out(dataset)
+    if not split.users:
+        raise ValueError(
+            f"{store_path}: the history has {len(history.indices)} interactions with catalogue items "
+            f"({history.unknown} more with unknown items); leave-one-out needs at least {MIN_INTERACTIONS_FOR_SPLIT} "
+            "(import more with `fedinterest device ingest`)"
+        )
+    return DeviceData(
+        user=split.users[0], num_items=len(catalogue), ledger_path=store_path, store_path=store_path, unknown_items=history.unknown
+    )
 
 
 def simulation_ledger_path(run_dir: str, partition_id: int) -> Path | None:
