@@ -1,0 +1,46 @@
+"""Ranking the whole catalogue for the device's user, locally, from the latest model.
+
+The user's history (by raw item id) is mapped to the model's catalogue; items the
+model does not know are left out of the input. Every item already in the history is
+excluded from the result. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedinterest.client.device_store import DeviceStore
+from fedinterest.client.local_models import LoadedModel, load_latest
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The top items (raw id, score) and which model and how much history produced them."""
+
+    items: list[tuple[str, float]]
+    model: dict
+    history_used: int  # history items the model's catalogue knows (its input)
+    history_unknown: int  # history items it does not know
+
+
+def recommend(store: DeviceStore, k: int = 10, loaded: LoadedModel | None = None) -> Recommendation:
+    """The k best unseen catalogue items for the device's user; `loaded` reuses an already loaded model."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    loaded = loaded or load_latest(store)
+    history = store.history(loaded.catalogue)
+    return rank_unseen(loaded, history.indices, k, history_unknown=history.unknown)
+
+
+def rank_unseen(loaded: LoadedModel, history: np.ndarray, k: int, *, history_unknown: int = 0) -> Recommendation:
+    """Top k of `loaded`'s scores after `history`, every history item excluded; fewer when fewer are unseen."""
+    scores = loaded.ranker.scores(history)
+    scores[history] = -np.inf
+    candidates = int(np.isfinite(scores).sum())
+    k = min(k, candidates)
+    top = np.argpartition(-scores, k - 1)[:k] if k else np.zeros(0, dtype=np.int64)
+    top = top[np.argsort(-scores[top], kind="stable")]
+    items = [(loaded.catalogue.item(int(i)), float(scores[i])) for i in top]
+    return Recommendation(items, loaded.description, len(history), history_unknown)
