@@ -1,8 +1,23 @@
-"""`fedinterest server ...`: the operator's commands for a deployed federation."""
+"""`fedinterest server ...`: the operator's commands for a deployed federation.
+
+Each command parses its options and delegates to one module: deployment.py (init),
+superlink.py (start), enrollment.py (enroll/revoke/devices), run_admin.py
+(run/status/stop), export.py, report.py. Errors are printed as `error: ...` naming
+what and where, with exit code 1 (2 for a usage error).
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
 import typer
+
+from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 app = typer.Typer(
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
@@ -10,3 +25,295 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+DirOption = Annotated[
+    Optional[Path],
+    typer.Option("--dir", envvar=ENV_DIR, help=f"The deployment directory (made by `server init`); or set {ENV_DIR}."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+
+
+@contextmanager
+def _errors(*extra: type[Exception]) -> Iterator[None]:
+    """Known failures become one `error:` line and exit code 1, never a traceback."""
+    from fedinterest.server.certificates import CertificateError
+    from fedinterest.server.checkpoint import CheckpointError
+    from fedinterest.server.deployment import DeploymentError
+    from fedinterest.server.enrollment import EnrollmentError
+    from fedinterest.server.run_admin import RunError
+    from fedinterest.server.superlink import SuperLinkNotReady
+
+    try:
+        yield
+    except (DeploymentError, CertificateError, EnrollmentError, RunError, CheckpointError, SuperLinkNotReady, *extra) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _deployment(directory: Path | None):  # noqa: ANN202 - Deployment, imported lazily
+    from fedinterest.server.deployment import load_deployment
+
+    return load_deployment(directory)
+
+
+def _print_json(payload: Any) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str))
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(metavar="DIR", help="The deployment directory to create (must not exist, or be empty).")],
+    san: Annotated[
+        Optional[list[str]],
+        typer.Option("--san", help="An IP address or DNS name devices use to reach the server (repeatable); 127.0.0.1 and localhost are always added."),
+    ] = None,
+    catalogue: Annotated[Optional[Path], typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (0.0.0.0: every interface).")] = DEFAULT_HOST,
+    port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port (devices, the operator's flwr commands).")] = DEFAULT_PORT,
+    as_json: JsonOption = False,
+) -> None:
+    """Create a deployment directory: CA, server certificate with the SANs, config, empty enrolment list."""
+    from fedinterest.server.certificates import certificate_sans, fingerprint, load_certificate
+    from fedinterest.server.deployment import init_deployment
+
+    with _errors():
+        deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
+        ca = load_certificate(deployment.ca_cert)
+        facts = {
+            "dir": str(deployment.root),
+            "config": str(deployment.config_file),
+            "ca_certificate": str(deployment.ca_cert),
+            "ca_sha256": fingerprint(ca),
+            "server_certificate": str(deployment.server_cert),
+            "sans": certificate_sans(load_certificate(deployment.server_cert)),
+            "listen": f"{deployment.server.host}:{deployment.server.port}",
+            "catalogue": str(deployment.catalogue) if deployment.catalogue.is_file() else None,
+        }
+    if as_json:
+        _print_json(facts)
+        return
+    typer.echo(f"Deployment created in {facts['dir']}")
+    typer.echo(f"  config:      {facts['config']}")
+    typer.echo(f"  CA:          {facts['ca_certificate']} (give this file to devices: --ca)")
+    typer.echo(f"  CA SHA-256:  {facts['ca_sha256']}")
+    typer.echo(f"  server cert: {facts['server_certificate']} for {', '.join(facts['sans'])}")
+    typer.echo(f"  listens on:  {facts['listen']}")
+    typer.echo(f"  catalogue:   {facts['catalogue'] or 'none yet (copy one to catalogue.txt before `server run`)'}")
+    typer.echo(f"Next: fedinterest server start --dir {facts['dir']}")
+
+
+@app.command()
+def start(directory: DirOption = None) -> None:
+    """Run the SuperLink (TLS, SuperNode authentication, SQLite database in DIR) in the foreground."""
+    from fedinterest.server.superlink import run_superlink, superlink_command
+
+    with _errors():
+        deployment = _deployment(directory)
+        typer.echo(f"Starting the SuperLink of {deployment.root} on {deployment.server.host}:{deployment.server.port} (Ctrl-C stops it)", err=True)
+        typer.echo("$ " + " ".join(superlink_command(deployment)), err=True)
+    code = run_superlink(deployment)
+    raise typer.Exit(code)
+
+
+@app.command()
+def enroll(
+    public_key: Annotated[Path, typer.Argument(help="The device's public key (OpenSSH EC format, e.g. from `fedinterest device init`).")],
+    name: Annotated[str, typer.Option("--name", help="A name for the device (letters, digits, _ . -).")],
+    directory: DirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Allow a device to join: register its public key with the running SuperLink under NAME."""
+    from dataclasses import asdict
+
+    from fedinterest.server.enrollment import enroll as do_enroll
+
+    with _errors():
+        device = do_enroll(_deployment(directory), public_key, name)
+    if as_json:
+        _print_json(asdict(device))
+    else:
+        typer.echo(f"Enrolled {device.name}: node {device.node_id}, key {device.key_sha256}")
+
+
+@app.command()
+def revoke(
+    name: Annotated[str, typer.Argument(help="The enrolled device's name.")],
+    directory: DirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove a device from the federation (its key is never accepted again)."""
+    from dataclasses import asdict
+
+    from fedinterest.server.enrollment import revoke as do_revoke
+
+    with _errors():
+        device = do_revoke(_deployment(directory), name)
+    if as_json:
+        _print_json(asdict(device))
+    else:
+        typer.echo(f"Revoked {device.name} (node {device.node_id}) at {device.revoked_at}")
+
+
+@app.command()
+def devices(
+    directory: DirOption = None,
+    include_revoked: Annotated[bool, typer.Option("--all", help="Include revoked devices.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List enrolled devices with their Flower node id and live status."""
+    from fedinterest.server.enrollment import device_rows
+
+    with _errors():
+        rows, problem = device_rows(_deployment(directory), include_revoked=include_revoked)
+    if as_json:
+        _print_json({"devices": rows, "status_error": problem})
+        return
+    if problem:
+        typer.echo(f"warning: {problem}", err=True)
+    if not rows:
+        typer.echo("No devices enrolled (`fedinterest server enroll KEY --name NAME`).")
+        return
+    typer.echo(f"{'name':<20} {'node id':<21} {'status':<14} {'enrolled':<26} key")
+    for row in rows:
+        status = row["status"] or "?"
+        if row["revoked_at"]:
+            status = "revoked"
+        typer.echo(f"{row['name']:<20} {row['node_id']:<21} {status:<14} {row['enrolled_at']:<26} {row['key_sha256']}")
+
+
+@app.command()
+def run(
+    set_: Annotated[
+        Optional[list[str]],
+        typer.Option("--set", help="Override a run default, e.g. --set num-server-rounds=5 --set dim=16 (repeatable)."),
+    ] = None,
+    directory: DirOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait until the run finishes, printing each round; exit 1 unless it completed.")] = False,
+    timeout_minutes: Annotated[float, typer.Option("--timeout-minutes", help="With --wait: give up waiting after this long.")] = 600.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Submit a federated training run of this project's app to the SuperLink; prints the run id."""
+    from fedinterest.server.run_admin import submit_run, wait_finished
+
+    with _errors():
+        deployment = _deployment(directory)
+        submitted = submit_run(deployment, list(set_ or []))
+    facts: dict[str, Any] = {"run_id": submitted.run_id, "run": submitted.run_dir.name, "run_dir": str(submitted.run_dir)}
+    if not as_json:
+        typer.echo(f"Submitted run {submitted.run_id} ({submitted.run_dir.name}); follow it with `fedinterest server status {submitted.run_id}`")
+    if wait:
+        with _errors():
+            state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60)
+        facts["state"] = state
+        if not as_json:
+            _echo_state(state)
+    if as_json:
+        _print_json(facts)
+    if wait and not facts["state"]["completed"]:
+        raise typer.Exit(1)
+
+
+def _echo_state(state: dict[str, Any]) -> None:
+    flower = state["flower"]
+    typer.echo(f"Run {state['run_id']} ({state['run']}): {state['status'] or 'state unknown'}")
+    if flower.get("status-details"):
+        typer.echo(f"  details: {flower['status-details']}")
+    if flower.get("error"):
+        typer.echo(f"  {flower['error']}")
+    devices = state["devices"]
+    typer.echo(f"  rounds: {state['rounds_done']} of {state['rounds_planned']}")
+    typer.echo(
+        f"  device replies: {devices['answered']} answered, {devices['refused']} refused (budget), "
+        f"{devices['failed']} failed, {devices['rejected']} rejected, of {devices['sampled']} sampled"
+    )
+    latest = state["latest_round"]
+    if latest:
+        shown = {k: latest.get(k) for k in ("train_loss", "hr@10", "ndcg@10") if latest.get(k) is not None}
+        typer.echo(f"  latest round {latest.get('round')}: " + (", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "no metrics"))
+    privacy = state["privacy"]
+    if privacy["dp"]:
+        eps = privacy["epsilon_max"]
+        typer.echo(
+            f"  privacy: device epsilon max {eps if eps is not None else 'not reported yet'}"
+            f" (mean {privacy['epsilon_mean']}) at delta {privacy['delta']}, budget {privacy['epsilon_budget']}"
+        )
+    else:
+        typer.echo("  privacy: DP off (noise-multiplier = 0), epsilon is infinite")
+    final = state["final"]
+    if final and final.get("test"):
+        typer.echo("  final test: " + ", ".join(f"{k} {v:.4f}" for k, v in final["test"].items()))
+
+
+@app.command()
+def status(
+    run_ref: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="Flower run id or run directory name (default: the latest run).")] = None,
+    directory: DirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """A run's state from Flower (`flwr ls`) and its progress: rounds, device replies, metrics, privacy spent."""
+    from fedinterest.server.run_admin import run_state
+
+    with _errors():
+        state = run_state(_deployment(directory), run_ref)
+    if as_json:
+        _print_json(state)
+    else:
+        _echo_state(state)
+
+
+@app.command()
+def stop(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Flower run id or run directory name.")],
+    directory: DirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Stop a run that is still pending or running."""
+    from fedinterest.server.run_admin import stop as do_stop
+
+    with _errors():
+        result = do_stop(_deployment(directory), run_ref)
+    if as_json:
+        _print_json(result)
+    else:
+        typer.echo(f"Run {result['run_id']} ({result['run']}): {result['status']}")
+
+
+@app.command("export")
+def export_(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Flower run id or run directory name.")],
+    out: Annotated[Path, typer.Option("--out", help="The bundle file to write (a .sha256 file is written beside it).")],
+    directory: DirOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a device bundle of a finished run: global model, catalogue, model card, checksum."""
+    from fedinterest.common.bundle import BundleError
+    from fedinterest.server.export import export_run
+
+    with _errors(BundleError):
+        result = export_run(_deployment(directory), run_ref, out)
+    if as_json:
+        _print_json(result)
+        return
+    card = result["card"]["privacy"]
+    typer.echo(f"Wrote {result['bundle']} ({result['bytes']} bytes, sha256 {result['sha256']})")
+    typer.echo(f"  run {result['run_id']} ({result['run']}), global model after round {result['round']}")
+    typer.echo(f"  privacy: device epsilon max {card['device_epsilon_max']} at delta {card['delta']} ({'DP-SGD on' if card['dp'] else 'DP off'})")
+
+
+@app.command()
+def report(
+    run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Flower run id or run directory name.")],
+    directory: DirOption = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write report.md and the plots (default: the run directory).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Write a run's plots and summary table (report.md) and print the table."""
+    from fedinterest.server.report import write_report
+
+    with _errors():
+        facts, text, _ = write_report(_deployment(directory), run_ref, out)
+    if as_json:
+        _print_json(facts)
+    else:
+        sys.stdout.write(text)
+        typer.echo(f"Written: {', '.join(facts['files'])}")

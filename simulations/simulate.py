@@ -32,7 +32,7 @@ import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from fedinterest.server.run_metrics import (  # noqa: F401
     read_rows,
 )
 from fedinterest.server.run_metrics import as_number as _as_number
+from fedinterest.server.run_overrides import flat_toml, parse_set_items, toml_value
 from fedinterest.simulations.provenance import git_commit, machine
 from fedinterest.simulations.runs import new_run_dir, write_json
 
@@ -173,36 +174,10 @@ def parse_overrides(items: Sequence[str]) -> dict[str, object]:
     A string field takes the text as it is (`dataset=ml-100k`, quotes optional); other
     fields need a TOML literal of their type (`noise-multiplier=0.5`, `seed=3`).
     """
-    types = {f.name.replace("_", "-"): type(getattr(RunConfig, f.name)) for f in fields(RunConfig)}
-    types.update({NUM_SUPERNODES: int, CLIENT_CPUS: int})
-    parsed: dict[str, object] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SimulationConfigError(f"--set {item!r}: expected key=value")
-        text = text.strip()
-        literal = _toml_literal(text)
-        if types.get(key) is str:
-            value: object = literal if isinstance(literal, str) else text
-        elif literal is _NOT_TOML:
-            if key in types:
-                raise SimulationConfigError(f"--set {key}={text}: not a valid {types[key].__name__}")
-            value = text  # unknown key: RunConfig names it below
-        else:
-            value = literal
-        parsed[key] = value
-    return parsed
-
-
-_NOT_TOML = object()
-
-
-def _toml_literal(text: str) -> object:
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return _NOT_TOML
+        return parse_set_items(items, {NUM_SUPERNODES: int, CLIENT_CPUS: int})
+    except ValueError as err:
+        raise SimulationConfigError(str(err)) from err
 
 
 def resolve_config(path: Path, overrides: Sequence[str] = (), *, cwd: Path | None = None) -> SimulationConfig:
@@ -386,24 +361,8 @@ def _resolved_toml(resolved: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    raise TypeError(f"cannot write {value!r} as a TOML value")
-
-
-def _flat_toml(values: Mapping[str, object]) -> str:
-    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in values.items())
+_toml_value = toml_value
+_flat_toml = flat_toml
 
 
 # --------------------------------------------------------------------------- Flower

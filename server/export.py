@@ -1,0 +1,124 @@
+"""`server export`: a finished run's global model as a device bundle, with its model card.
+
+The weights are the run's last complete checkpoint (server/checkpoint.py), the model
+shape is the run's own RunConfig, the catalogue is the deployment's, and the model card
+says what the model was trained on, how, and what privacy guarantee holds, in numbers
+taken from the run's final.json. common/bundle.py writes the file and its checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fedinterest.common.run_config import RunConfig
+from fedinterest.server import checkpoint as ckpt
+from fedinterest.server.deployment import Deployment
+from fedinterest.server.flower_processes import run_status
+from fedinterest.server.run_admin import FINAL_FILE, RunError, find_run, read_record
+from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
+
+CARD_FORMAT = 1
+UNIT_OF_PROTECTION = (
+    "one training example of one device: a window of up to max-len consecutive (input item, next item) "
+    "pairs of the user's history (layer 1, on-device DP-SGD with Opacus)"
+)
+USER_LEVEL = (
+    "no server-side DP-FedAvg (layer 2) in this run: a user's whole history is protected only through the "
+    "per-example guarantee and its group privacy"
+)
+
+
+def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], final: dict[str, Any], checkpoint_round: int, flower_status: str | None) -> dict[str, Any]:
+    """The model card of a run: data, training, evaluation and the privacy guarantee, with units."""
+    config = RunConfig.from_flower(record["run_config"])
+    privacy = final.get("privacy") or {}
+    counts = final.get("counts") or {}
+    return {
+        "card_format": CARD_FORMAT,
+        "model": {
+            "kind": "SASRec-style causal Transformer over the item history (common/model.py)",
+            "config": {k: record["run_config"][k] for k in ("max-len", "dim", "num-blocks", "num-heads", "dropout")},
+            "num_items": config.num_items,
+        },
+        "run": {
+            "name": run_dir.name,
+            "flower_run_id": record["run_id"],
+            "flower_status": flower_status,
+            "submitted_at": record.get("submitted_at"),
+            "rounds": final.get("rounds"),
+            "checkpoint_round": checkpoint_round,
+            "strategy": config.strategy,
+            "clients_per_round": config.clients_per_round,
+            "local_epochs": config.local_epochs,
+            "local_lr": config.local_lr,
+            "replies": counts,
+        },
+        "data": {
+            "source": "each enrolled device's own interaction history; raw histories never left the devices",
+            "devices_reporting_epsilon": privacy.get("devices_reporting"),
+            "catalogue_items": config.num_items,
+            "catalogue_sha256": record.get("catalogue_sha256"),
+        },
+        "evaluation": {
+            "protocol": "leave-one-out by time on each device, full-catalogue ranking, earlier items excluded; "
+            "averaged over the devices that answered the federated evaluation",
+            "valid": final.get("valid"),
+            "test": final.get("test"),
+            "best_valid": final.get("best_valid"),
+        },
+        "privacy": {
+            "dp": config.private,
+            "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its ledger and refuses "
+            "to train past its budget",
+            "unit_of_protection": UNIT_OF_PROTECTION,
+            "user_level": USER_LEVEL,
+            "accountant": "Opacus RDP accountant, on each device" if config.private else None,
+            "delta": config.delta,
+            "epsilon_budget_per_device": config.epsilon_budget,
+            "device_epsilon_max": privacy.get("device_epsilon_max"),
+            "device_epsilon_mean": privacy.get("device_epsilon_mean"),
+            "epsilon_meaning": privacy.get("unit"),
+            "noise_multiplier": config.noise_multiplier,
+            "max_grad_norm": config.max_grad_norm,
+            "expected_batch_size": config.batch_size,
+            "note": None if config.private else "noise-multiplier = 0: trained without DP; epsilon is infinite",
+        },
+        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def export_run(deployment: Deployment, ref: str | None, out: Path) -> dict[str, Any]:
+    """Write the bundle of run `ref` to `out`; what was exported (path, sha256, round, card)."""
+    import torch
+
+    from fedinterest.common.bundle import write_bundle
+    from fedinterest.common.catalogue import load_catalogue
+
+    run_dir = find_run(deployment, ref)
+    record = read_record(run_dir)
+    final_path = run_dir / FINAL_FILE
+    if not final_path.is_file():
+        raise RunError(f"{run_dir}: no {FINAL_FILE} yet; the run has not finished (see `fedinterest server status {run_dir.name}`)")
+    final = json.loads(final_path.read_text(encoding="utf-8"))
+    checkpoint = ckpt.latest(run_dir)
+    if checkpoint is None:
+        raise RunError(f"{run_dir / ckpt.CHECKPOINT_DIR}: no checkpoint; the run aggregated no round")
+    try:
+        require_ready(deployment)
+        flower_status = run_status(int(record["run_id"]), superlink_env(deployment)).get("status")
+    except (SuperLinkNotReady, RuntimeError, subprocess.SubprocessError):
+        flower_status = None  # the SuperLink may be down; the run directory is enough to export
+    config = RunConfig.from_flower(record["run_config"])
+    catalogue = load_catalogue(deployment.catalogue)
+    if hashlib.sha256(deployment.catalogue.read_bytes()).hexdigest() != record.get("catalogue_sha256"):
+        raise RunError(f"{deployment.catalogue} changed since run {run_dir.name} was submitted; its model indexes the old catalogue")
+    card = model_card(deployment, run_dir, record, final, checkpoint.round, flower_status)
+    state_dict = {key: torch.from_numpy(array.copy()) for key, array in checkpoint.arrays.items()}
+    path = write_bundle(Path(out), state_dict=state_dict, model_config=config.model_config(config.num_items), catalogue_ids=list(catalogue.ids), model_card=card)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"bundle": str(path), "sha256": digest, "bytes": path.stat().st_size, "run": run_dir.name, "run_id": record["run_id"], "round": checkpoint.round, "card": card}

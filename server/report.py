@@ -1,0 +1,98 @@
+"""`server report`: a run's plots (server/plots.py) and a summary table, from its run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.serialization import atomic_write_text
+from fedinterest.server.deployment import Deployment
+from fedinterest.server.plots import plot_epsilon, plot_ndcg
+from fedinterest.server.run_admin import FINAL_FILE, METRICS_FILE, find_run, read_record
+from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
+
+REPORT_MD = "report.md"
+NDCG_PNG = "ndcg.png"
+EPSILON_PNG = "epsilon.png"
+ROUND_COLUMNS = ("round", "sampled", "answered", "refused", "failed", "rejected", "train_loss", "epsilon_max", "epsilon_mean", "hr@10", "ndcg@10", "seconds")
+
+
+def _fmt(value: Any) -> str:
+    number = as_number(value)
+    if number is None:
+        return "-" if value is None else str(value)
+    if math.isinf(number):
+        return "inf"
+    return str(int(number)) if float(number).is_integer() and abs(number) < 1e12 else f"{number:.4g}"
+
+
+def summary(run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, config: RunConfig, record: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of the report (also its `--json`)."""
+    privacy = (final or {}).get("privacy") or {}
+    return {
+        "run": run_dir.name,
+        "run_id": record["run_id"],
+        "rounds_done": len(rows),
+        "rounds_planned": config.num_server_rounds,
+        "finished": final is not None,
+        "devices": {key: int(sum(r.number(key) or 0 for r in rows)) for key in ("sampled", "answered", "refused", "failed", "rejected")},
+        "valid": (final or {}).get("valid"),
+        "test": (final or {}).get("test"),
+        "best_valid": (final or {}).get("best_valid"),
+        "epsilon_max": privacy.get("device_epsilon_max"),
+        "epsilon_mean": privacy.get("device_epsilon_mean"),
+        "delta": config.delta,
+        "epsilon_budget": config.epsilon_budget,
+        "dp": config.private,
+        "wall_seconds": (final or {}).get("wall_seconds"),
+    }
+
+
+def markdown(facts: dict[str, Any], rows: list[RoundRow]) -> str:
+    """The report page: the summary, then one line per round."""
+    lines = [
+        f"# Run {facts['run']} (Flower run {facts['run_id']})",
+        "",
+        "| rounds | devices sampled | answered | refused | failed | rejected | epsilon max | epsilon mean | delta | budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {facts['rounds_done']} of {facts['rounds_planned']} | " + " | ".join(_fmt(facts["devices"][k]) for k in ("sampled", "answered", "refused", "failed", "rejected"))
+        + f" | {_fmt(facts['epsilon_max']) if facts['dp'] else 'inf (DP off)'} | {_fmt(facts['epsilon_mean']) if facts['dp'] else 'inf'}"
+        + f" | {_fmt(facts['delta'])} | {_fmt(facts['epsilon_budget'])} |",
+        "",
+    ]
+    if facts["finished"]:
+        metrics = sorted({*(facts.get("valid") or {}), *(facts.get("test") or {})})
+        lines += ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+        for split in ("valid", "test"):
+            values = facts.get(split) or {}
+            lines.append(f"| {split} (final model) | " + " | ".join(_fmt(values.get(m)) for m in metrics) + " |")
+        lines += ["", "Metrics: leave-one-out on each device, full-catalogue ranking, averaged over the devices that answered.", ""]
+    else:
+        lines += ["The run has not finished: no final metrics yet.", ""]
+    lines += ["| " + " | ".join(ROUND_COLUMNS) + " |", "|" + "---|" * len(ROUND_COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in ROUND_COLUMNS) + " |" for r in rows]
+    lines += ["", f"Plots: {NDCG_PNG} (validation NDCG@10 per round), {EPSILON_PNG} (device epsilon per round).", ""]
+    return "\n".join(lines)
+
+
+def write_report(deployment: Deployment, ref: str | None, out: Path | None = None) -> tuple[dict[str, Any], str, Path]:
+    """Plots and report.md of run `ref` in `out` (default: the run directory); (summary, markdown, directory)."""
+    run_dir = find_run(deployment, ref)
+    record = read_record(run_dir)
+    config = RunConfig.from_flower(record["run_config"])
+    rows = read_rows(run_dir / METRICS_FILE)
+    final_path = run_dir / FINAL_FILE
+    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
+    target = Path(out) if out is not None else run_dir
+    target.mkdir(parents=True, exist_ok=True)
+    facts = summary(run_dir, rows, final, config, record)
+    test_ndcg = as_number(((final or {}).get("test") or {}).get("ndcg@10"))
+    plot_ndcg(rows, target / NDCG_PNG, final_test=test_ndcg)
+    plot_epsilon(rows, target / EPSILON_PNG, budget=config.epsilon_budget if config.private else None)
+    text = markdown(facts, rows)
+    atomic_write_text(target / REPORT_MD, text)
+    facts["files"] = [str(target / name) for name in (REPORT_MD, NDCG_PNG, EPSILON_PNG)]
+    return facts, text, target
