@@ -1,8 +1,32 @@
-"""`fedinterest device ...`: the commands a user's device runs (never imports the server side)."""
+"""`fedinterest device ...`: the commands a user's device runs (never imports the server side).
+
+Each command parses its options and delegates to one library function of `client/`;
+errors are printed as one line naming what and where, with exit code 2.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
+
+from fedinterest.client.budget import privacy_budget
+from fedinterest.client.device_dir import DeviceDirError, init_device_dir, open_device_dir
+from fedinterest.client.device_store import StoreError
+from fedinterest.client.ingest import ingest_file
+from fedinterest.client.local_models import NoModelError
+from fedinterest.client.recommend import recommend as recommend_items
+from fedinterest.common.bundle import BundleError, load_bundle
+from fedinterest.common.interactions import DataFormatError
+from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
 
 app = typer.Typer(
     help="Run fedinterest on a device: local store, federation client, local ranking.",
@@ -10,3 +34,170 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+DirOpt = Annotated[
+    Path, typer.Option("--dir", envvar="FEDINTEREST_DEVICE_DIR", help="The device directory (made by `device init`).", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+# What a command may fail with for a reason the user can fix: printed as one line, exit 2.
+_EXPECTED = (DeviceDirError, StoreError, DataFormatError, BundleError, NoModelError, ValueError, FileNotFoundError, OSError)
+
+
+@contextmanager
+def _clear_errors() -> Iterator[None]:
+    try:
+        yield
+    except _EXPECTED as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+
+
+def _emit(payload: dict, as_json: bool, lines: list[str]) -> None:
+    typer.echo(json.dumps(payload, indent=2, default=str) if as_json else "\n".join(lines))
+
+
+@app.command()
+def init(
+    directory: Annotated[Path, typer.Argument(help="Device directory to create (must not exist or be empty).", show_default=False)],
+    catalogue: Annotated[Path, typer.Option("--catalogue", help="The operator's catalogue.txt (one item id per line).", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a device directory: an EC key pair (OpenSSH) and the local store with the catalogue."""
+    with _clear_errors():
+        device = init_device_dir(directory, catalogue)
+        with device.store() as store:
+            items = len(store.catalogue())
+    _emit(
+        {"dir": str(device.root), "public_key": str(device.public_key), "store": str(device.store_path), "catalogue_items": items},
+        as_json,
+        [f"device initialised in {device.root} ({items} catalogue items)",
+         f"public key (send it to the operator to enroll this device): {device.public_key}"],
+    )
+
+
+@app.command()
+def ingest(
+    file: Annotated[Path, typer.Argument(help="Interactions file of this device's user.", show_default=False)],
+    directory: DirOpt,
+    fmt: Annotated[Optional[str], typer.Option("--format", help=f"One of: {', '.join(ALL_FORMATS)} (default: from the file suffix).")] = None,
+    user: Annotated[Optional[str], typer.Option("--user", help="The user to import from a file that holds several.")] = None,
+    user_col: Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")] = "user",
+    item_col: Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")] = "item",
+    time_col: Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")] = "timestamp",
+    rating_col: Annotated[Optional[str], typer.Option(help="Optional rating column.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Import the user's interactions (validated; all or nothing; importing the same file again adds nothing)."""
+    with _clear_errors():
+        if fmt is not None and fmt not in ALL_FORMATS:
+            raise ValueError(f"--format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
+        columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col, rating=rating_col)
+        # The fixed layouts have no named columns: only a generic format takes the mapping.
+        generic = fmt is None or fmt in ("csv", "tsv", "jsonl", "parquet")
+        with open_device_dir(directory).store() as store:
+            result = ingest_file(store, file, fmt=fmt, columns=columns if generic else ColumnMap(), user=user)
+    if result.already_imported:
+        summary = f"{file}: already imported (SHA-256 {result.sha256[:12]}...); nothing added"
+    else:
+        summary = f"{file}: {result.rows_added} interactions of user {result.user_id!r} added ({result.duplicates} already there)"
+    lines = [summary]
+    if result.unknown_items:
+        lines.append(f"{result.unknown_items} of its interactions name items outside the catalogue: kept, not used for training or ranking")
+    _emit(asdict(result), as_json, lines)
+
+
+@app.command()
+def start(
+    directory: DirOpt,
+    server: Annotated[str, typer.Option("--server", help="The operator's SuperLink Fleet API, HOST:PORT.", show_default=False)],
+    ca: Annotated[Path, typer.Option("--ca", help="The operator's CA certificate (ca.crt) to verify the server.", show_default=False)],
+    runtime_port: Annotated[Optional[int], typer.Option(help="Loopback port of the SuperNode's runtime API (default: a free one).")] = None,
+    max_retries: Annotated[Optional[int], typer.Option(help="Give up after this many reconnection attempts (default: never).")] = None,
+    max_wait_time: Annotated[Optional[float], typer.Option(help="Give up reconnecting after this many seconds (default: never).")] = None,
+) -> None:
+    """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code."""
+    from fedinterest.client.supernode import run_supernode, supernode_launch
+
+    with _clear_errors():
+        device = open_device_dir(directory)
+        launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time)
+    typer.echo(f"starting flower-supernode for {device.root} -> {server}", err=True)
+    raise typer.Exit(code=run_supernode(launch))
+
+
+@app.command("install-bundle")
+def install_bundle(
+    bundle: Annotated[Path, typer.Argument(help="A bundle file from `fedinterest server export`.", show_default=False)],
+    directory: DirOpt,
+    sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the bundle file (default: BUNDLE.sha256 beside it, if there).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Verify a bundle's checksums and keep it in the store as the device's latest model."""
+    with _clear_errors():
+        device = open_device_dir(directory)
+        loaded = load_bundle(bundle, expected_sha256=sha256)
+        with device.store() as store:
+            model_id = store.save_model("bundle", bundle.read_bytes(), {"source": str(bundle.resolve()), "card": loaded.card})
+            known = sum(1 for item in loaded.catalogue.ids if item in store.catalogue())
+    payload = {"model_id": model_id, "sha256": loaded.sha256, "catalogue_items": len(loaded.catalogue), "card": loaded.card}
+    lines = [f"installed bundle {bundle} (SHA-256 {loaded.sha256}, {len(loaded.catalogue)} items) as the latest model"]
+    if known != len(loaded.catalogue):
+        lines.append(f"note: {len(loaded.catalogue) - known} of the bundle's items are not in the device's catalogue")
+    _emit(payload, as_json, lines)
+
+
+@app.command()
+def recommend(
+    directory: DirOpt,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rank the whole catalogue locally (no network) and print the k best items the user has not seen."""
+    with _clear_errors():
+        with open_device_dir(directory).store() as store:
+            result = recommend_items(store, k)
+    payload = {"items": [{"item_id": item, "score": score} for item, score in result.items], "model": result.model,
+               "history_used": result.history_used, "history_unknown": result.history_unknown}
+    lines = [f"{rank:>3}. {item}  ({score:.4f})" for rank, (item, score) in enumerate(result.items, start=1)]
+    lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}")
+    _emit(payload, as_json, lines)
+
+
+@app.command()
+def budget(
+    directory: DirOpt,
+    delta: Annotated[Optional[float], typer.Option(help="Delta to state epsilon at (default: the last run's).")] = None,
+    epsilon_budget: Annotated[Optional[float], typer.Option("--budget", help="Epsilon budget (default: the last run's).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Example-level privacy spent by this device (from its ledger), the budget and what remains."""
+    with _clear_errors():
+        with open_device_dir(directory).store() as store:
+            report = privacy_budget(store, delta=delta, budget=epsilon_budget)
+    payload = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(report).items()}
+    payload["epsilon_is_infinite"] = math.isinf(report.epsilon)  # a round without noise: no guarantee
+    _emit(payload, as_json, [
+        f"epsilon spent: {report.epsilon:.4g} at delta {report.delta:g} (example-level, Opacus RDP accountant)",
+        f"budget: {report.budget:g}; remaining: {report.remaining:.4g}",
+        f"rounds charged: {report.rounds} ({report.steps} DP-SGD steps); settings from: {report.settings_from}",
+    ])
+
+
+@app.command()
+def serve(
+    directory: DirOpt,
+    address: Annotated[str, typer.Option("--address", help="unix:/path.sock or 127.0.0.1:PORT (local only).")] = "127.0.0.1:50151",
+) -> None:
+    """Serve ranked items over gRPC (common/ranking.proto) to apps on this device, until interrupted."""
+    from fedinterest.client.ranking_service import start_server
+
+    with _clear_errors():
+        device = open_device_dir(directory)
+        server, bound = start_server(device.store_path, address)
+    typer.echo(f"ranking service for {device.root} listening on {bound}", err=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()

@@ -1,0 +1,126 @@
+"""`fedinterest device ...` end to end through typer's CliRunner, on small real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from device_helpers import TINY_RUN, item_ids, user_rows, write_csv
+from fedinterest.client.device_cli import app
+from fedinterest.client.device_dir import open_device_dir
+from fedinterest.client.ledger import LedgerEntry, PrivacyLedger
+from fedinterest.client.supernode import supernode_launch
+from fedinterest.common.bundle import write_bundle
+from fedinterest.common.catalogue import write_catalogue
+from fedinterest.common.model import InterestModel, ModelConfig
+
+COMMANDS = ["init", "ingest", "start", "install-bundle", "recommend", "budget", "serve"]
+
+
+def _invoke(*args: str, env: dict[str, str] | None = None):
+    return CliRunner().invoke(app, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    result = _invoke(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+@pytest.fixture
+def device_dir(tmp_path: Path) -> Path:
+    catalogue = write_catalogue(tmp_path / "catalogue.txt", item_ids(30))
+    result = _invoke("init", str(tmp_path / "dev"), "--catalogue", str(catalogue), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["catalogue_items"] == 30 and Path(payload["public_key"]).is_file()
+    return tmp_path / "dev"
+
+
+def test_init_refuses_an_existing_device(device_dir: Path, tmp_path: Path) -> None:
+    result = _invoke("init", str(device_dir), "--catalogue", str(tmp_path / "catalogue.txt"))
+    assert result.exit_code == 2 and "refusing to overwrite" in result.output
+
+
+def test_ingest_recommend_budget_install_bundle(device_dir: Path, tmp_path: Path) -> None:
+    history = write_csv(tmp_path / "h.csv", user_rows("u1", ["m1", "m5", "m7", "zz"]) + user_rows("u2", ["m2", "m3", "m4"]))
+    env = {"FEDINTEREST_DEVICE_DIR": str(device_dir)}  # the directory from the environment
+    refused = _invoke("ingest", str(history), env=env)
+    assert refused.exit_code == 2 and "pass --user ID" in refused.output
+    first = json.loads(_invoke("ingest", str(history), "--user", "u1", "--json", env=env).output)
+    assert first["rows_added"] == 4 and first["unknown_items"] == 1
+    again = _invoke("ingest", str(history), "--user", "u1", env=env)
+    assert again.exit_code == 0 and "already imported" in again.output
+
+    no_model = _invoke("recommend", "--dir", str(device_dir))
+    assert no_model.exit_code == 2 and "no model yet" in no_model.output
+
+    torch.manual_seed(0)
+    config = ModelConfig(num_items=30, **{k: v for k, v in TINY_RUN.items() if k != "batch_size"})
+    bundle = write_bundle(tmp_path / "model.bundle", state_dict=InterestModel(config).state_dict(), model_config=config,
+                          catalogue_ids=item_ids(30), model_card={"rounds": 2})
+    bad = _invoke("install-bundle", str(bundle), "--dir", str(device_dir), "--sha256", "0" * 64)
+    assert bad.exit_code == 2 and "SHA-256 is" in bad.output
+    installed = json.loads(_invoke("install-bundle", str(bundle), "--dir", str(device_dir), "--json").output)
+    assert installed["card"] == {"rounds": 2}
+
+    ranked = json.loads(_invoke("recommend", "--dir", str(device_dir), "-k", "4", "--json").output)
+    assert len(ranked["items"]) == 4 and not {i["item_id"] for i in ranked["items"]} & {"m1", "m5", "m7"}
+    assert ranked["model"]["kind"] == "bundle" and ranked["history_unknown"] == 1
+    assert "1. m" in _invoke("recommend", "--dir", str(device_dir)).output
+
+    with PrivacyLedger(device_dir / "store.sqlite") as ledger:
+        ledger.record(LedgerEntry(3, 1, 1.0, 0.5, 4))
+    spent = json.loads(_invoke("budget", "--dir", str(device_dir), "--json").output)
+    assert spent["rounds"] == 1 and spent["epsilon"] == pytest.approx(7.4097336, rel=1e-6)
+    assert spent["delta"] == 1e-5 and spent["remaining"] == pytest.approx(8.0 - spent["epsilon"])
+    assert "at delta 1e-05" in _invoke("budget", "--dir", str(device_dir)).output
+
+
+def test_commands_on_an_uninitialised_dir_fail_clearly(tmp_path: Path) -> None:
+    for args in (["recommend"], ["budget"], ["serve"], ["start", "--server", "127.0.0.1:9092", "--ca", "ca.crt"]):
+        result = _invoke(*args, "--dir", str(tmp_path / "none"))
+        assert result.exit_code == 2 and "no device directory here" in result.output, args
+
+
+def test_serve_refuses_a_non_local_address(device_dir: Path) -> None:
+    result = _invoke("serve", "--dir", str(device_dir), "--address", "0.0.0.0:50151")
+    assert result.exit_code == 2 and "loopback" in result.output
+
+
+def test_start_runs_flowers_supernode_with_tls_the_key_and_the_store(device_dir: Path, tmp_path: Path) -> None:
+    ca = tmp_path / "ca.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "ca.key"),
+         "-out", str(ca), "-days", "1", "-subj", "/CN=test-ca"], check=True, capture_output=True,
+    )
+    device = open_device_dir(device_dir)
+    launch = supernode_launch(device, server="127.0.0.1:9092", ca=ca, runtime_port=50999)
+    argv = launch.argv
+    assert Path(argv[0]).name == "flower-supernode"
+    assert argv[argv.index("--root-certificates") + 1] == str(ca.resolve())
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(device.private_key.resolve())
+    assert argv[argv.index("--node-config") + 1] == f"history-db='{device.store_path.resolve()}'"
+    assert "--insecure" not in argv
+    assert launch.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1" and launch.env["FLWR_HOME"] == str(device.flwr_home.resolve())
+    # Flower parses the node config back to the store path.
+    from flwr.common.config import parse_config_args
+
+    assert parse_config_args([argv[argv.index("--node-config") + 1]]) == {"history-db": str(device.store_path.resolve())}
+    # The real SuperNode, with nothing listening: it gives up and its exit code is passed through.
+    env = {**os.environ, "PATH": os.defpath}
+    script = (
+        "import sys; from fedinterest.client.device_cli import app; "
+        "sys.argv = ['device', 'start', '--dir', sys.argv[1], '--server', '127.0.0.1:1', '--ca', sys.argv[2], "
+        "'--max-retries', '1', '--max-wait-time', '3']; app()"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(device_dir), str(ca)], env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode not in (0, 2), result.stderr[-2000:]
+    assert "Starting Flower SuperNode" in result.stderr
