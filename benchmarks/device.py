@@ -7,9 +7,12 @@ Latency is the whole local ranking of one request on one thread (torch and onnxr
 both limited to one): score the catalogue after a full 200-item history, mask the
 history, take the top 10. Catalogues of 1,682 (ML-100K), 3,706 (ML-1M) and 100,000
 items; the weights are random (latency does not depend on their values), the model is
-the run-config default (d = 64, 2 blocks, histories of up to 200). Peak memory is
-`ru_maxrss` of a fresh device process doing one thing: importing the device code only,
-one DP training round through the ClientApp on a device store, or one `recommend`.
+the run-config default (d = 64, 2 blocks, histories of up to 200). Peak memory is that
+of a fresh device process doing one thing: importing the device code only, one DP
+training round through the ClientApp on a device store, or one `recommend`. It is the
+process's own high-water RSS (`VmHWM` of /proc/self/status): Linux's `ru_maxrss` keeps,
+across fork and exec, the parent's RSS at the fork, so in a child started by this
+(large) benchmark process it reports the parent's size; it is recorded beside, as read.
 `serve` throughput is sequential requests (k = 10) from one client over a unix socket
 to a `fedinterest device serve` process.
 """
@@ -145,7 +148,15 @@ def _worker(kind: str, device_dir: Path) -> None:
     elif kind == "recommend":
         with device.store() as store:
             recommend(store, 10)
-    print(json.dumps({"maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"hwm_mib": _vm_hwm_kib() / 1024, "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def _vm_hwm_kib() -> float:
+    """Peak resident set of this process's own address space (reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return float(line.split()[1])
+    raise RuntimeError("/proc/self/status has no VmHWM line (not Linux?)")
 
 
 def _train_round(store_path: Path) -> None:
@@ -170,12 +181,12 @@ def _train_round(store_path: Path) -> None:
         raise SystemExit(f"the training round did not train: {reply.error if reply.has_error() else 'refused'}")
 
 
-def _peak(kind: str, device_dir: Path) -> float:
+def _peak(kind: str, device_dir: Path) -> dict[str, float]:
     result = subprocess.run([sys.executable, "-m", "fedinterest.benchmarks.device", "--worker", kind, str(device_dir)],
                             capture_output=True, text=True, timeout=1800, env=_env())
     if result.returncode != 0:
         raise RuntimeError(f"{kind} worker failed: {result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])["maxrss_mib"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _env() -> dict[str, str]:
@@ -230,7 +241,8 @@ def table(results: dict) -> str:
     """The markdown section of docs/benchmarks.md."""
     commit, rows = results["commit"], results["latency"]
     lines = [
-        f"Command: `{COMMAND}` on commit `{commit}`; {results['machine']}. Random weights (latency does not depend on",
+        f"Command: `{COMMAND}` on commit `{commit}`; {results['machine']}; load average {results['load']} (start / end: "
+        "the 2 cores were shared with other work, which inflates p99). Random weights (latency does not depend on",
         "their values), model of the default run config (d = 64, 2 blocks, histories of up to 200 items); one request =",
         f"score the catalogue after a full {HISTORY_LENGTH}-item history, mask it, take the top 10; "
         f"{rows[0]['requests']} timed requests after 20 warm-up ones, one thread.",
@@ -249,14 +261,18 @@ def table(results: dict) -> str:
     memory, serve = results["memory"], results["serve"]
     lines += [
         "",
-        f"Peak memory (`ru_maxrss`) of a fresh device process, catalogue of {memory['items']:,} items, commit `{commit}`:",
+        f"Peak memory of a fresh device process, catalogue of {memory['items']:,} items unless stated, commit `{commit}`. "
+        "Peak RSS is the process's own high-water mark (`VmHWM`); `ru_maxrss` as read in the same process is beside it, "
+        "but on Linux it carries over the RSS the benchmark process had when it forked the worker, so it is an upper bound only.",
         "",
-        "| device process | peak RSS |",
-        "|---|---|",
-        f"| imports only (ClientApp, store, ranking code) | {memory['imports']:.1f} MiB |",
-        f"| one DP training round through the ClientApp ({TRAIN_HISTORY}-item history, default run config) | {memory['train']:.1f} MiB |",
-        f"| `recommend` from the installed bundle | {memory['recommend']:.1f} MiB |",
-        f"| `recommend` from a bundle of 100,000 items | {memory['recommend_100k']:.1f} MiB |",
+        "| device process | peak RSS (VmHWM) | ru_maxrss |",
+        "|---|---|---|",
+        *(f"| {label} | {memory[key]['hwm_mib']:.1f} MiB | {memory[key]['maxrss_mib']:.1f} MiB |" for key, label in (
+            ("imports", "imports only (ClientApp, store, ranking code)"),
+            ("train", f"one DP training round through the ClientApp ({TRAIN_HISTORY}-item history, default run config)"),
+            ("recommend", "`recommend` from the installed bundle"),
+            ("recommend_100k", "`recommend` from a bundle of 100,000 items"),
+        )),
         "",
         f"`fedinterest device serve` over a unix socket ({serve['items']:,} items, bundle model, k = 10, one client, "
         f"sequential): **{serve['rps']:.0f} requests/s** ({serve['requests']} requests in {serve['seconds']:.1f} s; "
@@ -272,21 +288,25 @@ def _mib(size: int) -> str:
 def run(requests: int, serve_seconds: float, include_100k: bool) -> dict:
     """Every measurement of this benchmark."""
     torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
     catalogues = {k: v for k, v in CATALOGUES.items() if include_100k or v < 100_000}
     with tempfile.TemporaryDirectory(prefix="fedinterest-device-bench-") as tmp:
         workdir = Path(tmp)
+        print("peak memory: device processes", file=sys.stderr)
+        device = _prepare_device(workdir, CATALOGUES["ML-1M"])
+        # Before the latency runs grow this process: a worker's ru_maxrss starts from this process's RSS.
+        memory = {"items": CATALOGUES["ML-1M"], "imports": _peak("imports", device), "train": _peak("train", device),
+                  "recommend": _peak("recommend", device)}
+        nothing = {"hwm_mib": float("nan"), "maxrss_mib": float("nan")}
+        memory["recommend_100k"] = _peak("recommend", _prepare_device(workdir, CATALOGUES["100k"])) if include_100k else nothing
         latency = []
         for name, items in catalogues.items():
             print(f"latency and size: {name} ({items:,} items)", file=sys.stderr)
             latency.append(measure_format(name, items, requests, workdir))
-        print("peak memory: device processes", file=sys.stderr)
-        device = _prepare_device(workdir, CATALOGUES["ML-1M"])
-        memory = {"items": CATALOGUES["ML-1M"], "imports": _peak("imports", device), "train": _peak("train", device),
-                  "recommend": _peak("recommend", device)}
-        memory["recommend_100k"] = _peak("recommend", _prepare_device(workdir, CATALOGUES["100k"])) if include_100k else float("nan")
         print("serve throughput", file=sys.stderr)
         serve = {"items": CATALOGUES["ML-1M"], **measure_serve(device, serve_seconds)}
     return {"commit": _commit(), "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "load": f"{load_start:.1f} / {os.getloadavg()[0]:.1f}",
             "latency": latency, "memory": memory, "serve": serve}
 
 
