@@ -216,7 +216,7 @@ def run(
 def _echo_state(state: dict[str, Any]) -> None:
     flower = state["flower"]
     typer.echo(f"Run {state['run_id']} ({state['run']}): {state['status'] or 'state unknown'}")
-    if flower.get("status-details"):
+    if flower.get("status-details") not in (None, "", "N/A"):
         typer.echo(f"  details: {flower['status-details']}")
     if flower.get("error"):
         typer.echo(f"  {flower['error']}")
@@ -241,7 +241,7 @@ def _echo_state(state: dict[str, Any]) -> None:
         typer.echo("  privacy: DP off (noise-multiplier = 0), epsilon is infinite")
     final = state["final"]
     if final and final.get("test"):
-        typer.echo("  final test: " + ", ".join(f"{k} {v:.4f}" for k, v in final["test"].items()))
+        typer.echo("  final test: " + ", ".join(f"{k} {v:.4g}" for k, v in final["test"].items()))
 
 
 @app.command()

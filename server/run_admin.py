@@ -162,9 +162,6 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
     run_dir = find_run(deployment, ref)
     record = read_record(run_dir)
     config = RunConfig.from_flower(record["run_config"])
-    rows = read_rows(run_dir / METRICS_FILE)
-    final_path = run_dir / FINAL_FILE
-    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
     flower: dict[str, Any]
     try:
         require_ready(deployment)
@@ -172,6 +169,10 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
         flower = {k: entry.get(k) for k in ("status", "status-details", "elapsed", "pending-at", "running-at", "finished-at")}
     except (SuperLinkNotReady, RuntimeError, subprocess.SubprocessError) as err:
         flower = {"status": None, "error": f"Flower's state of the run is unknown: {err}"}
+    # Read the run directory after Flower's state: a run Flower calls finished has written final.json.
+    rows = read_rows(run_dir / METRICS_FILE)
+    final_path = run_dir / FINAL_FILE
+    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
     status = flower.get("status")
     last = rows[-1].raw if rows else None
     privacy = (final or {}).get("privacy") or {}

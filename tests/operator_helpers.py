@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fedinterest.server.deployment import Deployment
-from fedinterest.server.flower_processes import OFFLINE_ENV
+from fedinterest.server.flower_processes import flower_env
 from fedinterest.server.superlink import wait_ready
 
 FEDINTEREST = str(Path(sys.executable).parent / "fedinterest")
@@ -43,12 +42,9 @@ def write_catalogue(path: Path, n: int = 40) -> Path:
 
 
 def child_env(home: Path) -> dict[str, str]:
-    """The environment of a process a test starts: offline flags and a private FLWR_HOME."""
-    env = dict(os.environ)
-    env.update(OFFLINE_ENV)
-    env["FLWR_HOME"] = str(home)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    """The environment of a process a test starts: offline flags, a private FLWR_HOME, this venv first on PATH
+    (Flower starts `flower-superexec` by name)."""
+    return flower_env(home)
 
 
 class ServerProcess:
