@@ -338,7 +338,7 @@ def test_local_evaluation_matches_server_side_ranks_for_every_user(split) -> Non
 
 def test_data_source_errors_are_clear() -> None:
     run = RunConfig(**HANDLER_RUN)
-    with pytest.raises(ValueError, match="history-db.*not supported yet"):
+    with pytest.raises(ValueError, match="x.sqlite: no device store here"):  # history-db mode: tests/test_device_store.py
         load_device_data({"history-db": "/tmp/x.sqlite"}, run)
     with pytest.raises(ValueError, match=r"it has \['num-partitions', 'other'\]"):
         load_device_data({"num-partitions": 3, "other": 1}, run)
