@@ -48,7 +48,7 @@ def parse_san(text: str) -> San:
         return San(str(ipaddress.ip_address(value)), True)
     except ValueError:
         pass
-    name = value[:-1] if value.endswith(".") else value
+    name = value.removesuffix(".")  # a fully qualified name may end with a dot
     labels = name.split(".")
     if not name or len(name) > 253 or not all(_DNS_LABEL.match(label) for label in labels) or labels[-1].isdigit():
         raise CertificateError(f"--san {text!r}: not an IP address or a DNS name (e.g. 127.0.0.1, localhost, fl.example.org)")

@@ -60,7 +60,7 @@ def free_port() -> int:
 
 def flwr_json(args: list[str], env: Mapping[str, str], *, timeout: float = 120) -> dict[str, Any]:
     """Run `flwr ARGS --format json` and return its JSON document; RuntimeError with flwr's words otherwise."""
-    done = subprocess.run([executable("flwr"), *args, "--format", "json"], capture_output=True, text=True, env=dict(env), timeout=timeout)
+    done = subprocess.run([executable("flwr"), *args, "--format", "json"], check=False, capture_output=True, text=True, env=dict(env), timeout=timeout)
     text = done.stdout
     start = text.find("{")
     payload: dict[str, Any] | None = None

@@ -13,11 +13,14 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
+
+if TYPE_CHECKING:
+    from fedinterest.server.deployment import Deployment
 
 app = typer.Typer(
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
@@ -50,7 +53,7 @@ def _errors(*extra: type[Exception]) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _deployment(directory: Path | None):  # noqa: ANN202 - Deployment, imported lazily
+def _deployment(directory: Path | None) -> Deployment:
     from fedinterest.server.deployment import load_deployment
 
     return load_deployment(directory)
@@ -213,6 +216,13 @@ def run(
         raise typer.Exit(1)
 
 
+def _number(value: Any, missing: str) -> str:
+    """A reported figure for people: 4 significant digits, "inf" kept, `missing` for None."""
+    if value is None:
+        return missing
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
 def _echo_state(state: dict[str, Any]) -> None:
     flower = state["flower"]
     typer.echo(f"Run {state['run_id']} ({state['run']}): {state['status'] or 'state unknown'}")
@@ -232,10 +242,9 @@ def _echo_state(state: dict[str, Any]) -> None:
         typer.echo(f"  latest round {latest.get('round')}: " + (", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "no metrics"))
     privacy = state["privacy"]
     if privacy["dp"]:
-        eps = privacy["epsilon_max"]
         typer.echo(
-            f"  privacy: device epsilon max {eps if eps is not None else 'not reported yet'}"
-            f" (mean {privacy['epsilon_mean']}) at delta {privacy['delta']}, budget {privacy['epsilon_budget']}"
+            f"  privacy: device epsilon max {_number(privacy['epsilon_max'], 'not reported yet')}"
+            f" (mean {_number(privacy['epsilon_mean'], '-')}) at delta {privacy['delta']:g}, budget {privacy['epsilon_budget']:g}"
         )
     else:
         typer.echo("  privacy: DP off (noise-multiplier = 0), epsilon is infinite")
@@ -297,7 +306,7 @@ def export_(
     card = result["card"]["privacy"]
     typer.echo(f"Wrote {result['bundle']} ({result['bytes']} bytes, sha256 {result['sha256']})")
     typer.echo(f"  run {result['run_id']} ({result['run']}), global model after round {result['round']}")
-    typer.echo(f"  privacy: device epsilon max {card['device_epsilon_max']} at delta {card['delta']} ({'DP-SGD on' if card['dp'] else 'DP off'})")
+    typer.echo(f"  privacy: device epsilon max {_number(card['device_epsilon_max'], '-')} at delta {card['delta']:g} ({'DP-SGD on' if card['dp'] else 'DP off'})")
 
 
 @app.command()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Self
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -55,7 +56,7 @@ class ServerProcess:
         self.log = log
         self.process: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         with open(self.log, "ab") as handle:
             self.process = subprocess.Popen(
                 [FEDINTEREST, "server", "start", "--dir", str(self.deployment.root)],

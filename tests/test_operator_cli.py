@@ -11,6 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from operator_helpers import write_catalogue, write_ec_key, write_rsa_public_key
+from click.testing import Result
 from typer.testing import CliRunner
 
 from fedinterest.common.model import InterestModel
@@ -24,7 +25,7 @@ runner = CliRunner()
 COMMANDS = ("init", "start", "enroll", "revoke", "devices", "run", "status", "stop", "export", "report")
 
 
-def invoke(*args: str, env: dict[str, str] | None = None):  # noqa: ANN201 - click Result
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     return runner.invoke(app, ["server", *args], env=env)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from operator_helpers import ServerProcess, write_catalogue, write_ec_key
+from click.testing import Result
 from typer.testing import CliRunner
 
 from fedinterest.server.deployment import Deployment, load_deployment
@@ -20,7 +21,7 @@ from fedinterest.simulations.cli import app
 runner = CliRunner()
 
 
-def invoke(*args: str):  # noqa: ANN201 - click Result
+def invoke(*args: str) -> Result:
     return runner.invoke(app, ["server", *args])
 
 
