@@ -49,7 +49,7 @@ def _decode(msg: Message, context: Context) -> _Request:
         server_round = config.get(wire.SERVER_ROUND)
         save_global_model(
             device.store_path, model, run_id=context.run_id, server_round=server_round if isinstance(server_round, int) else None,
-            delta=run.delta, epsilon_budget=run.epsilon_budget,
+            message_type=msg.metadata.message_type, delta=run.delta, epsilon_budget=run.epsilon_budget,
         )
     return _Request(run, device, model, config)
 

@@ -65,11 +65,12 @@ class LoadedModel:
 
 
 def save_global_model(
-    store_path: Path, model: InterestModel, *, run_id: int, server_round: int | None, delta: float, epsilon_budget: float
+    store_path: Path, model: InterestModel, *, run_id: int, server_round: int | None, message_type: str,
+    delta: float, epsilon_budget: float,
 ) -> None:
     """Keep the global model a message carried as the device's latest model, and the run's privacy settings."""
     state = {name: value.detach().contiguous() for name, value in model.state_dict().items()}
-    meta = {"model_config": asdict(model.config), "run_id": str(run_id), "server_round": server_round}
+    meta = {"model_config": asdict(model.config), "run_id": str(run_id), "server_round": server_round, "message_type": message_type}
     with DeviceStore(store_path) as store:
         store.save_model("global", save_safetensors(state), meta)
         store.set_meta(META_DELTA, repr(float(delta)))
@@ -99,7 +100,8 @@ def _load(stored: StoredModel, store: DeviceStore) -> LoadedModel:
         raise ValueError(f"{store.path}: the stored global model has {model.config.num_items} items, the catalogue {len(catalogue)}")
     description = {
         "kind": "global", "sha256": stored.sha256, "run_id": stored.meta.get("run_id"),
-        "server_round": stored.meta.get("server_round"), "received_at": stored.received_at,
+        "server_round": stored.meta.get("server_round"), "message_type": stored.meta.get("message_type"),
+        "received_at": stored.received_at,
     }
     return LoadedModel(TorchRanker(model), catalogue, stored.model_id, description)
 

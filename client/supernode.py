@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -71,13 +72,26 @@ def supernode_launch(
 
 
 def run_supernode(launch: SuperNodeLaunch) -> int:
-    """Run the SuperNode in the foreground until it exits; its exit code (Ctrl-C is passed on to it)."""
+    """Run the SuperNode in the foreground until it exits; its exit code.
+
+    SIGTERM and SIGHUP are passed on to it (and Ctrl-C reaches it through the terminal's
+    process group), so stopping this command never leaves an orphaned SuperNode behind.
+    """
     process = subprocess.Popen(launch.argv, env=launch.env)
+
+    def forward(signum: int, _frame: object) -> None:
+        process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        return process.wait()
-    except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+        while True:
+            try:
+                return process.wait()
+            except KeyboardInterrupt:
+                process.send_signal(signal.SIGINT)  # then wait for its graceful exit
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def free_port() -> int:

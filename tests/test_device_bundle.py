@@ -144,6 +144,7 @@ def test_the_clientapp_keeps_the_received_global_model_for_offline_ranking(tmp_p
     with device.store() as store:
         loaded = load_latest(store)
         assert loaded.description["kind"] == "global" and loaded.description["server_round"] == 1
+        assert loaded.description["message_type"] == "train"
         history = store.history().indices
         # The stored model is the global one the message carried, not the locally trained one.
         with torch.no_grad():

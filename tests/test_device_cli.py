@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,35 @@ def test_start_runs_flowers_supernode_with_tls_the_key_and_the_store(device_dir:
     result = subprocess.run([sys.executable, "-c", script, str(device_dir), str(ca)], env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode not in (0, 2), result.stderr[-2000:]
     assert "Starting Flower SuperNode" in result.stderr
+
+    # Stopped with SIGTERM while it retries forever: the SuperNode goes too, nothing is orphaned.
+    forever = script.replace("'--max-retries', '1', '--max-wait-time', '3'", "'--max-wait-time', '600'")
+    process = subprocess.Popen([sys.executable, "-c", forever, str(device_dir), str(ca)], env=env, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "Connection attempt failed" in line or "Starting Flower SuperExec" in line:
+            break
+    try:
+        assert _supernodes_of(device) and process.poll() is None
+        process.terminate()
+        process.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while _supernodes_of(device) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _supernodes_of(device)
+    finally:
+        for pid in _supernodes_of(device):  # only when the assertion failed: leave nothing running
+            os.kill(pid, signal.SIGKILL)
+
+
+def _supernodes_of(device) -> list[int]:
+    """PIDs of live flower-supernode processes using this device's key."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().split(") ")[-1][:1]
+        except (OSError, ValueError):
+            continue
+        if state != "Z" and any(b"flower-supernode" in part for part in cmdline) and str(device.private_key.resolve()).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
