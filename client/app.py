@@ -7,6 +7,7 @@ reply may hold is fixed by `common.wire` (docs/privacy.md lists it).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -17,12 +18,14 @@ from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
 from fedinterest.client.local_models import save_global_model
-from fedinterest.client.local_training import train_locally
+from fedinterest.client.local_training import LocalTrainingResult, train_locally
+from fedinterest.client.privacy_policy import run_for_device
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
 
 app = ClientApp()
+LOG = logging.getLogger("flwr.fedinterest")
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,19 @@ def train(msg: Message, context: Context) -> Message:
     server_round = req.config.get(wire.SERVER_ROUND)
     if not isinstance(server_round, int):
         raise ValueError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
+    run, refusal = req.run, None
+    if req.device.store_path is not None:  # a real device: its own privacy floor applies
+        run, refusal = run_for_device(str(req.device.store_path), req.run)
     with open_device_ledger(req.device.ledger_path, context.state) as ledger:
-        result = train_locally(
-            model=req.model, train_history=req.device.user.train, run=req.run, ledger=ledger,
-            run_id=context.run_id, server_round=server_round,
-            proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
-        )
+        if refusal is not None:
+            LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal)
+            result = LocalTrainingResult(None, 0, 0.0, ledger.epsilon(run.delta), refused=True)
+        else:
+            result = train_locally(
+                model=req.model, train_history=req.device.user.train, run=run, ledger=ledger,
+                run_id=context.run_id, server_round=server_round,
+                proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
+            )
     content = RecordDict()
     if result.state_dict is not None:
         content[wire.ARRAYS] = ArrayRecord(result.state_dict)

@@ -23,6 +23,7 @@ from fedinterest.client.device_dir import DeviceDirError, init_device_dir, open_
 from fedinterest.client.device_store import StoreError
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.local_models import NoModelError
+from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
 from fedinterest.client.recommend import recommend as recommend_items
 from fedinterest.common.bundle import BundleError, load_bundle
 from fedinterest.common.interactions import DataFormatError
@@ -39,6 +40,8 @@ DirOpt = Annotated[
     Path, typer.Option("--dir", envvar="FEDINTEREST_DEVICE_DIR", help="The device directory (made by `device init`).", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+MaxEpsilonOpt = Annotated[float, typer.Option("--max-epsilon", help="The most (example-level) epsilon this device will ever spend.")]
+MaxDeltaOpt = Annotated[float, typer.Option("--max-delta", help="The largest delta this device accepts a run to state epsilon at.")]
 
 # What a command may fail with for a reason the user can fix: printed as one line, exit 2.
 _EXPECTED = (DeviceDirError, StoreError, DataFormatError, BundleError, NoModelError, ValueError, FileNotFoundError, OSError)
@@ -61,19 +64,48 @@ def _emit(payload: dict, as_json: bool, lines: list[str]) -> None:
 def init(
     directory: Annotated[Path, typer.Argument(help="Device directory to create (must not exist or be empty).", show_default=False)],
     catalogue: Annotated[Path, typer.Option("--catalogue", help="The operator's catalogue.txt (one item id per line).", show_default=False)],
+    max_epsilon: MaxEpsilonOpt = PrivacyPolicy.max_epsilon,
+    max_delta: MaxDeltaOpt = PrivacyPolicy.max_delta,
     as_json: JsonOpt = False,
 ) -> None:
-    """Create a device directory: an EC key pair (OpenSSH) and the local store with the catalogue."""
+    """Create a device directory: an EC key pair (OpenSSH), the local store with the catalogue, the privacy policy."""
     with _clear_errors():
+        policy = PrivacyPolicy(max_epsilon=max_epsilon, max_delta=max_delta)  # checked before anything is written
         device = init_device_dir(directory, catalogue)
         with device.store() as store:
+            save_policy(store, policy)
             items = len(store.catalogue())
     _emit(
-        {"dir": str(device.root), "public_key": str(device.public_key), "store": str(device.store_path), "catalogue_items": items},
+        {"dir": str(device.root), "public_key": str(device.public_key), "store": str(device.store_path), "catalogue_items": items,
+         "privacy_policy": asdict(policy)},
         as_json,
         [f"device initialised in {device.root} ({items} catalogue items)",
+         f"privacy policy: at most epsilon {policy.max_epsilon:g} at delta {policy.max_delta:g}, DP required",
          f"public key (send it to the operator to enroll this device): {device.public_key}"],
     )
+
+
+@app.command()
+def policy(
+    directory: DirOpt,
+    max_epsilon: Annotated[Optional[float], typer.Option("--max-epsilon", help="New maximum epsilon this device spends.")] = None,
+    max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="New maximum delta this device accepts.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show or change the device's privacy floor: runs that turn DP off or ask for a larger delta are refused,
+    and no run spends more than the maximum epsilon, whatever the operator's run config says."""
+    with _clear_errors():
+        with open_device_dir(directory).store() as store:
+            current = load_policy(store)
+            if max_epsilon is not None or max_delta is not None:
+                current = PrivacyPolicy(
+                    max_epsilon=current.max_epsilon if max_epsilon is None else max_epsilon,
+                    max_delta=current.max_delta if max_delta is None else max_delta,
+                )
+                save_policy(store, current)
+    _emit(asdict(current), as_json, [
+        f"at most epsilon {current.max_epsilon:g} at delta {current.max_delta:g} (example-level, layer 1); DP required"
+    ])
 
 
 @app.command()

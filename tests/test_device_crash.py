@@ -11,6 +11,7 @@ from device_helpers import make_device, user_rows, write_csv
 from fedinterest.client.budget import privacy_budget
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.ledger import PrivacyLedger
+from fedinterest.client.privacy_policy import PrivacyPolicy, save_policy
 
 WORKER = Path(__file__).with_name("device_train_worker.py")
 HISTORY = [f"m{(7 * k) % 40 + 1}" for k in range(160)]  # 160 interactions over the 40 items
@@ -28,6 +29,8 @@ def test_a_device_killed_mid_round_keeps_its_ledger_and_history(tmp_path: Path) 
     with device.store() as store:
         ingest_file(store, write_csv(tmp_path / "h.csv", user_rows("u1", HISTORY)))
         history_before = store.raw_history()
+        # The worker trains many rounds; the device's own privacy floor must not stop it first.
+        save_policy(store, PrivacyPolicy(max_epsilon=1e6))
 
     process = _worker(device.store_path, 1, 100)
     done: dict[int, float] = {}
