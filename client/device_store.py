@@ -19,13 +19,12 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
+from fedinterest.client.sqlite_transaction import write_transaction
 from fedinterest.common.catalogue import Catalogue
 
 SCHEMA_VERSION = 1
@@ -138,17 +137,9 @@ class DeviceStore:
     def _has_table(cur: sqlite3.Cursor, name: str) -> bool:
         return cur.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
 
-    @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Cursor]:
+    def transaction(self) -> AbstractContextManager[sqlite3.Cursor]:
         """One write transaction: committed whole, or rolled back whole on any exception."""
-        cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
+        return write_transaction(self._conn)
 
     # ------------------------------------------------------------------ meta
 

@@ -29,10 +29,11 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
+from fedinterest.client.sqlite_transaction import write_transaction
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
@@ -133,16 +134,9 @@ class PrivacyLedger:
                     f"privacy ledger {self.path}: schema version {row[0]}, this software reads version {SCHEMA_VERSION}"
                 )
 
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Cursor]:
-        cur = self._conn.cursor()
-        cur.execute("BEGIN IMMEDIATE")
-        try:
-            yield cur
-        except BaseException:
-            cur.execute("ROLLBACK")
-            raise
-        cur.execute("COMMIT")
+    def _transaction(self) -> AbstractContextManager[sqlite3.Cursor]:
+        """One write transaction: committed whole, or rolled back whole on any exception."""
+        return write_transaction(self._conn)
 
     def entries(self) -> list[LedgerEntry]:
         """Every charged round, oldest first."""
