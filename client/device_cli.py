@@ -233,3 +233,8 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     server.stop(grace=2).wait()
+
+
+def main() -> None:
+    """Console script `fedinterest-device`: the device commands alone, for an install without the server side."""
+    app()

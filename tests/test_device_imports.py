@@ -26,6 +26,10 @@ for package in ("fedinterest.common", "fedinterest.client"):
     for info in pkgutil.iter_modules(module.__path__):
         importlib.import_module(f"{package}.{info.name}")
         imported.append(f"{package}.{info.name}")
+from typer.testing import CliRunner
+from fedinterest.client.device_cli import app
+for command in ([], ["init"], ["ingest"], ["start"], ["recommend"], ["budget"], ["policy"], ["serve"], ["install-bundle"]):
+    assert CliRunner().invoke(app, [*command, "--help"]).exit_code == 0, command
 leaked = [name for name in sys.modules if name.startswith(BLOCKED)]
 assert not leaked, leaked
 print(len(imported))
