@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-
 from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
@@ -23,9 +21,19 @@ from fedinterest.client.privacy_policy import run_for_device
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
 
 app = ClientApp()
 LOG = logging.getLogger("flwr.fedinterest")
+NO_HISTORY = np.zeros(0, dtype=np.int64)  # a device too new to train: train_locally replies empty
 
 
 @dataclass(frozen=True)
@@ -73,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
             result = LocalTrainingResult(None, 0, 0.0, ledger.epsilon(run.delta), refused=True)
         else:
             result = train_locally(
-                model=req.model, train_history=req.device.user.train, run=run, ledger=ledger,
+                model=req.model, train_history=req.device.user.train if req.device.user else NO_HISTORY, run=run, ledger=ledger,
                 run_id=context.run_id, server_round=server_round,
                 proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
             )
@@ -94,6 +102,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Rank the full catalogue for the user's held-out item of the requested stage."""
     req = _decode(msg, context)
     stage = req.config.get(wire.STAGE, DEFAULT_STAGE)
+    if req.device.user is None:  # no held-out item yet: counts for no user in the average
+        metrics = MetricRecord({wire.NUM_EXAMPLES: 0, wire.HIT_RATE_10: 0.0, wire.NDCG_10: 0.0})
+        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
     result = evaluate_locally(model=req.model, user=req.device.user, stage=str(stage))
     metrics = MetricRecord({wire.NUM_EXAMPLES: 1, wire.HIT_RATE_10: result.hit_rate_10, wire.NDCG_10: result.ndcg_10})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

@@ -13,6 +13,7 @@ the same SQLite file, so it survives a restart of the SuperNode.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
@@ -21,9 +22,11 @@ from pathlib import Path
 from fedinterest.client.device_store import DeviceStore
 from fedinterest.common.constants import MIN_INTERACTIONS_FOR_SPLIT
 from fedinterest.common.datasets import DatasetSpec, load_split
-from fedinterest.common.run_config import RunConfig
 from fedinterest.common.interactions import SequenceDataset
+from fedinterest.common.run_config import RunConfig
 from fedinterest.common.split import LeaveOneOut, UserSplit, leave_one_out
+
+LOG = logging.getLogger("flwr.fedinterest")
 
 # Node-config keys.
 PARTITION_ID = "partition-id"  # set by Flower's simulation engine
@@ -34,7 +37,7 @@ HISTORY_DB = "history-db"  # a real device's store file (deployment)
 class DeviceData:
     """One device's user, the catalogue size its model needs, and where its ledger lives."""
 
-    user: UserSplit
+    user: UserSplit | None  # None: a device whose history is too short to split (it sends empty replies)
     num_items: int
     ledger_path: Path | None  # None: keep the ledger in the node's Context.state (simulation only)
     store_path: Path | None = None  # the device store (history-db mode), where received models are kept
@@ -86,13 +89,15 @@ def load_store_data(path: object, run: RunConfig) -> DeviceData:
     dataset = SequenceDataset(name=str(store_path), user_ids=(user_id,), item_ids=catalogue.ids, sequences=(history.indices,))
     split = leave_one_out(dataset)
     if not split.users:
-        raise ValueError(
-            f"{store_path}: the history has {len(history.indices)} interactions with catalogue items "
-            f"({history.unknown} more with unknown items); leave-one-out needs at least {MIN_INTERACTIONS_FOR_SPLIT} "
-            "(import more with `fedinterest device ingest`)"
+        # A new device with too little history: it takes part with empty replies (nothing
+        # to train on, no held-out item to rank) rather than failing every message.
+        LOG.info(
+            "%s: %d interactions with catalogue items (%d with unknown items); leave-one-out needs at least %d: "
+            "this device sends empty replies until more history is ingested",
+            store_path, len(history.indices), history.unknown, MIN_INTERACTIONS_FOR_SPLIT,
         )
     return DeviceData(
-        user=split.users[0], num_items=len(catalogue), ledger_path=store_path, store_path=store_path, unknown_items=history.unknown
+        user=split.users[0] if split.users else None, num_items=len(catalogue), ledger_path=store_path, store_path=store_path, unknown_items=history.unknown
     )
 
 

@@ -9,19 +9,35 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
-
-from device_helpers import item_ids, make_device, tiny_run, user_rows, write_csv
+from cryptography.hazmat.primitives.serialization import (
+    load_ssh_private_key,
+    load_ssh_public_key,
+)
+from device_helpers import (
+    item_ids,
+    make_device,
+    message,
+    store_context,
+    tiny_run,
+    user_rows,
+    write_csv,
+)
+from fedinterest.client.app import app as client_app
 from fedinterest.client.budget import privacy_budget
 from fedinterest.client.data_source import HISTORY_DB, load_device_data
-from fedinterest.client.device_dir import DeviceDirError, init_device_dir, open_device_dir
+from fedinterest.client.device_dir import (
+    DeviceDirError,
+    init_device_dir,
+    open_device_dir,
+)
 from fedinterest.client.device_store import StoreError
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.ledger import LedgerEntry, PrivacyLedger
+from fedinterest.common import wire
 from fedinterest.common.catalogue import Catalogue, load_catalogue, write_catalogue
 from fedinterest.common.interactions import DataFormatError, SequenceDataset
+from fedinterest.common.model import InterestModel
 from fedinterest.common.split import leave_one_out
-
 
 # --- catalogue -----------------------------------------------------------------------------
 
@@ -193,10 +209,23 @@ def test_history_db_mode_refuses_a_catalogue_of_another_size(tmp_path: Path) -> 
         load_device_data({HISTORY_DB: str(device.store_path)}, tiny_run(11))
 
 
-def test_history_db_mode_errors_name_the_store(tmp_path: Path) -> None:
+def test_a_device_with_too_little_history_sends_empty_replies(tmp_path: Path) -> None:
     device = make_device(tmp_path)
-    with pytest.raises(ValueError, match="leave-one-out needs at least 3"):
-        load_device_data({HISTORY_DB: str(device.store_path)}, tiny_run(40))
+    with device.store() as store:
+        ingest_file(store, write_csv(tmp_path / "h.csv", user_rows("u1", ["m1", "m2"])))
+    run = tiny_run(40)
+    assert load_device_data({HISTORY_DB: str(device.store_path)}, run).user is None
+    model = InterestModel(run.model_config(40))
+    trained = client_app(message("train", model, {wire.SERVER_ROUND: 1}), store_context(device.store_path, run))
+    assert not trained.has_error() and not trained.content.array_records
+    assert trained.content[wire.METRICS][wire.NUM_EXAMPLES] == 0 and trained.content[wire.METRICS][wire.REFUSED] == 0.0
+    evaluated = client_app(message("evaluate", model, {wire.STAGE: "test"}), store_context(device.store_path, run))
+    assert not evaluated.has_error() and evaluated.content[wire.METRICS][wire.NUM_EXAMPLES] == 0
+    with PrivacyLedger(device.store_path) as ledger:
+        assert ledger.entries() == []  # nothing trained, nothing charged
+
+
+def test_history_db_mode_errors_name_the_store(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no device store here"):
         load_device_data({HISTORY_DB: str(tmp_path / "missing.sqlite")}, tiny_run(40))
 
