@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from fedinterest.client.data_source import DeviceData, load_device_data
+from fedinterest.client.faults import act_out, requested_fault
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
 from fedinterest.client.local_models import save_global_model
@@ -72,6 +73,9 @@ def train(msg: Message, context: Context) -> Message:
     server_round = req.config.get(wire.SERVER_ROUND)
     if not isinstance(server_round, int):
         raise ValueError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
+    fault = requested_fault(context.node_config, req.config)
+    if fault is not None:
+        act_out(fault, req.run.round_timeout)
     run, refusal = req.run, None
     if req.device.store_path is not None:  # a real device: its own privacy floor applies
         run, refusal = run_for_device(str(req.device.store_path), req.run)

@@ -16,7 +16,9 @@ from fedinterest.common.synthetic import SyntheticConfig
 
 # The dataset of a run on real devices (deployment): each device holds its own history.
 DEPLOYED = "deployed"
-STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm")
+STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
+# How a device picked by fault-fraction misbehaves in simulation: raise, or stall past round-timeout.
+FAULT_MODES = ("fail", "timeout")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,16 @@ class RunConfig:
     server_lr: float = 0.0  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = the strategy's Flower default
     server_momentum: float = 0.9  # FedAvgM
     proximal_mu: float = 0.01  # FedProx
+    trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut off each tail, in [0, 0.5)
+    num_malicious_nodes: int = 0  # Krum: how many of a round's replies may be Byzantine
     round_timeout: float = 600.0
+    min_replies: int = 1  # fewer valid replies than this: the round completes without aggregation
+    # Update checks: L2 norm of (reply weights - global weights sent) above this is rejected; 0 = off.
+    max_update_norm: float = 0.0
+    # Simulated faults (simulation only): this fraction of each round's sampled devices
+    # fails (fault-mode "fail") or stalls past round-timeout ("timeout").
+    fault_fraction: float = 0.0
+    fault_mode: str = "fail"
     # Local training on the device.
     local_epochs: int = 1
     local_lr: float = 1e-3
@@ -79,8 +90,22 @@ class RunConfig:
             problems.append("server-momentum must be in [0, 1)")
         if self.proximal_mu < 0:
             problems.append("proximal-mu must be >= 0")
+        if not 0 <= self.trim_beta < 0.5:
+            problems.append("trim-beta must be in [0, 0.5)")
+        if self.num_malicious_nodes < 0:
+            problems.append("num-malicious-nodes must be >= 0")
+        if self.min_replies < 1:
+            problems.append("min-replies must be at least 1")
+        if not (self.max_update_norm >= 0 and self.max_update_norm < float("inf")):
+            problems.append("max-update-norm must be a finite number >= 0 (0 turns the bound off)")
+        if not 0 <= self.fault_fraction <= 1:
+            problems.append("fault-fraction must be in [0, 1]")
+        if self.fault_mode not in FAULT_MODES:
+            problems.append(f"fault-mode must be one of {', '.join(FAULT_MODES)}")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.deployed and self.fault_fraction > 0:
+            problems.append(f'fault-fraction is a simulation option; a run on dataset "{DEPLOYED}" must leave it at 0')
         if self.deployed and self.num_items < 1:
             problems.append(f'dataset "{DEPLOYED}" needs num-items (the catalogue size) of at least 1')
         if not self.deployed and self.num_items != 0:

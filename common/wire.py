@@ -16,6 +16,9 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 PROXIMAL_MU = "proximal-mu"  # train config under FedProx (Flower's FedProx sends this key)
 STAGE = "stage"  # evaluate config: "valid" or "test" (default "test")
+# Train config of a device picked by fault-fraction: "fail" or "timeout" (RunConfig FAULT_MODES).
+# Honoured only by a simulated ClientApp (node config partition-id); a real device ignores it.
+SIMULATED_FAULT = "simulated-fault"
 
 # Device -> server metrics.
 NUM_EXAMPLES = "num-examples"  # FedAvg weights by this (its `weighted_by_key` default)

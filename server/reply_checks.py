@@ -7,8 +7,9 @@ A reply is exactly one of
 - rejected -- malformed: records other than one MetricRecord under METRICS (plus, for a
               trained update, one ArrayRecord under ARRAYS), metric keys other than
               exactly TRAIN_REPLY_METRICS, non-numeric or out-of-range values, arrays whose
-              keys, shapes or dtypes differ from the global model's, or non-finite
-              weights or loss. Rejected replies are counted and never aggregated, and
+              keys, shapes or dtypes differ from the global model's, non-finite
+              weights or loss, or -- with an UpdateBound (run-config max-update-norm) --
+              an update whose L2 norm against the global weights sent exceeds it. Rejected replies are counted and never aggregated, and
               nothing they report (not even epsilon) is trusted;
 - refused  -- REFUSED == 1: the device declined because of its privacy budget (no arrays);
 - empty    -- no arrays or NUM_EXAMPLES == 0: the device had nothing to train on;
@@ -55,6 +56,22 @@ class ArraySpec:
 
 
 @dataclass(frozen=True)
+class UpdateBound:
+    """The global weights a round sent, and the largest L2 norm an update may move them by."""
+
+    sent: dict[str, np.ndarray]
+    max_norm: float
+
+    def norm(self, arrays: ArrayRecord) -> float:
+        """L2 norm of (arrays - sent) over every array, in float64 (float32 squares overflow)."""
+        total = 0.0
+        for key, base in self.sent.items():
+            diff = arrays[key].numpy().astype(np.float64) - base.astype(np.float64)
+            total += float(np.dot(diff.ravel(), diff.ravel()))
+        return math.sqrt(total)
+
+
+@dataclass(frozen=True)
 class CheckedReply:
     """One classified reply. The numbers are None when the reply was failed or rejected."""
 
@@ -71,18 +88,18 @@ class MalformedReply(ValueError):
     """A reply that breaks the wire contract (common/wire.py)."""
 
 
-def check_train_reply(msg: Message, spec: ArraySpec) -> CheckedReply:
-    """Classify one train reply against the global model's `spec`."""
+def check_train_reply(msg: Message, spec: ArraySpec, bound: UpdateBound | None = None) -> CheckedReply:
+    """Classify one train reply against the global model's `spec` (and the update `bound`, if any)."""
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
         return CheckedReply(ReplyKind.FAILED, node, reason=f"error {msg.error.code}: {msg.error.reason}")
     try:
-        return _check_content(msg, node, spec)
+        return _check_content(msg, node, spec, bound)
     except MalformedReply as exc:
         return CheckedReply(ReplyKind.REJECTED, node, reason=str(exc))
 
 
-def _check_content(msg: Message, node: int, spec: ArraySpec) -> CheckedReply:
+def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound | None) -> CheckedReply:
     content = msg.content
     metrics = _metrics(content)
     num_examples, loss, epsilon, refused = (metrics[k] for k in (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, REFUSED))
@@ -96,6 +113,10 @@ def _check_content(msg: Message, node: int, spec: ArraySpec) -> CheckedReply:
     if not math.isfinite(loss):
         raise MalformedReply(f"{TRAIN_LOSS} is {loss} for a trained update")
     ordered = _checked_arrays(content[ARRAYS], spec)
+    if bound is not None:
+        norm = bound.norm(ordered)
+        if not norm <= bound.max_norm:  # also catches an overflow to inf
+            raise MalformedReply(f"update norm {norm:.4g} exceeds max-update-norm {bound.max_norm:g}")
     # FedAvgM pairs arrays by position, not by key: hand the strategy the global order.
     msg.content = RecordDict({ARRAYS: ordered, METRICS: content[METRICS]})
     return CheckedReply(ReplyKind.VALID, node, num_examples=num_examples, train_loss=loss, epsilon=epsilon, message=msg)
@@ -193,9 +214,9 @@ class RoundReplies:
         return {c.node_id: c.epsilon for c in self.checked if c.kind in trusted and c.epsilon is not None}
 
 
-def classify_replies(sampled: int, replies: Iterable[Message], spec: ArraySpec) -> RoundReplies:
+def classify_replies(sampled: int, replies: Iterable[Message], spec: ArraySpec, bound: UpdateBound | None = None) -> RoundReplies:
     """Check every reply of a round that sent `sampled` train messages."""
     result = RoundReplies(sampled=sampled)
     for msg in replies:
-        result.checked.append(check_train_reply(msg, spec))
+        result.checked.append(check_train_reply(msg, spec, bound))
     return result

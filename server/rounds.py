@@ -3,11 +3,15 @@
 Flower's `Strategy.start()` can neither resume at round k nor drop refused replies, so
 this loop drives the strategy's public steps itself, round by round:
 
-    configure_train -> grid.send_and_receive -> reply checks -> aggregate_train (valid only)
+    configure_train -> (simulated faults marked) -> grid.send_and_receive
+    -> reply checks (update norm bound included) -> aggregate_train (valid only)
     -> server-side evaluation (every eval_every rounds and at the last) -> checkpoint
     -> one row of metrics.jsonl
 
-A round without any valid reply completes without aggregation; the model stays.
+A round with fewer than `min-replies` valid replies (at least one is always needed)
+completes without aggregation; the model stays, it is logged as a warning and counted in
+`rounds_without_update`. With `fault-fraction` > 0 the loop marks that fraction of the
+sampled devices' train messages (server/faults.py) so that simulated devices fail or stall.
 
 Run directory (`config.run_dir`, or a fresh temporary directory when it is empty):
 - `metrics.jsonl`: one JSON object per round with exactly ROW_FIELDS:
@@ -74,7 +78,8 @@ from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
-from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, classify_replies
+from fedinterest.server.faults import mark_faults, pick_faulty
+from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
 
 LOG = logging.getLogger("flwr.fedinterest")  # a child of Flower's logger: shown in its run log
@@ -236,13 +241,23 @@ def train_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round:
     fit_sampling(strategy, nodes, config.clients_per_round)
     random.seed(round_seed(config.seed, server_round))
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-    replies = classify_replies(len(messages), grid.send_and_receive(messages, timeout=config.round_timeout), spec)
+    if config.fault_fraction > 0:
+        faulty = pick_faulty([m.metadata.dst_node_id for m in messages], config.fault_fraction, config.seed, server_round)
+        messages = mark_faults(messages, faulty, config.fault_mode)
+        LOG.info("fedinterest: round %d: simulated fault %r on nodes %s", server_round, config.fault_mode, faulty)
+    bound = UpdateBound(arrays_to_numpy(arrays), config.max_update_norm) if config.max_update_norm > 0 else None
+    replies = classify_replies(len(messages), grid.send_and_receive(messages, timeout=config.round_timeout), spec, bound)
     for checked in replies.checked:
         if checked.kind in (ReplyKind.REJECTED, ReplyKind.FAILED):
             LOG.warning("fedinterest: round %d: node %d %s: %s", server_round, checked.node_id, checked.kind.value, checked.reason)
+    if replies.missing:
+        LOG.warning("fedinterest: round %d: %d sampled node(s) did not reply within %g s", server_round, replies.missing, config.round_timeout)
     valid = replies.valid_messages
-    if not valid:
-        LOG.warning("fedinterest: round %d: no valid update (%d sampled); the model stays", server_round, len(messages))
+    if len(valid) < config.min_replies:
+        LOG.warning(
+            "fedinterest: round %d: %d valid update(s) of %d sampled, fewer than min-replies %d; the model stays",
+            server_round, len(valid), len(messages), config.min_replies,
+        )
         return RoundResult(arrays, replies, aggregated=False)
     new_arrays, _ = strategy.aggregate_train(server_round, valid)
     if new_arrays is None:

@@ -7,8 +7,14 @@
 | fedyogi  | FedYogi      | eta = server_lr, eta_l = local_lr                         |
 | fedprox  | FedProx      | proximal_mu, sent in the train config under PROXIMAL_MU    |
 | fedavgm  | FedAvgM      | server_momentum, server_learning_rate = server_lr          |
+| fedmedian | FedMedian   | -- (coordinate-wise median of the valid replies)           |
+| fedtrimmedavg | FedTrimmedAvg | beta = trim_beta (cut from each tail, coordinate-wise) |
+| krum     | Krum         | num_malicious_nodes (keeps the one reply closest to the rest) |
 
-All weight updates by NUM_EXAMPLES and read/write the wire's record keys. Sampling:
+FedAvg and its optimizer variants weight updates by NUM_EXAMPLES; the robust three
+(FedMedian, FedTrimmedAvg, Krum) ignore the weights, which is what makes them robust:
+a device cannot buy influence by claiming many examples. All read/write the wire's
+record keys. Sampling:
 each round takes exactly min(clients_per_round, nodes registered) devices
 (`fit_sampling`, called by the round loop before every round because the number of
 registered nodes can change in a deployment).
@@ -20,13 +26,13 @@ State that must survive a restart for an exact resume (`strategy_state`):
 - FedAvgM: `momentum_vector` (a list in the global model's key order; the reply checks
   hand the strategy arrays in that order). `current_arrays` is left None on resume, so
   `configure_train` sets it from the resumed global model, which is what it held.
-- FedAvg / FedProx: none.
+- FedAvg / FedProx / FedMedian / FedTrimmedAvg / Krum: none.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from fedinterest.common import wire
 from fedinterest.common.run_config import RunConfig
@@ -57,6 +63,12 @@ def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     elif name == "fedavgm":
         momentum_lr = {"server_learning_rate": config.server_lr} if config.server_lr > 0 else {}
         strategy = FedAvgM(**common, **momentum_lr, server_momentum=config.server_momentum)
+    elif name == "fedmedian":
+        strategy = FedMedian(**common)
+    elif name == "fedtrimmedavg":
+        strategy = FedTrimmedAvg(**common, beta=config.trim_beta)
+    elif name == "krum":
+        strategy = Krum(**common, num_malicious_nodes=config.num_malicious_nodes)
     else:  # RunConfig already rejects unknown names; this guards a new name without a branch
         raise ValueError(f"no strategy for {name!r}")
     fit_sampling(strategy, num_nodes, config.clients_per_round)

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageTy
 from flwr.serverapp.strategy import FedAvg
 
 from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, TRAIN_LOSS
-from fedinterest.server.reply_checks import ArraySpec, ReplyKind, check_train_reply, classify_replies
+from fedinterest.server.reply_checks import ArraySpec, ReplyKind, UpdateBound, check_train_reply, classify_replies
 from scripted_grid import as_server_task
 
 GLOBAL = {"a": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
@@ -116,3 +116,59 @@ def test_round_tally_and_aggregation_use_valid_replies_only():
     aggregated, _ = FedAvg(weighted_by_key=NUM_EXAMPLES).aggregate_train(1, tally.valid_messages)
     np.testing.assert_allclose(aggregated["a"].numpy(), np.full((2, 3), (1 * 1.0 + 3 * 4.0) / 4))
     np.testing.assert_allclose(aggregated["b"].numpy(), np.full(4, 3.25))
+
+
+def bound(max_norm: float) -> UpdateBound:
+    return UpdateBound({k: v.copy() for k, v in GLOBAL.items()}, max_norm)
+
+
+def test_update_norm_bound_measures_the_update_against_the_weights_sent():
+    # arrays(v) moves all 10 weights by v from the zero global model: norm sqrt(10) * v.
+    assert bound(1.0).norm(arrays(2.0)) == pytest.approx(2.0 * math.sqrt(10))
+    within = check_train_reply(reply(1, **{ARRAYS: arrays(1.0), METRICS: metrics()}), spec(), bound(math.sqrt(10) + 1e-6))
+    assert within.kind is ReplyKind.VALID
+    beyond = check_train_reply(reply(1, **{ARRAYS: arrays(1.01), METRICS: metrics()}), spec(), bound(math.sqrt(10)))
+    assert beyond.kind is ReplyKind.REJECTED and "max-update-norm" in beyond.reason and beyond.message is None
+    # float32 weights whose squares overflow float32 are still measured (in float64) and rejected.
+    huge = check_train_reply(reply(1, **{ARRAYS: arrays(3e38), METRICS: metrics()}), spec(), bound(1e6))
+    assert huge.kind is ReplyKind.REJECTED and "update norm" in huge.reason
+
+
+def _extra_array() -> ArrayRecord:
+    record = arrays(50.0)
+    record["c"] = Array(np.zeros(1, dtype=np.float32))
+    return record
+
+
+# Each malformed kind of the issue: wrong array count (one missing, one extra), shape, dtype, NaN, Inf, norm.
+MALFORMED_UPDATES = {
+    "array missing": arrays(50.0, order=("a",)),
+    "array extra": _extra_array(),
+    "shape": arrays(50.0, a=np.full((3, 2), 50.0, dtype=np.float32)),
+    "dtype": arrays(50.0, a=np.full((2, 3), 50.0, dtype=np.float16)),
+    "nan": arrays(50.0, b=np.array([50, np.nan, 50, 50], dtype=np.float32)),
+    "inf": arrays(50.0, b=np.array([50, np.inf, 50, 50], dtype=np.float32)),
+    "norm": arrays(50.0),  # well formed, but moved by 50 * sqrt(10), beyond the bound of 20
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED_UPDATES))
+def test_each_malformed_kind_is_rejected_counted_and_left_out_of_the_aggregate(kind):
+    good = [
+        reply(1, **{ARRAYS: arrays(1.0), METRICS: metrics(n=1)}),
+        reply(2, **{ARRAYS: arrays(4.0), METRICS: metrics(n=3)}),
+    ]
+    bad = reply(3, **{ARRAYS: MALFORMED_UPDATES[kind], METRICS: metrics(n=1000)})
+    tally = classify_replies(sampled=3, replies=[good[0], bad, good[1]], spec=spec(), bound=bound(20.0))
+    assert tally.count(ReplyKind.REJECTED) == 1 and tally.count(ReplyKind.VALID) == 2
+    (rejected,) = [c for c in tally.checked if c.kind is ReplyKind.REJECTED]
+    assert rejected.node_id == 3 and rejected.reason
+    got, _ = FedAvg(weighted_by_key=NUM_EXAMPLES).aggregate_train(1, tally.valid_messages)
+    valid_only = classify_replies(sampled=2, replies=[
+        reply(1, **{ARRAYS: arrays(1.0), METRICS: metrics(n=1)}),
+        reply(2, **{ARRAYS: arrays(4.0), METRICS: metrics(n=3)}),
+    ], spec=spec())
+    expected, _ = FedAvg(weighted_by_key=NUM_EXAMPLES).aggregate_train(1, valid_only.valid_messages)
+    for key in GLOBAL:
+        np.testing.assert_array_equal(got[key].numpy(), expected[key].numpy())
+    np.testing.assert_allclose(got["a"].numpy(), np.full((2, 3), 3.25))

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
@@ -22,7 +22,7 @@ def task_identity():
         yield
 
 
-BASE = RunConfig(server_lr=0.05, server_momentum=0.5, proximal_mu=0.3, local_lr=0.002, clients_per_round=3)
+BASE = RunConfig(server_lr=0.05, server_momentum=0.5, proximal_mu=0.3, local_lr=0.002, clients_per_round=3, trim_beta=0.25, num_malicious_nodes=2)
 
 
 @pytest.mark.parametrize(
@@ -33,6 +33,9 @@ BASE = RunConfig(server_lr=0.05, server_momentum=0.5, proximal_mu=0.3, local_lr=
         ("fedyogi", FedYogi, {"eta": 0.05, "eta_l": 0.002}),
         ("fedprox", FedProx, {"proximal_mu": 0.3}),
         ("fedavgm", FedAvgM, {"server_momentum": 0.5, "server_learning_rate": 0.05}),
+        ("fedmedian", FedMedian, {}),
+        ("fedtrimmedavg", FedTrimmedAvg, {"beta": 0.25}),
+        ("krum", Krum, {"num_malicious_nodes": 2, "num_nodes_to_select": 1}),
     ],
 )
 def test_each_strategy_is_flowers_own_with_the_run_settings(name, cls, settings):
