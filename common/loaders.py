@@ -139,6 +139,11 @@ def _ml_int(value: str, what: str) -> None:
     raise _Bad(f"{what} {value!r} is not an integer")
 
 
+def _short(value: str, limit: int = 40) -> str:
+    """repr() of a value, cut to about `limit` characters so a huge field does not flood the message."""
+    return repr(value) if len(value) <= limit else repr(value[:limit]) + f"... ({len(value)} characters)"
+
+
 def _load_movielens(path: str | Path, sep: str, sep_name: str) -> InteractionTable:
     """Shared reader of the two MovieLens rating layouts `user<sep>item<sep>rating<sep>time`."""
     src = str(path)
@@ -167,11 +172,18 @@ def _load_movielens(path: str | Path, sep: str, sep_name: str) -> InteractionTab
                 _ml_int(t, "timestamp")
             except _Bad as e:
                 raise DataFormatError(src, i + 1, e.reason) from None
-        # int() normalises leading zeros so "007" and "7" are the same id.
-        users.append(u if u[0] != "0" else str(int(u)))
-        items.append(it if it[0] != "0" else str(int(it)))
-        timestamps[i] = int(t)
+        # Stripping leading zeros makes "007" and "7" the same id. Not int(): it refuses
+        # strings of more than 4300 digits with a ValueError that names no file or line.
+        users.append(u if u[0] != "0" else (u.lstrip("0") or "0"))
+        items.append(it if it[0] != "0" else (it.lstrip("0") or "0"))
+        # float() of the digits, not int(): a huge timestamp becomes inf (refused below)
+        # instead of an OverflowError or int()'s digit limit; below 2**53 both are exact.
+        timestamps[i] = float(t)
         ratings[i] = rating
+    too_big = np.flatnonzero(~np.isfinite(timestamps))
+    if too_big.size:
+        row = int(too_big[0])
+        raise DataFormatError(src, row + 1, f"timestamp {_short(lines[row].split(sep)[3])} is too large")
     return InteractionTable(
         source=src,
         users=users,
@@ -201,6 +213,13 @@ def _id_value(value: Any, what: str, column: str) -> str:
         s = value.strip()
         if not s:
             raise _Bad(f"empty {what} value in column {column!r}")
+        # A JSON escape such as "\\ud800" decodes to a lone surrogate: not text, and SQLite
+        # (the device store) cannot store it, so the import would fail later and unnamed.
+        if not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Bad(f"{what} value {value!r} in column {column!r} is not valid Unicode (a lone surrogate)") from None
         return s
     if value is None:
         raise _Bad(f"{what} value missing (null) in column {column!r}")
@@ -239,7 +258,7 @@ def _time_value(value: Any, column: str) -> float:
     elif isinstance(value, date):
         seconds = _datetime_seconds(datetime(value.year, value.month, value.day))
     elif isinstance(value, numbers.Real):
-        seconds = float(value)
+        seconds = _finite_float(value, "timestamp", column)
     else:
         raise _Bad(f"timestamp {value!r} in column {column!r} has unsupported type {type(value).__name__}")
     if not math.isfinite(seconds):
@@ -247,6 +266,14 @@ def _time_value(value: Any, column: str) -> float:
     if seconds < 0:
         raise _Bad(f"timestamp {value!r} in column {column!r} is negative (before 1970-01-01)")
     return seconds
+
+
+def _finite_float(value: numbers.Real, what: str, column: str) -> float:
+    """float(value); a JSON integer too large for a float is refused here (float() raises OverflowError)."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise _Bad(f"{what} {_short(str(value))} in column {column!r} is too large") from None
 
 
 def _float_text(s: str) -> float | None:
@@ -275,7 +302,7 @@ def _rating_value(value: Any, column: str) -> float:
         if r is None:
             raise _Bad(f"rating {value!r} in column {column!r} is not a number")
     elif isinstance(value, numbers.Real):
-        r = float(value)
+        r = _finite_float(value, "rating", column)
     else:
         raise _Bad(f"rating {value!r} in column {column!r} is not a number")
     if not math.isfinite(r):
@@ -408,11 +435,19 @@ def _load_jsonl(path: str | Path, columns: ColumnMap) -> InteractionTable:
             raise DataFormatError(src, i + 1, f"invalid JSON: {e.msg} (column {e.colno})") from None
         except _Bad as e:
             raise DataFormatError(src, i + 1, e.reason) from None
+        # json raises these, not JSONDecodeError, for an integer of more than 4300 digits
+        # and for arrays or objects nested too deeply.
+        except RecursionError:
+            raise DataFormatError(src, i + 1, "invalid JSON: arrays or objects nested too deeply") from None
+        except ValueError as e:
+            raise DataFormatError(src, i + 1, f"invalid JSON: a number too long to read ({str(e).split(';')[0]})") from None
         if not isinstance(obj, dict):
             raise DataFormatError(src, i + 1, f"expected a JSON object, got {_JSON_TYPES.get(type(obj), type(obj).__name__)}")
         for k in keys:
             if k not in obj:
-                raise DataFormatError(src, i + 1, f"key {k!r} missing; object has: " + ", ".join(obj))
+                # A key may hold a lone surrogate ("\\ud800"): escape it, or printing the error would fail.
+                shown = ", ".join(key.encode("utf-8", "backslashreplace").decode("utf-8") for key in obj)
+                raise DataFormatError(src, i + 1, f"key {k!r} missing; object has: " + shown)
         rows.add(i + 1, *(obj[k] for k in keys))
     return rows.table("the file holds no rows")
 
