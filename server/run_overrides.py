@@ -52,9 +52,15 @@ _NOT_TOML = object()
 
 def _toml_literal(text: str) -> object:
     try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+        document = tomllib.loads(f"v = {text}")
+    # Not only TOMLDecodeError: nested arrays (`seed=[[[[...`) raise RecursionError, and an
+    # integer of more than 4300 digits int()'s ValueError (TOMLDecodeError is a ValueError too).
+    except (ValueError, RecursionError):
         return _NOT_TOML
+    # `seed=1\nx=2` parses as two keys; taking `v` alone would silently drop the rest.
+    if set(document) != {"v"}:
+        return _NOT_TOML
+    return document["v"]
 
 
 def toml_value(value: object) -> str:
@@ -70,7 +76,14 @@ def toml_value(value: object) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
+        # Not json.dumps(value) as it is: its ASCII escapes write a character beyond U+FFFF as a
+        # surrogate pair (\\ud800\\udc00 for U+10000), which TOML refuses. Raw UTF-8 is valid TOML, except
+        # DEL, which TOML wants escaped; a lone surrogate (from undecodable argv bytes) has no TOML form.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"cannot write {value!r} as a TOML value: it is not valid Unicode text") from None
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     raise TypeError(f"cannot write {value!r} as a TOML value")
 
 
