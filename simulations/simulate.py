@@ -12,6 +12,8 @@ A simulation config is a TOML file with two tables:
 `resolve_config` parses it once (plus `--set key=value` overrides) into a checked
 `SimulationConfig`; `run_simulation` prepares a run directory, runs Flower, follows
 `metrics.jsonl`, checks how the run ended and writes the privacy report and plots.
+`resume_config` reads an interrupted run directory back, and `run_simulation(...,
+resume=True)` runs it again in place (the ServerApp resumes after its last checkpoint).
 
 Why the runner starts its own SuperLink: in flwr 1.41 the default `:local:` connection
 lazily starts a detached SuperLink on the fixed port 39091 that outlives the command and
@@ -333,6 +335,71 @@ def prepare_run(config: SimulationConfig, out: Path, *, argv: Sequence[str] = ()
     return PreparedRun(run_dir=run_dir, flwr_home=flwr_home, config=final, dataset=dataset, commit=commit)
 
 
+# Keys `--set` may change when resuming: the checkpoint accepts no other change (server/checkpoint.py).
+RESUME_OVERRIDABLE = ("num-server-rounds",)
+
+
+def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> SimulationConfig:
+    """The resolved config of an earlier run directory, to run again in place (`--resume`).
+
+    Only num-server-rounds may be overridden (to train further): the ServerApp resumes
+    from the last checkpoint only under the config it was written with.
+    """
+    run_dir = Path(run_dir).resolve()
+    path = run_dir / RESOLVED_JSON
+    try:
+        resolved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise SimulationConfigError(f"{run_dir}: no {RESOLVED_JSON}; not a run directory of `fedinterest simulate`") from err
+    except json.JSONDecodeError as err:
+        raise SimulationConfigError(f"{path}: not valid JSON ({err})") from err
+    set_values = parse_overrides(overrides)
+    bad = sorted(set(set_values) - set(RESUME_OVERRIDABLE))
+    if bad:
+        raise SimulationConfigError(f"--resume takes only {', '.join(RESUME_OVERRIDABLE)} as --set; got {bad} (start a new run to change them)")
+    # The directory may have moved since: the run writes where it is now (run-dir is not hashed).
+    run_values = {**resolved.get(RUN_TABLE, {}), **set_values, "run-dir": str(run_dir)}
+    federation_table = resolved.get(FEDERATION_TABLE, {})
+    try:
+        run = RunConfig.from_flower(run_values)
+    except ValueError as err:
+        raise SimulationConfigError(f"{path}: {err}") from err
+    federation = FederationConfig(num_supernodes=federation_table.get(NUM_SUPERNODES), client_cpus=federation_table.get(CLIENT_CPUS, 1))
+    if federation.num_supernodes is None:
+        raise SimulationConfigError(f"{path}: [federation] {NUM_SUPERNODES} is missing")
+    source = resolved.get("source")
+    name = Path(source).stem if source else run_dir.name
+    return SimulationConfig(name=name, run=run, federation=federation, source=source, overrides=tuple(resolved.get("overrides") or ()) + tuple(overrides))
+
+
+def prepare_resume(config: SimulationConfig, *, argv: Sequence[str] = ()) -> PreparedRun:
+    """The run directory of `config` ready for another Flower run: a fresh FLWR_HOME.
+
+    The earlier FLWR_HOME (its SuperLink database holds the interrupted Flower run) is
+    kept as `flwr-home.N`; checkpoints, metrics and device ledgers stay where they are,
+    and the ServerApp resumes after the last checkpoint.
+    """
+    run_dir = Path(config.run.run_dir)
+    flwr_home = run_dir / FLWR_HOME_DIR
+    if flwr_home.exists():
+        attempt = 1
+        while (run_dir / f"{FLWR_HOME_DIR}.{attempt}").exists():
+            attempt += 1
+        flwr_home.rename(run_dir / f"{FLWR_HOME_DIR}.{attempt}")
+    flwr_home.mkdir()
+    resolved_path = run_dir / RESOLVED_JSON
+    resolved = json.loads(resolved_path.read_text(encoding="utf-8"))
+    resolved.setdefault("resumes", []).append({
+        "command": ["fedinterest", "simulate", *argv] if argv else None,
+        "commit": git_commit(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    resolved[RUN_TABLE] = config.run.to_flower()
+    write_json(resolved_path, resolved)
+    dataset = dict(resolved.get("dataset") or {"spec": config.run.dataset_spec().label})
+    return PreparedRun(run_dir=run_dir, flwr_home=flwr_home, config=config, dataset=dataset, commit=git_commit())
+
+
 def _flwr_version() -> str | None:
     try:
         from importlib.metadata import version
@@ -473,12 +540,13 @@ def run_flower(
         ]
         deadline = None if timeout is None else time.monotonic() + timeout
         with open(flwr_log, "ab") as log:
+            log_start = log.tell()  # where this attempt's output starts (after an interrupted one, on --resume)
             log.write(("$ " + " ".join(command) + "\n").encode())
             log.flush()
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
             try:
                 while process.poll() is None:
-                    run_id = run_id if run_id is not None else _find_run_id(flwr_log, on_started)
+                    run_id = run_id if run_id is not None else _find_run_id(flwr_log, on_started, log_start)
                     for row in follower.poll():
                         if on_round is not None:
                             on_round(row)
@@ -499,7 +567,7 @@ def run_flower(
         for row in follower.poll():
             if on_round is not None:
                 on_round(row)
-        run_id = run_id if run_id is not None else _find_run_id(flwr_log, on_started)
+        run_id = run_id if run_id is not None else _find_run_id(flwr_log, on_started, log_start)
         if failure is not None:
             raise fail(failure)
         if run_id is None:
@@ -520,9 +588,12 @@ def run_flower(
     return run_id, status
 
 
-def _find_run_id(flwr_log: Path, on_started: Callable[[int], None] | None) -> int | None:
+def _find_run_id(flwr_log: Path, on_started: Callable[[int], None] | None, log_start: int = 0) -> int | None:
+    """The run id `flwr run` printed after byte `log_start` of its log (a resumed run appends to the log)."""
     try:
-        text = flwr_log.read_text(encoding="utf-8", errors="replace")
+        with open(flwr_log, "rb") as handle:
+            handle.seek(log_start)
+            text = handle.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return None
     match = _RUN_ID.search(_ANSI.sub("", text))
@@ -763,11 +834,17 @@ def run_simulation(
     on_started: Callable[[int], None] | None = None,
     on_round: Callable[[RoundRow], None] | None = None,
     timeout: float | None = None,
+    resume: bool = False,
 ) -> SimulationResult:
-    """Prepare, run and report one simulation (raises SimulationConfigError or SimulationFailed)."""
+    """Prepare, run and report one simulation (raises SimulationConfigError or SimulationFailed).
+
+    With `resume` (a config from `resume_config`), run again in the config's run
+    directory instead of a new one under `out`: the ServerApp continues after the last
+    checkpoint, and the devices' ledgers there keep counting.
+    """
     app_dir = project_dir() if app_dir is None else Path(app_dir)
     check_project(app_dir)
-    prepared = prepare_run(config, out, argv=argv)
+    prepared = prepare_resume(config, argv=argv) if resume else prepare_run(config, out, argv=argv)
     if on_prepared is not None:
         on_prepared(prepared)
     start = time.perf_counter()

@@ -19,12 +19,15 @@ from fedinterest.simulations.simulate import (
     SimulationFailed,
     SimulationResult,
     resolve_config,
+    resume_config,
     run_simulation,
 )
 
 
 def simulate(
-    config: Annotated[Path, typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")],
+    config: Annotated[
+        Optional[Path], typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
+    ] = None,
     set_: Annotated[
         Optional[list[str]],
         typer.Option("--set", help="Override a key, e.g. --set noise-multiplier=0.5 --set dataset=ml-100k (repeatable)."),
@@ -32,13 +35,20 @@ def simulate(
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
     timeout_minutes: Annotated[Optional[float], typer.Option(help="Stop the run and fail after this many minutes.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    resume: Annotated[
+        Optional[Path],
+        typer.Option(help="Resume an interrupted run directory in place, with its resolved config (instead of CONFIG)."),
+    ] = None,
 ) -> None:
     """Run the ServerApp and ClientApps in Flower's simulation engine (one virtual device per
-    user) and write metrics, checkpoints, a privacy report and plots to a run directory."""
+    user) and write metrics, checkpoints, a privacy report and plots to a run directory.
+    With --resume RUN_DIR, continue an interrupted run after its last checkpoint."""
     console = Console(stderr=True)
     overrides = list(set_ or [])
     try:
-        resolved = resolve_config(config, overrides)
+        if (config is None) == (resume is None):
+            raise SimulationConfigError("give either CONFIG (a new run) or --resume RUN_DIR (continue one), not both or neither")
+        resolved = resolve_config(config, overrides) if config is not None else resume_config(resume, overrides)
     except SimulationConfigError as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from err
@@ -73,8 +83,10 @@ def simulate(
                 console.print(f"round {row.round}/{total}: {status}", soft_wrap=True, highlight=False)
 
         try:
+            head = [str(config)] if config is not None else ["--resume", str(resume)]
             result = run_simulation(
-                resolved, out, argv=[str(config), *(x for item in overrides for x in ("--set", item)), "--out", str(out)],
+                resolved, out, argv=[*head, *(x for item in overrides for x in ("--set", item)), "--out", str(out)],
+                resume=resume is not None,
                 on_prepared=on_prepared, on_started=on_started, on_round=on_round,
                 timeout=None if timeout_minutes is None else timeout_minutes * 60,
             )
