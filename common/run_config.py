@@ -130,7 +130,11 @@ class RunConfig:
         """The dataset every partition is cut from (a simulation's; a deployed run has none)."""
         if self.deployed:
             raise ValueError(f'a run on dataset "{DEPLOYED}" has no dataset to load: its devices hold the data')
-        synthetic = SyntheticConfig(num_users=self.synthetic_users, num_items=self.synthetic_items, seed=self.synthetic_seed)
+        try:
+            synthetic = SyntheticConfig(num_users=self.synthetic_users, num_items=self.synthetic_items, seed=self.synthetic_seed)
+        except ValueError as err:
+            # SyntheticConfig names its own fields; these three run-config keys are what set them.
+            raise ValueError(f"invalid synthetic-users / synthetic-items / synthetic-seed: {err}") from err
         return DatasetSpec(kind=self.dataset, path=self.data_path or None, synthetic=synthetic)
 
     def model_config(self, num_items: int) -> ModelConfig:
