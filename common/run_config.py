@@ -7,6 +7,7 @@ turns it into this frozen dataclass; nothing else reads `run_config[...]`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
@@ -14,6 +15,8 @@ from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.model import ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
 
+# Integers beyond this are typos or attacks, never settings (and would overflow numpy/torch).
+MAX_INT = 2**31 - 1
 # The dataset of a run on real devices (deployment): each device holds its own history.
 DEPLOYED = "deployed"
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
@@ -73,6 +76,16 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = []
+        # NaN fails no `<` check and would pass every range test below (noise-multiplier = nan
+        # would even turn DP off unnoticed), so every float must be finite first.
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{_key(f.name)} must be a finite number, got {value!r}")
+            elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+                problems.append(f"{_key(f.name)} is out of range (|value| > {MAX_INT})")
+        if problems:
+            raise ValueError("invalid run config: " + "; ".join(problems))
         positive_ints = ("synthetic_users", "synthetic_items", "num_server_rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every")
         for name in positive_ints:
             if getattr(self, name) < 1:
@@ -135,7 +148,10 @@ class RunConfig:
         except ValueError as err:
             # SyntheticConfig names its own fields; these three run-config keys are what set them.
             raise ValueError(f"invalid synthetic-users / synthetic-items / synthetic-seed: {err}") from err
-        return DatasetSpec(kind=self.dataset, path=self.data_path or None, synthetic=synthetic)
+        try:
+            return DatasetSpec(kind=self.dataset, path=self.data_path or None, synthetic=synthetic)
+        except ValueError as err:
+            raise ValueError(f"invalid dataset / data-path: {err}") from err
 
     def model_config(self, num_items: int) -> ModelConfig:
         """The model for a catalogue of `num_items` items."""
@@ -148,7 +164,7 @@ class RunConfig:
     def from_flower(cls, run_config: Mapping[str, object]) -> RunConfig:
         """Parse Flower's run config; unknown keys and wrong types are errors that name the key."""
         by_key = {_key(f.name): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(by_key))
+        unknown = sorted((str(k) for k in set(run_config) - set(by_key)), key=str)  # keys of any type, never a TypeError
         if unknown:
             raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(by_key)}")
         values = {}

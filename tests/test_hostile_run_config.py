@@ -55,11 +55,6 @@ def _names_a_key(message: str, keys: list[str]) -> bool:
     return any(k in message or k.replace("-", "_") in message or repr(k) in message for k in keys)
 
 
-# Messages known not to name their key; each has a strict xfail test below and is reported to the owner of
-# common/run_config.py (another engineer's file during this work). Any other unnamed message fails the property.
-KNOWN_UNNAMED = ("the synthetic dataset is generated in memory and takes no path",)
-
-
 def _same(a: dict, b: dict) -> bool:
     """Equality of two run-config mappings where NaN equals NaN."""
     return a.keys() == b.keys() and all(
@@ -75,7 +70,7 @@ def test_from_flower_gives_a_config_or_a_value_error_naming_a_key(mapping: dict[
     try:
         config = RunConfig.from_flower(mapping)
     except ValueError as err:
-        assert _names_a_key(str(err), list(mapping)) or str(err) in KNOWN_UNNAMED, (str(err), mapping)
+        assert _names_a_key(str(err), list(mapping)), (str(err), mapping)
         return
     # Every field has its declared type, and the config survives Flower's round trip.
     for f in fields(RunConfig):
@@ -86,25 +81,16 @@ def test_from_flower_gives_a_config_or_a_value_error_naming_a_key(mapping: dict[
         assert flower[key] == value or (isinstance(value, float) and math.isnan(value))
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "common/run_config.py: from_flower sorts the unknown keys, which raises TypeError for keys of mixed types "
-    "(reported to the run-config owner; Flower itself only passes str keys)"))
 def test_non_string_keys_are_a_value_error() -> None:
     with pytest.raises(ValueError, match="unknown run-config keys"):
         RunConfig.from_flower({1: 2, "not-a-key": 3})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "common/run_config.py passes on DatasetSpec's message, which says 'takes no path' but not the key data-path "
-    "(reported to the run-config owner)"))
 def test_a_data_path_on_the_synthetic_dataset_names_the_key() -> None:
     with pytest.raises(ValueError, match="data-path"):
         RunConfig.from_flower({"data-path": "events.csv"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "common/run_config.py: NaN and inf pass the range checks (`nan < 0` is False), so noise-multiplier=nan turns "
-    "DP off silently and local-lr=inf is accepted (reported to the run-config owner)"))
 @pytest.mark.parametrize("key, value", [
     ("noise-multiplier", math.nan), ("local-lr", math.inf), ("max-grad-norm", math.inf), ("server-lr", math.nan),
     ("proximal-mu", math.nan),
@@ -112,6 +98,11 @@ def test_a_data_path_on_the_synthetic_dataset_names_the_key() -> None:
 def test_non_finite_floats_are_refused(key: str, value: float) -> None:
     with pytest.raises(ValueError, match=key):
         RunConfig.from_flower({key: value})
+
+
+def test_absurd_integers_are_refused() -> None:
+    with pytest.raises(ValueError, match="max-len is out of range"):
+        RunConfig.from_flower({"max-len": 10**100})
 
 
 # ---------------------------------------------------------------------------- --set key=value
@@ -151,7 +142,7 @@ def test_set_items_give_values_or_a_value_error_naming_the_item(items: list[str]
     try:
         RunConfig.from_flower(parsed)
     except ValueError as err:
-        assert _names_a_key(str(err), list(parsed)) or str(err) in KNOWN_UNNAMED, (str(err), parsed)
+        assert _names_a_key(str(err), list(parsed)), (str(err), parsed)
 
 
 @SETTINGS
