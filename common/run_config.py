@@ -172,6 +172,8 @@ class RunConfig:
             field = by_key[key]
             expected = type(getattr(cls, field.name))
             if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                if abs(value) > MAX_INT:  # beyond this a float no longer holds the integer given
+                    raise ValueError(f"run-config key {key!r} is out of range (|value| > {MAX_INT})")
                 value = float(value)
             if type(value) is not expected:
                 raise ValueError(f"run-config key {key!r} must be {expected.__name__}, got {value!r}")

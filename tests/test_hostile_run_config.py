@@ -65,6 +65,7 @@ def _same(a: dict, b: dict) -> bool:
 @given(mapping=run_mappings())
 @example(mapping={"dim": 3, "num-heads": 2})
 @example(mapping={"max-len": 10**100})
+@example(mapping={"epsilon-budget": 2**53 + 1})  # an int for a float key that a float cannot hold
 @example(mapping={"dataset": "ml-100k"})
 def test_from_flower_gives_a_config_or_a_value_error_naming_a_key(mapping: dict[str, object]) -> None:
     try:
