@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from fedinterest.benchmarks.report import publish
+from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.run_metrics import RoundRow
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
@@ -56,7 +57,7 @@ def variant_of(overrides: list[str]) -> str:
 def summarize_run_dir(run_dir: Path) -> dict:
     """The benchmark's figures from a finished simulation's run directory."""
     resolved = json.loads((run_dir / "config.resolved.json").read_text())
-    final = json.loads((run_dir / "final.json").read_text())
+    final = json.loads((run_dir / FINAL_FILE).read_text())
     counts = final["counts"]
     wall = final["wall_seconds"]
     trained = counts["aggregated"]

@@ -22,16 +22,28 @@ from typing import Any
 import fedinterest.server
 from fedinterest.common.run_config import DEPLOYED, RunConfig
 from fedinterest.common.serialization import atomic_write_text
-from fedinterest.server.deployment import RUN_MANAGED_KEYS, Deployment, DeploymentError, count_catalogue
-from fedinterest.server.flower_processes import COMPLETED, flwr_json, run_status, stop_run
+from fedinterest.server.deployment import (
+    RUN_MANAGED_KEYS,
+    Deployment,
+    DeploymentError,
+    count_catalogue,
+)
+from fedinterest.server.flower_processes import (
+    COMPLETED,
+    flwr_json,
+    run_status,
+    stop_run,
+)
+from fedinterest.server.rounds import (  # the files the ServerApp writes
+    FINAL_FILE,
+    METRICS_FILE,
+)
 from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
 from fedinterest.server.run_overrides import flat_toml, parse_set_items
 from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
 
 RUN_JSON = "run.json"
 RUN_CONFIG_TOML = "run-config.toml"
-METRICS_FILE = "metrics.jsonl"  # written by the ServerApp (server/rounds.py)
-FINAL_FILE = "final.json"
 RUN_PREFIX = "run-"
 
 

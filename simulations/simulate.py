@@ -54,6 +54,10 @@ from fedinterest.server.flower_processes import (  # noqa: F401
 )
 from fedinterest.server.flower_processes import executable as _executable
 from fedinterest.server.flower_processes import free_port as _free_port
+from fedinterest.server.rounds import (  # the files the ServerApp writes
+    FINAL_FILE,
+    METRICS_FILE,
+)
 from fedinterest.server.run_metrics import (  # noqa: F401
     MetricsFollower,
     RoundRow,
@@ -69,8 +73,6 @@ from fedinterest.simulations.runs import new_run_dir, write_json
 # OFFLINE_ENV and the metrics readers stay importable from here.
 
 # Files the ServerApp writes into the run directory (the contract with server/app.py).
-METRICS_FILE = "metrics.jsonl"
-FINAL_FILE = "final.json"
 CHECKPOINT_DIR = "checkpoints"
 DEVICES_DIR = "devices"
 # Files this runner writes.
