@@ -63,6 +63,15 @@ class RunConfig:
     max_grad_norm: float = 1.0
     delta: float = 1e-5
     epsilon_budget: float = 8.0
+    # Layer-2 DP (on the server, server/user_privacy.py): user-noise-multiplier > 0 turns
+    # on DP-FedAvg -- Poisson sampling of devices at rate clients-per-round / nodes, each
+    # update clipped to user-clip-norm, Gaussian noise on the aggregate -- and the run
+    # stops before a round that would take user-level epsilon past user-epsilon-budget
+    # at user-delta (0 = 1 / number of nodes registered at the first round).
+    user_noise_multiplier: float = 0.0
+    user_clip_norm: float = 1.0
+    user_delta: float = 0.0
+    user_epsilon_budget: float = 8.0
     # Model.
     max_len: int = 200
     dim: int = 64
@@ -99,6 +108,7 @@ class RunConfig:
             problems.append("noise-multiplier must be >= 0 (0 turns DP off)")
         if not 0 < self.delta < 1:
             problems.append("delta must be in (0, 1)")
+        problems += self._user_level_problems()
         if not 0 <= self.server_momentum < 1:
             problems.append("server-momentum must be in [0, 1)")
         if self.proximal_mu < 0:
@@ -128,6 +138,29 @@ class RunConfig:
         self.model_config(num_items=1)  # raises on a bad model shape
         if not self.deployed:
             self.dataset_spec()  # raises on a bad dataset description
+
+    def _user_level_problems(self) -> list[str]:
+        problems = []
+        if self.user_noise_multiplier < 0:
+            problems.append("user-noise-multiplier must be >= 0 (0 turns user-level DP off)")
+        for name in ("user_clip_norm", "user_epsilon_budget"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{_key(name)} must be positive")
+        if not 0 <= self.user_delta < 1:
+            problems.append("user-delta must be in [0, 1) (0 = 1 / number of devices)")
+        if self.user_private:
+            # DP-FedAvg bounds one user's influence on a mean; a median or Krum's pick has no
+            # such bound, and a round skipped for too few replies would leak why it was skipped.
+            if self.strategy in ("fedmedian", "fedtrimmedavg", "krum"):
+                problems.append(f"user-level DP (user-noise-multiplier > 0) needs a mean aggregate; strategy {self.strategy} is not one (use fedavg, fedavgm, fedadam, fedyogi or fedprox)")
+            if self.min_replies > 1:
+                problems.append("min-replies must stay 1 with user-level DP: every round is released (noised) whatever number of devices replied")
+        return problems
+
+    @property
+    def user_private(self) -> bool:
+        """Whether the server runs DP-FedAvg (layer 2) on top of the devices' DP-SGD."""
+        return self.user_noise_multiplier > 0
 
     @property
     def deployed(self) -> bool:

@@ -72,9 +72,14 @@ def plot_epsilon(rows: Sequence[_Row], path: Path, budget: float | None = None) 
         ax.plot(x_mean, y_mean, marker="s", label="mean over devices")
     if budget is not None and (x_max or x_mean):
         ax.axhline(budget, color="tab:red", linestyle="--", label=f"budget epsilon = {budget:g}")
+    # Layer 2 (DP-FedAvg): the server's user-level epsilon, a different unit on the same axis.
+    x_user, y_user = _series(rows, "user_epsilon")
+    if x_user:
+        ax.plot(x_user, y_user, marker="^", color="tab:purple", label="user level (server, layer 2)")
     ax.set_xlabel("server round")
-    ax.set_ylabel("epsilon (example level)")
-    ax.set_title("Device privacy spent")
-    if x_max or x_mean:
+    ax.set_ylabel("epsilon (devices: example level; server: user level)" if x_user else "epsilon (example level)")
+    ax.set_title("Privacy spent")
+    shown = x_max or x_mean or x_user
+    if shown:
         ax.legend(loc="best")
-    return _save(plt, fig, ax, path, not (x_max or x_mean), "no finite device epsilon reported\n(DP off, or no device trained)")
+    return _save(plt, fig, ax, path, not shown, "no finite epsilon reported\n(DP off, or no device trained)")

@@ -67,7 +67,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, ConfigRecord
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -75,12 +76,13 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.split import LeaveOneOut
-from fedinterest.common.wire import HIT_RATE_10, NDCG_10
+from fedinterest.common.wire import ARRAYS, HIT_RATE_10, NDCG_10, NUM_EXAMPLES
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
+from fedinterest.server.user_privacy import UserLevelAccountant, noised_mean_update, projected_epsilon, settings_of
 
 LOG = logging.getLogger("flwr.fedinterest")  # a child of Flower's logger: shown in its run log
 
@@ -88,7 +90,7 @@ METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
 ROW_FIELDS = (
     "round", "sampled", "answered", "refused", "failed", "rejected", "empty", "train_loss",
-    "epsilon_max", "epsilon_mean", "dp", HIT_RATE_10, NDCG_10, "seconds", "time",
+    "epsilon_max", "epsilon_mean", "dp", "user_epsilon", HIT_RATE_10, NDCG_10, "seconds", "time",
 )
 # Stop waiting for more nodes once the registered count has not moved for this long.
 SETTLE_SECONDS = 15.0
@@ -152,6 +154,10 @@ class RoundResult:
     aggregated: bool
 
 
+# Why a run ended before num-server-rounds (final.json "stopped_early").
+STOPPED_AT_USER_BUDGET = "user-epsilon-budget"
+
+
 def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[str, Any]:
     """Run (or resume) the whole federated training; returns what final.json holds."""
     started = time.monotonic()
@@ -187,20 +193,33 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
 
     last_valid: dict[str, float] | None = None
     best = dict(saved.best) if saved else {}
+    user_dp = _restore_user_accountant(config, saved)
+    stopped_early = None
     if first <= config.num_server_rounds:
         (run_dir / FINAL_FILE).unlink(missing_ok=True)  # it described fewer rounds than this run will
         nodes = wait_for_nodes(grid, expected_nodes, timeout=config.round_timeout, settle=SETTLE_SECONDS, poll_interval=poll_interval)
         strategy = build_strategy(config, nodes)
         load_strategy_state(strategy, saved.strategy_state if saved else {})
         strategy.summary()
+        if config.user_private:
+            user_dp = user_dp or UserLevelAccountant.start(settings_of(config), nodes)
+            _log_user_dp_plan(user_dp, nodes, config.num_server_rounds - first + 1)
     elif saved is not None:
         LOG.warning("fedinterest: the checkpoint is at round %d >= num-server-rounds %d: nothing to train", saved.round, config.num_server_rounds)
     final_round = saved.round if saved else 0
 
     for server_round in range(first, config.num_server_rounds + 1):
         round_start = time.monotonic()
+        if user_dp is not None and user_dp.would_exceed(_node_count(grid, config)):
+            stopped_early = STOPPED_AT_USER_BUDGET
+            LOG.warning(
+                "fedinterest: stopping before round %d: one more release would take user-level epsilon past %g "
+                "(spent %.3f at delta %g after %d rounds)",
+                server_round, config.user_epsilon_budget, user_dp.epsilon(), user_dp.delta, user_dp.rounds,
+            )
+            break
         LOG.info("fedinterest: [ROUND %d/%d]", server_round, config.num_server_rounds)
-        result = train_round(grid, strategy, arrays, server_round, config, spec)
+        result = train_round(grid, strategy, arrays, server_round, config, spec, user_dp)
         arrays = result.arrays
         evaluation = None
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
@@ -210,13 +229,14 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
                 best = {"round": server_round, "valid": evaluation, "test": evaluator.evaluate(arrays, "test")}
         privacy.update(result.replies.epsilons)
         _add_counts(counts, result)
-        row = metrics_row(server_round, result.replies, evaluation, time.monotonic() - round_start)
+        user_epsilon = user_dp.epsilon() if user_dp is not None else None
+        row = metrics_row(server_round, result.replies, evaluation, time.monotonic() - round_start, user_epsilon)
         ckpt.save(run_dir, ckpt.Checkpoint(
             round=server_round,
             arrays=arrays_to_numpy(arrays),
             config=ckpt.hashed_config(config),
             strategy_state=strategy_state(strategy),
-            privacy=privacy.to_json(),
+            privacy=privacy.to_json() | ({"user_level": user_dp.to_json()} if user_dp is not None else {}),
             counts=counts,
             elapsed_seconds=prior_seconds + time.monotonic() - started,
             metrics_row=row,
@@ -229,18 +249,31 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     if last_valid is None:
         last_valid = evaluator.evaluate(arrays, "valid")
     test = evaluator.evaluate(arrays, "test")
-    final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, counts, prior_seconds + time.monotonic() - started)
+    final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, user_dp, counts, prior_seconds + time.monotonic() - started)
+    final["stopped_early"] = stopped_early
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
     LOG.info("fedinterest: done after round %d: test hr@10 %.4f ndcg@10 %.4f; %s", final_round, test["hr@10"], test["ndcg@10"], run_dir / FINAL_FILE)
     return final
 
 
-def train_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round: int, config: RunConfig, spec: ArraySpec) -> RoundResult:
-    """One round: sample, send, check replies, aggregate the valid ones (if any)."""
-    nodes = len(list(grid.get_node_ids())) or wait_for_nodes(grid, 1, timeout=config.round_timeout)
-    fit_sampling(strategy, nodes, config.clients_per_round)
+def train_round(
+    grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round: int, config: RunConfig, spec: ArraySpec,
+    user_dp: UserLevelAccountant | None = None,
+) -> RoundResult:
+    """One round: sample, send, check replies, aggregate the valid ones (if any).
+
+    With `user_dp` (layer 2) the sample is Poisson, and the valid replies are clipped,
+    summed, noised and released whatever their number (server/user_privacy.py).
+    """
+    nodes = _node_count(grid, config)
+    # Layer 2 draws its own Poisson sample from the messages for all nodes (they share one payload).
+    fit_sampling(strategy, nodes, nodes if user_dp else config.clients_per_round)
     random.seed(round_seed(config.seed, server_round))
     messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+    if user_dp is not None:
+        chosen = set(user_dp.sample([m.metadata.dst_node_id for m in messages], server_round))
+        messages = [m for m in messages if m.metadata.dst_node_id in chosen]
+        LOG.info("fedinterest: round %d: Poisson sample of %d of %d nodes (q %.4f)", server_round, len(messages), nodes, user_dp.sample_rate(nodes))
     if config.fault_fraction > 0:
         faulty = pick_faulty([m.metadata.dst_node_id for m in messages], config.fault_fraction, config.seed, server_round)
         messages = mark_faults(messages, faulty, config.fault_mode)
@@ -253,6 +286,8 @@ def train_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round:
     if replies.missing:
         LOG.warning("fedinterest: round %d: %d sampled node(s) did not reply within %g s", server_round, replies.missing, config.round_timeout)
     valid = replies.valid_messages
+    if user_dp is not None:
+        return _user_level_round(strategy, arrays, server_round, valid, spec, user_dp, nodes, replies)
     if len(valid) < config.min_replies:
         LOG.warning(
             "fedinterest: round %d: %d valid update(s) of %d sampled, fewer than min-replies %d; the model stays",
@@ -263,6 +298,59 @@ def train_round(grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round:
     if new_arrays is None:
         return RoundResult(arrays, replies, aggregated=False)
     return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True)
+
+
+def _user_level_round(
+    strategy: FedAvg, arrays: ArrayRecord, server_round: int, valid: list[Message], spec: ArraySpec,
+    user_dp: UserLevelAccountant, nodes: int, replies: RoundReplies,
+) -> RoundResult:
+    """Release the round's DP-FedAvg model and account for it; the strategy sees only that model."""
+    settings = user_dp.settings
+    global_arrays = arrays_to_numpy(arrays)
+    noised, norms = noised_mean_update(
+        global_arrays, [arrays_to_numpy(m.content[ARRAYS]) for m in valid],
+        clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
+        expected_size=user_dp.sample_rate(nodes) * nodes,
+    )
+    user_dp.record_release(nodes)
+    clipped = sum(1 for n in norms if n > settings.clip_norm)
+    LOG.info(
+        "fedinterest: round %d: DP-FedAvg over %d valid update(s), %d clipped to %g; user-level epsilon %.3f at delta %g",
+        server_round, len(valid), clipped, settings.clip_norm, user_dp.epsilon(), user_dp.delta,
+    )
+    new_arrays, _ = strategy.aggregate_train(server_round, [_released_reply(noised, server_round)])
+    if new_arrays is None:  # no strategy drops its only reply; guard rather than lose the release
+        new_arrays = arrays_from_numpy(noised)
+    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True)
+
+
+def _released_reply(arrays: dict[str, np.ndarray], server_round: int) -> Message:
+    """The released model as the one reply the strategy aggregates: FedAvg keeps it as it
+    is, a server optimizer (FedAdam, FedAvgM, ...) takes it as its pseudo-gradient step."""
+    content = RecordDict({ARRAYS: arrays_from_numpy(arrays), "metrics": MetricRecord({NUM_EXAMPLES: 1, "server-round": server_round})})
+    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
+
+
+def _node_count(grid: Grid, config: RunConfig) -> int:
+    return len(list(grid.get_node_ids())) or wait_for_nodes(grid, 1, timeout=config.round_timeout)
+
+
+def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None) -> UserLevelAccountant | None:
+    """Layer 2's accountant as the checkpoint left it (None when off or not started yet)."""
+    if not config.user_private or saved is None or "user_level" not in saved.privacy:
+        return None
+    return UserLevelAccountant.from_json(settings_of(config), saved.privacy["user_level"])
+
+
+def _log_user_dp_plan(user_dp: UserLevelAccountant, nodes: int, rounds_left: int) -> None:
+    settings = user_dp.settings
+    planned = projected_epsilon(settings, nodes, user_dp.rounds + rounds_left, user_dp.delta)
+    LOG.info(
+        "fedinterest: user-level DP: sigma %g, clip %g, q %.4f of %d nodes; epsilon after %d rounds would be %.3f at delta %g (budget %g)",
+        settings.noise_multiplier, settings.clip_norm, user_dp.sample_rate(nodes), nodes, user_dp.rounds + rounds_left, planned, user_dp.delta, settings.epsilon_budget,
+    )
+    if planned > settings.epsilon_budget:
+        LOG.warning("fedinterest: the user-level budget %g will stop the run before its last round", settings.epsilon_budget)
 
 
 def round_seed(seed: int, server_round: int) -> int:
@@ -334,7 +422,9 @@ def resolve_run_dir(config: RunConfig) -> Path:
     return path
 
 
-def metrics_row(server_round: int, replies: RoundReplies, evaluation: dict[str, float] | None, seconds: float) -> dict[str, Any]:
+def metrics_row(
+    server_round: int, replies: RoundReplies, evaluation: dict[str, float] | None, seconds: float, user_epsilon: float | None = None,
+) -> dict[str, Any]:
     """The metrics.jsonl row of one round (exactly ROW_FIELDS)."""
     epsilons = list(replies.epsilons.values())
     dp = None if not epsilons else not any(math.isinf(e) for e in epsilons)
@@ -350,6 +440,7 @@ def metrics_row(server_round: int, replies: RoundReplies, evaluation: dict[str, 
         "epsilon_max": max(epsilons) if dp else None,
         "epsilon_mean": sum(epsilons) / len(epsilons) if dp else None,
         "dp": dp,
+        "user_epsilon": user_epsilon,
         HIT_RATE_10: evaluation[HIT_RATE_10] if evaluation else None,
         NDCG_10: evaluation[NDCG_10] if evaluation else None,
         "seconds": round(seconds, 3),
@@ -420,6 +511,7 @@ def _final(
     test: dict[str, float],
     best: dict[str, Any],
     privacy: PrivacyTally,
+    user_dp: UserLevelAccountant | None,
     counts: dict[str, int],
     seconds: float,
 ) -> dict[str, Any]:
@@ -432,7 +524,7 @@ def _final(
         "test": test,
         "best_valid": best or None,
         "wall_seconds": round(seconds, 3),
-        "privacy": privacy.summary(config.delta),
+        "privacy": privacy.summary(config.delta) | {"user_level": user_dp.summary() if user_dp is not None else None},
         "counts": counts,
         "dataset": (
             {"label": "deployed", "users": None, "items": config.num_items} if split is None

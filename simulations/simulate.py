@@ -684,7 +684,7 @@ def privacy_report(
         "dp": run.private,
         "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its privacy ledger",
         "unit_of_protection": UNIT_OF_PROTECTION,
-        "user_level": USER_LEVEL_NOTE,
+        "user_level": _user_level(server, run),
         "accountant": "Opacus RDPAccountant (RDP), recomputed by each device from its ledger" if run.private else None,
         "delta": run.delta,
         "epsilon_budget": run.epsilon_budget,
@@ -733,6 +733,24 @@ def privacy_report(
     return report
 
 
+def _user_level(server: Mapping[str, Any], run: RunConfig) -> dict[str, Any] | str:
+    """Layer 2's figures from final.json (server/user_privacy.py), or why there are none."""
+    user = server.get("user_level")
+    if not run.user_private or not isinstance(user, dict):
+        return USER_LEVEL_NOTE
+    return dict(user)
+
+
+def _user_level_line(user: Mapping[str, Any] | str) -> str:
+    if isinstance(user, str):
+        return user
+    return (
+        f"epsilon {user['epsilon']:.4g} at delta {user['delta']:.3g} after {user['rounds_accounted']} rounds "
+        f"(budget {user['epsilon_budget']:g}; DP-FedAvg: update clip {user['clip_norm']:g}, noise multiplier "
+        f"{user['noise_multiplier']:g}, {user['sampling']} sampling of devices, {user['accountant']} accountant): {user['unit']}"
+    )
+
+
 def privacy_markdown(report: Mapping[str, Any]) -> str:
     """The privacy report as a short Markdown page."""
     eps = report["device_epsilon"]
@@ -750,7 +768,7 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- **Differential privacy**: {'on' if report['dp'] else 'off'} (layer {report['layer']})",
         f"- **Unit of protection**: {report['unit_of_protection']}",
-        f"- **User level**: {report['user_level']}",
+        f"- **User level (layer 2)**: {_user_level_line(report['user_level'])}",
         f"- **Accountant**: {fmt(report['accountant'])}",
         f"- **delta**: {fmt(report['delta'])}",
         f"- **Budget per device**: epsilon {fmt(report['epsilon_budget'])} at that delta; a device refuses to train "
@@ -793,6 +811,8 @@ def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Map
         "epsilon_mean": privacy["device_epsilon"]["mean"],
         "delta": config.run.delta,
         "epsilon_budget": config.run.epsilon_budget,
+        "user_level": privacy["user_level"] if isinstance(privacy["user_level"], dict) else None,
+        "stopped_early": final.get("stopped_early"),
         "refused_device_rounds": privacy["refusals"]["device_rounds"],
         "failed_replies": int((final.get("counts") or {}).get("failed", 0) or 0),
         "rejected_replies": int((final.get("counts") or {}).get("rejected", 0) or 0),

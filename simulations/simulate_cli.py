@@ -124,10 +124,11 @@ def round_status(row: RoundRow) -> str:
     failed = sum(int(row.number(k) or 0) for k in ("failed", "rejected"))
     if failed:
         devices += f" failed/rejected {failed}"
-    return (
+    line = (
         f"{devices} | loss {num('train_loss', '.4f')} | NDCG@10 {num('ndcg@10', '.4f')} | "
         f"eps max {num('epsilon_max', '.3g')} mean {num('epsilon_mean', '.3g')}"
     )
+    return line + (f" | user eps {num('user_epsilon', '.3g')}" if row.number("user_epsilon") is not None else "")
 
 
 def result_payload(result: SimulationResult) -> dict[str, Any]:
@@ -154,6 +155,11 @@ def print_table(result: SimulationResult) -> None:
         f"device epsilon {eps} (delta {s['delta']:g}, budget {s['epsilon_budget']:g}); "
         f"refusals: {s['refused_device_rounds']} device-rounds"
     )
+    user = s.get("user_level")
+    if user:
+        typer.echo(f"user-level epsilon {_fmt(user['epsilon'])} (delta {user['delta']:.3g}, budget {user['epsilon_budget']:g}; DP-FedAvg on the server)")
+    if s.get("stopped_early"):
+        typer.echo(f"stopped early ({s['stopped_early']}): one more round would have passed the user-level budget")
     typer.echo(f"{s['rounds']} rounds, {s['devices']} devices, wall time {s['wall_seconds']:.0f} s")
     if s["failed_replies"] or s["rejected_replies"]:
         typer.echo(f"warning: {s['failed_replies']} device replies failed and {s['rejected_replies']} were rejected (see flwr.log)")

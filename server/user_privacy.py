@@ -1,0 +1,201 @@
+"""Layer 2 of docs/privacy.md: user-level DP-FedAvg, its device sampling and its accountant.
+
+One round is one release of the Gaussian mechanism on a Poisson sample of devices
+(McMahan et al. 2018, "Learning differentially private recurrent language models"):
+
+- Sampling: every registered node takes part independently with probability
+  q = min(1, clients-per-round / nodes registered). Poisson sampling is what the
+  accountant assumes; Flower's own `sample_nodes` draws a fixed-size sample, for which
+  Poisson accounting would be wrong. The draw comes from a per-run secret seed (OS
+  entropy, kept in the checkpoint so that a resumed round draws the same devices and
+  never written to the logs): amplification by sampling holds only while the sample is
+  hidden from whoever sees the models, so it must not follow from the public run seed.
+- Clipping: each valid device update (reply weights - global weights) is scaled down to
+  L2 norm at most C = user-clip-norm over all arrays together.
+- Aggregate (fixed denominator): new = global + (sum of clipped updates) / E + N(0, (sigma C / E)^2)
+  per coordinate, with E = q * nodes, the expected sample size. A fixed denominator is
+  what bounds one user's influence by C / E whatever the sample turns out to be; dividing
+  by the number of replies instead would let one user move the mean by up to C. Devices
+  that refuse, fail, send nothing or are rejected by the update checks add a zero
+  update, which is inside the same bound. Every sampled round is released and accounted,
+  even with no valid reply (then the release is global + noise): skipping a release
+  when too few replied would make the skip itself depend on the users' data.
+- Noise: from the OS's entropy (numpy's default_rng without a seed), never the run seed.
+- Accountant: Opacus's RDPAccountant, one Poisson-subsampled Gaussian step
+  (sigma, q) per round, under add/remove-one-user adjacency; epsilon is reported at
+  delta = user-delta (0 = 1 / nodes registered at the first round, then fixed). Its
+  history is saved with every checkpoint, so a resume continues the same composition.
+- Budget: before a round the loop asks `would_exceed`; if one more release would pass
+  user-epsilon-budget, the run stops there with the rounds done so far.
+
+Why not Flower's DifferentialPrivacyServerSideFixedClipping: it divides the noise by a
+fixed `num_sampled_clients` but samples a fixed-size set through the wrapped strategy,
+and its built-in accountant (flwr.supercore.privacy_accounting) only allows
+"no-amplification" accounting in that wrapper (and needs the dp-accounting package);
+with accounting on it refuses a round whose reply count differs from the sample
+size, i.e. any round where a device failed or refused, and requires equal weights from
+the devices. Here the loop already classifies replies (server/reply_checks.py), so
+clipping, the fixed denominator, the noise and the accountant live in this module and
+the strategy sees the one noised model (a server optimizer such as FedAdam then treats
+it as its pseudo-gradient: post-processing, no further privacy cost).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from opacus.accountants import RDPAccountant
+
+from fedinterest.common.run_config import RunConfig
+
+# The accountant's unit and adjacency, stated wherever the figure is reported.
+UNIT = "user-level (epsilon, delta)-DP of the sequence of global models (DP-FedAvg, add/remove one user's whole history)"
+
+
+@dataclass(frozen=True)
+class UserDPSettings:
+    """The run-config part of layer 2."""
+
+    noise_multiplier: float
+    clip_norm: float
+    delta: float  # 0 = 1 / population at the first round
+    epsilon_budget: float
+    clients_per_round: int
+
+
+class UserLevelAccountant:
+    """The composed privacy loss of the rounds released so far (one RDP step per round)."""
+
+    def __init__(self, settings: UserDPSettings, *, delta: float, sampling_seed: int, history: list[tuple[float, float, int]] | None = None) -> None:
+        self.settings = settings
+        self.delta = delta
+        self.sampling_seed = sampling_seed
+        self._accountant = RDPAccountant()
+        self._accountant.history = [tuple(step) for step in (history or [])]
+
+    @classmethod
+    def start(cls, settings: UserDPSettings, population: int) -> UserLevelAccountant:
+        """A fresh accountant for a run whose first round sees `population` registered nodes."""
+        delta = settings.delta if settings.delta > 0 else 1.0 / max(population, 1)
+        return cls(settings, delta=delta, sampling_seed=secrets.randbits(63))
+
+    @classmethod
+    def from_json(cls, settings: UserDPSettings, state: dict[str, Any]) -> UserLevelAccountant:
+        """Inverse of `to_json` (the checkpoint's privacy["user_level"])."""
+        history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
+        return cls(settings, delta=float(state["delta"]), sampling_seed=int(state["sampling_seed"]), history=history)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe state for the checkpoint manifest (the seed stays server-side, like the weights)."""
+        return {"delta": self.delta, "sampling_seed": self.sampling_seed, "history": [list(step) for step in self._accountant.history]}
+
+    @property
+    def rounds(self) -> int:
+        """How many releases have been composed."""
+        return sum(n for _, _, n in self._accountant.history)
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at `delta` (0 before any release)."""
+        return _epsilon(self._accountant, self.delta) if self._accountant.history else 0.0
+
+    def sample_rate(self, population: int) -> float:
+        """q for a round with `population` registered nodes."""
+        return min(1.0, self.settings.clients_per_round / population)
+
+    def would_exceed(self, population: int) -> bool:
+        """Whether one more release at this population's q would pass the budget."""
+        projected = RDPAccountant()
+        projected.history = list(self._accountant.history)
+        projected.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
+        return _epsilon(projected, self.delta) > self.settings.epsilon_budget
+
+    def record_release(self, population: int) -> None:
+        """Compose one round's release."""
+        self._accountant.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
+
+    def sample(self, node_ids: list[int], server_round: int) -> list[int]:
+        """The round's Poisson sample of `node_ids` (reproducible from the secret seed and the round)."""
+        rng = np.random.default_rng([self.sampling_seed, server_round])
+        chosen = rng.random(len(node_ids)) < self.sample_rate(len(node_ids))
+        return [node for node, keep in zip(sorted(node_ids), chosen) if keep]
+
+    def summary(self) -> dict[str, Any]:
+        """What final.json reports about layer 2."""
+        return {
+            "unit": UNIT,
+            "epsilon": self.epsilon(),
+            "delta": self.delta,
+            "epsilon_budget": self.settings.epsilon_budget,
+            "noise_multiplier": self.settings.noise_multiplier,
+            "clip_norm": self.settings.clip_norm,
+            "rounds_accounted": self.rounds,
+            "sampling": "poisson",
+            "accountant": "opacus rdp",
+        }
+
+
+def _epsilon(accountant: RDPAccountant, delta: float) -> float:
+    with warnings.catch_warnings():
+        # "Optimal order is the largest alpha": the bound stays valid, only looser.
+        warnings.simplefilter("ignore", UserWarning)
+        return float(accountant.get_epsilon(delta))
+
+
+def clip_update(update: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
+    """`update` scaled to L2 norm at most `clip_norm` over all arrays; also its norm before."""
+    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
+    scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
+    return {k: v * scale for k, v in update.items()}, norm
+
+
+def noised_mean_update(
+    global_arrays: dict[str, np.ndarray],
+    replies: list[dict[str, np.ndarray]],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    expected_size: float,
+    rng: np.random.Generator | None = None,
+) -> tuple[dict[str, np.ndarray], list[float]]:
+    """The DP-FedAvg model: global + sum of clipped updates / E + Gaussian noise (std sigma C / E).
+
+    Returns the new arrays (in the global arrays' dtypes) and each reply's update norm
+    before clipping (for the logs). `rng` exists for tests; the default is OS entropy.
+    """
+    rng = rng or np.random.default_rng()
+    total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}
+    norms = []
+    for arrays in replies:
+        clipped, norm = clip_update({k: arrays[k].astype(np.float64) - global_arrays[k] for k in global_arrays}, clip_norm)
+        norms.append(norm)
+        for k in total:
+            total[k] += clipped[k]
+    std = noise_multiplier * clip_norm / expected_size
+    new = {
+        k: (global_arrays[k] + total[k] / expected_size + rng.normal(0.0, std, size=v.shape)).astype(v.dtype)
+        for k, v in global_arrays.items()
+    }
+    return new, norms
+
+
+def settings_of(config: RunConfig) -> UserDPSettings:
+    """Layer 2's settings from the run config."""
+    return UserDPSettings(
+        noise_multiplier=config.user_noise_multiplier,
+        clip_norm=config.user_clip_norm,
+        delta=config.user_delta,
+        epsilon_budget=config.user_epsilon_budget,
+        clients_per_round=config.clients_per_round,
+    )
+
+
+def projected_epsilon(settings: UserDPSettings, population: int, rounds: int, delta: float) -> float:
+    """Epsilon after `rounds` releases at this population (for the start-of-run log line)."""
+    accountant = RDPAccountant()
+    accountant.history = [(settings.noise_multiplier, min(1.0, settings.clients_per_round / population), rounds)]
+    return _epsilon(accountant, delta) if rounds > 0 else 0.0
