@@ -76,7 +76,8 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
             "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its ledger and refuses "
             "to train past its budget",
             "unit_of_protection": UNIT_OF_PROTECTION,
-            "user_level": USER_LEVEL,
+            # Layer 2's figures (DP-FedAvg on the server) when the run used it, else why there are none.
+            "user_level": privacy.get("user_level") or USER_LEVEL,
             "accountant": "Opacus RDP accountant, on each device" if config.private else None,
             "delta": config.delta,
             "epsilon_budget_per_device": config.epsilon_budget,

@@ -17,7 +17,7 @@ from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
 REPORT_MD = "report.md"
 NDCG_PNG = "ndcg.png"
 EPSILON_PNG = "epsilon.png"
-ROUND_COLUMNS = ("round", "sampled", "answered", "refused", "failed", "rejected", "train_loss", "epsilon_max", "epsilon_mean", "hr@10", "ndcg@10", "seconds")
+ROUND_COLUMNS = ("round", "sampled", "answered", "refused", "failed", "rejected", "train_loss", "epsilon_max", "epsilon_mean", "user_epsilon", "hr@10", "ndcg@10", "seconds")
 
 
 def _fmt(value: Any) -> str:
@@ -47,6 +47,9 @@ def summary(run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, c
         "delta": config.delta,
         "epsilon_budget": config.epsilon_budget,
         "dp": config.private,
+        # Layer 2 (DP-FedAvg on the server), None when the run did not use it.
+        "user_level": privacy.get("user_level"),
+        "stopped_early": (final or {}).get("stopped_early"),
         "wall_seconds": (final or {}).get("wall_seconds"),
     }
 
@@ -63,6 +66,14 @@ def markdown(facts: dict[str, Any], rows: list[RoundRow]) -> str:
         + f" | {_fmt(facts['delta'])} | {_fmt(facts['epsilon_budget'])} |",
         "",
     ]
+    user = facts.get("user_level")
+    if user:
+        lines += [
+            f"User level (layer 2, DP-FedAvg on the server): epsilon {_fmt(user['epsilon'])} at delta {_fmt(user['delta'])} "
+            f"after {user['rounds_accounted']} rounds, budget {_fmt(user['epsilon_budget'])}"
+            + (f"; the run stopped early ({facts['stopped_early']})." if facts.get("stopped_early") else "."),
+            "",
+        ]
     if facts["finished"]:
         metrics = sorted({*(facts.get("valid") or {}), *(facts.get("test") or {})})
         lines += ["| split | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]

@@ -283,3 +283,16 @@ def test_export_refuses_a_changed_catalogue(deployment_dir: Path, tmp_path: Path
     write_catalogue(deployment_dir / "catalogue.txt", 41)
     result = invoke("export", "1234", "--out", str(tmp_path / "b"), "--dir", str(deployment_dir))
     assert result.exit_code == 1 and "changed since run" in result.output
+
+
+def test_report_shows_the_user_level_epsilon_of_a_layer_two_run(deployment_dir: Path) -> None:
+    run_dir = _fake_run(deployment_dir)
+    final = json.loads((run_dir / "final.json").read_text())
+    final["privacy"]["user_level"] = {"epsilon": 3.25, "delta": 0.001, "rounds_accounted": 2, "epsilon_budget": 4.0}
+    final["stopped_early"] = "user-epsilon-budget"
+    (run_dir / "final.json").write_text(json.dumps(final))
+    result = invoke("report", "1234", "--dir", str(deployment_dir))
+    assert result.exit_code == 0, result.output
+    assert "epsilon 3.25 at delta 0.001 after 2 rounds, budget 4; the run stopped early (user-epsilon-budget)" in result.output
+    facts = json.loads(invoke("report", run_dir.name, "--dir", str(deployment_dir), "--json").stdout)
+    assert facts["user_level"]["epsilon"] == 3.25
