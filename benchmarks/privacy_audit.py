@@ -317,6 +317,8 @@ def summarize_audit(run_dir: Path, model_name: str) -> dict[str, Any]:
         "best_valid": final.get("best_valid"),
         "privacy": final["privacy"],
         "user_level": level,
+        # Layer 2 stops a run before a round that would pass its user-level budget.
+        "stopped_early": final.get("stopped_early"),
         "run_config": {k: resolved["run"][k] for k in sorted(resolved["run"]) if k != "run-dir"},
         "counts": final["counts"],
         "wall_seconds": final["wall_seconds"],
@@ -469,11 +471,12 @@ def table(results: Sequence[dict[str, Any]] | None = None) -> str:
     ]
     for s in results:
         a = s["attack"]
+        rounds = f"{s['rounds']} x {s['clients_per_round']}" + (" (stopped at the user-level budget)" if s.get("stopped_early") else "")
         lines.append(
             f"| {LABELS.get(s['model'], s['model'])} | {_auc(a['loss'])} | {_auc(a['calibrated'])} | {_auc(a['control_popularity'])} | "
             f"{a['members']} / {a['nonmembers']} | {_chosen_ndcg(s)} | {s['test']['ndcg@10']:.4f} | "
             f"{a['test_ndcg@10']['members']:.4f} / {a['test_ndcg@10']['nonmembers']:.4f} | {_layer1(s)} | {_user_epsilon(s)} | "
-            f"{s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
+            f"{rounds} | {s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )
     if not results:
         lines.append("| (no stored results) | | | | | | | | | | | | |")

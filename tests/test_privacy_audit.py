@@ -184,6 +184,17 @@ def test_overrides_reuse_the_federated_variants() -> None:
         audit.overrides_for("layer-3", members=471, rounds=20, clients_per_round=100)
 
 
+def test_layers_1_and_2_overrides_are_a_valid_simulation_config() -> None:
+    from fedinterest.simulations.simulate import resolve_config
+
+    overrides = audit.overrides_for("layers-1+2", members=50, rounds=10, clients_per_round=10)
+    config = resolve_config(audit.CONFIGS / "ml-100k.toml", overrides)
+    assert config.federation.num_supernodes == 50
+    assert config.run.noise_multiplier == 2.0 and config.run.max_len == 10  # layer 1 as in dp-2.0
+    assert config.run.user_noise_multiplier > 0 and config.run.user_delta == pytest.approx(1 / 50)
+    assert config.run.user_epsilon_budget == pytest.approx(8.05)
+
+
 def test_layer2_noise_is_calibrated_for_the_target_epsilon() -> None:
     from opacus.accountants import RDPAccountant
 
@@ -210,13 +221,13 @@ def _summary(model: str, auc: float, user_epsilon: float | None = None) -> dict:
 
 def test_table_rows_and_target_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit, "RESULTS", tmp_path)
-    for s in (_summary("layers-1+2", 0.52, 7.99), _summary("no-dp", 0.61)):
+    for s in (_summary("layers-1+2", 0.52, 7.99) | {"stopped_early": "user-epsilon-budget"}, _summary("no-dp", 0.61)):
         (tmp_path / f"{s['model']}.json").write_text(json.dumps(s))
     text = audit.table()
     rows = [line for line in text.splitlines() if line.startswith("| no DP") or line.startswith("| layers")]
     assert rows[0].startswith("| no DP | 0.610 ± 0.020 | 0.610 ± 0.020 | 0.500 ± 0.020 | 471 / 471 | 0.0400 (round 15) | 0.0300 |")
-    assert "| no DP | 30 x" not in rows[0] and "| no DP |" in rows[0]
     assert rows[1].startswith("| layers 1+2") and "| 7.99 (0.00212) |" in rows[1]
+    assert "| 20 x 100 (stopped at the user-level budget) |" in rows[1] and "| 20 x 100 |" in rows[0]
     assert "python -m fedinterest.benchmarks.privacy_audit" in text
     assert "**met**" in text and "AUC 0.520 at ε 7.99" in text
 
