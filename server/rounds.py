@@ -314,9 +314,10 @@ def _user_level_round(
     )
     user_dp.record_release(nodes)
     clipped = sum(1 for n in norms if n > settings.clip_norm)
+    # The median norm before clipping is what user-clip-norm should be chosen near (McMahan et al.).
     LOG.info(
-        "fedinterest: round %d: DP-FedAvg over %d valid update(s), %d clipped to %g; user-level epsilon %.3f at delta %g",
-        server_round, len(valid), clipped, settings.clip_norm, user_dp.epsilon(), user_dp.delta,
+        "fedinterest: round %d: DP-FedAvg over %d valid update(s), %d clipped to %g (median norm %s); user-level epsilon %.3f at delta %g",
+        server_round, len(valid), clipped, settings.clip_norm, f"{float(np.median(norms)):.3g}" if norms else "-", user_dp.epsilon(), user_dp.delta,
     )
     new_arrays, _ = strategy.aggregate_train(server_round, [_released_reply(noised, server_round)])
     if new_arrays is None:  # no strategy drops its only reply; guard rather than lose the release
