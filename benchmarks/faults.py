@@ -142,6 +142,10 @@ def _best_ndcg(summary: dict) -> float | None:
     return (best.get("test") or {}).get("ndcg@10")
 
 
+def _best_valid_ndcg(summary: dict) -> float | None:
+    return (summary.get("best_valid") or {}).get("valid_ndcg@10")
+
+
 def _group(summary: dict) -> tuple:
     """Runs comparable with each other: same dataset, size and seed."""
     return summary["dataset"], summary["rounds_requested"], summary["clients_per_round"], summary["seed"]
@@ -189,6 +193,7 @@ def verdicts(summaries: list[dict]) -> list[str]:
             continue
         last = relative(s["test"]["ndcg@10"], base["test"]["ndcg@10"])
         best = relative(_best_ndcg(s), _best_ndcg(base))
+        valid = relative(_best_valid_ndcg(s), _best_valid_ndcg(base))
         holds = last is not None and abs(last) <= TARGET
         subject = (
             f"With {s['fault_fraction']:.0%} of each round's devices failing ({s['fault_mode']}, "
@@ -197,8 +202,9 @@ def verdicts(summaries: list[dict]) -> list[str]:
         target = "the issue's target" if s["fault_fraction"] == TARGET_FRACTION else "the 5% criterion (the issue's target is at 30%)"
         sentences.append(
             f"{subject}, the final (last-round) test NDCG@10 is {_number(s['test']['ndcg@10'])} against "
-            f"{_number(base['test']['ndcg@10'])} without faults, {_percent(last)} relative: {target} of at most "
-            f"{TARGET:.0%} **{'holds' if holds else 'does not hold'}** (at the round validation picks: {_percent(best)})."
+            f"{_number(base['test']['ndcg@10'])} without faults, {_percent(last)} relative: {target} (within "
+            f"{TARGET:.0%}) **{'holds' if holds else 'does not hold'}** (at the round validation picks: {_percent(best)} "
+            f"on test, {_percent(valid)} on the validation split it was picked on)."
         )
     return sentences
 

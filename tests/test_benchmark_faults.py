@@ -48,6 +48,14 @@ def test_verdict_is_computed_from_the_last_round(last: float, verdict: str) -> N
     (sentence,) = faults.verdicts([_summary(0.0, 0.0500, 0.0520), _summary(0.3, last, 0.0520, failed=600)])
     assert verdict in sentence
     assert "30% of each round's devices failing" in sentence and "the issue's target" in sentence
+    assert "+0.0% on test, +0.0% on the validation split" in sentence
+
+
+def test_verdict_names_the_validation_difference() -> None:
+    free, faulty = _summary(0.0, 0.0500, 0.0520), _summary(0.3, 0.0500, 0.0520, failed=600)
+    faulty["best_valid"]["valid_ndcg@10"] = 0.0468
+    (sentence,) = faults.verdicts([free, faulty])
+    assert "-10.0% on the validation split" in sentence and "**holds**" in sentence
 
 
 def test_no_verdict_without_a_baseline() -> None:
