@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedinterest.benchmarks.federated import VARIANTS
+from fedinterest.benchmarks.federated import VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.run_metrics import RoundRow
@@ -113,8 +113,7 @@ def run(fractions: list[float], mode: str, rounds: int, devices: int, seed: int,
         config = resolve_config(CONFIG, items)
         print(f"simulating ml-100k, fault-fraction {fraction:g}: {' '.join(items)}", file=sys.stderr, flush=True)
         # The run directory records the equivalent `fedinterest simulate` command.
-        argv = [str(CONFIG)] + [part for item in items for part in ("--set", item)] + ["--out", str(out)]
-        result = run_simulation(config, out, argv=argv, on_round=print_progress)
+        result = run_simulation(config, out, argv=simulate_argv(CONFIG, items, out), on_round=print_progress)
         summary = summarize_run_dir(result.run_dir, command(fraction, mode, rounds, devices, seed))
         print(f"  stored {_store(summary)}", file=sys.stderr, flush=True)
 

@@ -105,8 +105,13 @@ def run(datasets: list[str], variants: list[str], extra: list[str], out: Path) -
             config = resolve_config(CONFIGS / f"{dataset}.toml", overrides)
             print(f"simulating {dataset} / {variant}: {' '.join(overrides)}", file=sys.stderr)
 
-            result = run_simulation(config, out, argv=["benchmarks/federated.py", dataset, variant], on_round=print_progress)
+            result = run_simulation(config, out, argv=simulate_argv(CONFIGS / f"{dataset}.toml", overrides, out), on_round=print_progress)
             print(f"  stored {_store(summarize_run_dir(result.run_dir))}", file=sys.stderr)
+
+
+def simulate_argv(config_path: Path, overrides: list[str], out: Path) -> list[str]:
+    """The `fedinterest simulate` arguments that reproduce one benchmark run (recorded in its run directory)."""
+    return [str(config_path), *(part for item in overrides for part in ("--set", item)), "--out", str(out)]
 
 
 def _centralized(dataset: str) -> dict | None:

@@ -86,7 +86,7 @@ def run(datasets: list[str], epsilons: list[float], rounds: int, clients_per_rou
             sets = overrides(epsilon, users, clients_per_round, rounds, clip_norm, layer1)
             print(f"simulating {dataset} at user-level epsilon {epsilon:g} ({users} users): {' '.join(sets)}", file=sys.stderr)
             config = resolve_config(config_path, sets)
-            result = run_simulation(config, out, argv=["benchmarks/user_privacy.py", dataset, f"eps={epsilon:g}"], on_round=federated.print_progress)
+            result = run_simulation(config, out, argv=federated.simulate_argv(config_path, sets, out), on_round=federated.print_progress)
             print(f"  stored {_store(summarize(result.run_dir, epsilon, layer1))}", file=sys.stderr)
 
 
