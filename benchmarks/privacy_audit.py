@@ -7,7 +7,7 @@ so only users 0..M-1 ever train -- the members -- while the item vocabulary stay
 of the whole dataset. Users M..N-1 never train: the non-members. The audit checks this
 in every run (the device ledgers under `devices/` name only partitions < M).
 
-Three models go through the real product path (`run_simulation`, as
+The models go through the real product path (`run_simulation`, as
 benchmarks/federated.py does), with the same rounds and devices per round:
 
 - `no-dp`: FedAvg without DP (`federated.VARIANTS["no-dp"]`);
@@ -15,7 +15,9 @@ benchmarks/federated.py does), with the same rounds and devices per round:
   epsilon 8 at delta 1e-5, one window of 10 items = one DP unit);
 - `layers-1+2`: layer 1 plus user-level DP-FedAvg, its noise multiplier calibrated with
   Opacus's RDP accountant for user-level epsilon `--target-epsilon` at delta 1/M, with
-  Poisson sampling of devices at rate clients-per-round / M, one step per round.
+  Poisson sampling of devices at rate clients-per-round / M, one step per round;
+- `layer-2` (an extra): the same user-level DP-FedAvg with devices training as `no-dp`,
+  a model that does learn under user-level DP, to show what the attack gets from it.
 
 The attack is the loss threshold of Yeom et al. (2018): for every member and as many
 non-members, the score is the final global model's mean next-item cross-entropy over the
@@ -91,8 +93,14 @@ FLWR_LOG = "flwr.log"
 _LEDGER = re.compile(r"^partition-(\d+)\.sqlite$")
 _REGISTERED = re.compile(r"fedinterest: (\d+)(?: of (\d+) expected)? nodes registered")
 
-MODELS = ("no-dp", "layer-1", "layers-1+2")
-LABELS = {"no-dp": "no DP", "layer-1": "layer 1 (on-device DP-SGD)", "layers-1+2": "layers 1+2 (+ user-level DP-FedAvg)"}
+MODELS = ("no-dp", "layer-1", "layer-2", "layers-1+2")
+LABELS = {
+    "no-dp": "no DP",
+    "layer-1": "layer 1 (on-device DP-SGD)",
+    "layer-2": "layer 2 only (user-level DP-FedAvg, devices train as no DP)",
+    "layers-1+2": "layers 1+2 (+ user-level DP-FedAvg)",
+}
+QUALITY = REPO / "benchmarks" / "results" / "quality"
 
 
 # --------------------------------------------------------------------------- attack
@@ -342,10 +350,11 @@ def overrides_for(model_name: str, *, members: int, rounds: int, clients_per_rou
         return VARIANTS["no-dp"] + common
     if model_name == "layer-1":
         return VARIANTS["dp-2.0"] + common
-    if model_name == "layers-1+2":
+    if model_name in ("layer-2", "layers-1+2"):
         delta = 1.0 / members
         sigma = user_noise_multiplier(target_epsilon=target_epsilon, delta=delta, sample_rate=min(1.0, clients_per_round / members), rounds=rounds)
-        return VARIANTS["dp-2.0"] + common + [
+        layer1 = VARIANTS["dp-2.0"] if model_name == "layers-1+2" else VARIANTS["no-dp"]
+        return layer1 + common + [
             f"user-noise-multiplier={sigma!r}",
             f"user-clip-norm={USER_CLIP_NORM!r}",
             f"user-delta={delta!r}",
@@ -423,8 +432,20 @@ def stored() -> list[dict[str, Any]]:
     return sorted(found, key=lambda s: (order.get(s["model"], len(order)), s["rounds"], s["clients_per_round"], s["num_members"]))
 
 
-def target_sentence(results: Sequence[dict[str, Any]], *, target_auc: float = TARGET_AUC, target_epsilon: float = TARGET_EPSILON) -> str:
-    """Whether the issue's target (attack AUC <= 0.55 for layers 1+2 at epsilon 8) holds, from the results."""
+def popularity_ndcg(dataset: str = DATASET) -> float | None:
+    """Test NDCG@10 of the popularity baseline (the quality benchmark's stored result), if stored."""
+    path = QUALITY / f"{dataset}-sasrec-seed0.json"
+    return json.loads(path.read_text(encoding="utf-8"))["popularity_test"]["ndcg@10"] if path.is_file() else None
+
+
+def target_sentence(
+    results: Sequence[dict[str, Any]], *, target_auc: float = TARGET_AUC, target_epsilon: float = TARGET_EPSILON, popularity: float | None = None
+) -> str:
+    """Whether the issue's target (attack AUC <= 0.55 for layers 1+2 at epsilon 8) holds, from the results.
+
+    With `popularity` (its test NDCG@10), a model that does not beat it is named as such:
+    a model that learned nothing leaks nothing, so its low AUC says little.
+    """
     candidates = [s for s in results if s["model"] == "layers-1+2" and (s.get("user_level") or {}).get("epsilon") is not None]
     if not candidates:
         return f"Target (attack AUC ≤ {target_auc} for the layers 1+2 model at user-level ε {target_epsilon:g}): not measured yet (no layers 1+2 result)."
@@ -439,6 +460,18 @@ def target_sentence(results: Sequence[dict[str, Any]], *, target_auc: float = TA
         lines.append(
             f"Target (attack AUC ≤ {target_auc} for the layers 1+2 model at user-level ε {target_epsilon:g}): {verdict} — "
             f"AUC {auc:.3f} at ε {eps:.2f} ({s['rounds']} rounds x {s['clients_per_round']} devices){why}{margin}."
+        )
+        if popularity is not None and s["test"]["ndcg@10"] < popularity:
+            lines[-1] += (
+                f" But this model does not learn: its test NDCG@10 {s['test']['ndcg@10']:.4f} is below popularity's "
+                f"{popularity:.4f}, so the low AUC reflects a model that fits nothing, not privacy at a useful model."
+            )
+    useful = [s for s in results if s["model"] == "layer-2" and (s.get("user_level") or {}).get("epsilon") is not None]
+    for s in useful:
+        auc, eps = s["attack"]["loss"]["auc"], s["user_level"]["epsilon"]
+        lines.append(
+            f"Layer 2 alone (devices train without DP) at user-level ε {eps:.2f}: attack AUC {auc:.3f} "
+            f"(calibrated {s['attack']['calibrated']['auc']:.3f}), test NDCG@10 {s['test']['ndcg@10']:.4f}."
         )
     return "\n\n".join(lines)
 
@@ -462,7 +495,7 @@ def table(results: Sequence[dict[str, Any]] | None = None) -> str:
         "of devices). Device noise is unseeded, so DP rows vary between runs.",
         "",
         "```sh",
-        "python -m fedinterest.benchmarks.privacy_audit --models no-dp layer-1 layers-1+2 --rounds 20 --clients-per-round 100",
+        "python -m fedinterest.benchmarks.privacy_audit --models no-dp layer-1 layer-2 layers-1+2 --rounds 20 --clients-per-round 100",
         "python -m fedinterest.benchmarks.privacy_audit --table-only   # rebuild this section from benchmarks/results/privacy_audit/",
         "```",
         "",
@@ -480,7 +513,7 @@ def table(results: Sequence[dict[str, Any]] | None = None) -> str:
         )
     if not results:
         lines.append("| (no stored results) | | | | | | | | | | | | |")
-    lines += ["", target_sentence(results)]
+    lines += ["", target_sentence(results, popularity=popularity_ndcg())]
     return "\n".join(lines)
 
 

@@ -180,6 +180,8 @@ def test_overrides_reuse_the_federated_variants() -> None:
     assert no_dp[:3] == audit.VARIANTS["no-dp"] and "num-supernodes=471" in no_dp and "num-server-rounds=20" in no_dp
     layer1 = audit.overrides_for("layer-1", members=471, rounds=20, clients_per_round=100)
     assert layer1[: len(audit.VARIANTS["dp-2.0"])] == audit.VARIANTS["dp-2.0"]
+    layer2 = audit.overrides_for("layer-2", members=471, rounds=20, clients_per_round=100)
+    assert layer2[:3] == audit.VARIANTS["no-dp"] and any(o.startswith("user-noise-multiplier=") for o in layer2)
     with pytest.raises(ValueError):
         audit.overrides_for("layer-3", members=471, rounds=20, clients_per_round=100)
 
@@ -221,6 +223,7 @@ def _summary(model: str, auc: float, user_epsilon: float | None = None) -> dict:
 
 def test_table_rows_and_target_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(audit, "RESULTS", tmp_path)
+    monkeypatch.setattr(audit, "QUALITY", tmp_path / "no-quality-results")
     for s in (_summary("layers-1+2", 0.52, 7.99) | {"stopped_early": "user-epsilon-budget"}, _summary("no-dp", 0.61)):
         (tmp_path / f"{s['model']}.json").write_text(json.dumps(s))
     text = audit.table()
@@ -230,6 +233,14 @@ def test_table_rows_and_target_verdict(tmp_path: Path, monkeypatch: pytest.Monke
     assert "| 20 x 100 (stopped at the user-level budget) |" in rows[1] and "| 20 x 100 |" in rows[0]
     assert "python -m fedinterest.benchmarks.privacy_audit" in text
     assert "**met**" in text and "AUC 0.520 at ε 7.99" in text
+
+
+def test_target_verdict_names_a_model_that_does_not_beat_popularity() -> None:
+    below = _summary("layers-1+2", 0.50, 7.99) | {"test": {"ndcg@10": 0.003}}
+    text = audit.target_sentence([below, _summary("layer-2", 0.53, 7.98)], popularity=0.0439)
+    assert "**met**" in text and "does not learn: its test NDCG@10 0.0030 is below popularity's 0.0439" in text
+    assert "Layer 2 alone (devices train without DP) at user-level ε 7.98: attack AUC 0.530" in text
+    assert "does not learn" not in audit.target_sentence([_summary("layers-1+2", 0.50, 7.99)], popularity=0.02)
 
 
 def test_target_verdict_missed_and_not_measured() -> None:
