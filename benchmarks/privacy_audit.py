@@ -466,12 +466,28 @@ def target_sentence(
                 f" But this model does not learn: its test NDCG@10 {s['test']['ndcg@10']:.4f} is below popularity's "
                 f"{popularity:.4f}, so the low AUC reflects a model that fits nothing, not privacy at a useful model."
             )
+    for s in (s for s in results if s["model"] == "no-dp"):
+        loss, calibrated = s["attack"]["loss"], s["attack"]["calibrated"]
+        detected = loss["auc"] - 1.96 * loss["se"] > 0.5
+        lines.append(
+            f"Without DP the attack {'detects' if detected else 'does not clearly detect'} membership: AUC {loss['auc']:.3f} "
+            f"(95% interval {loss['auc'] - 1.96 * loss['se']:.3f}–{loss['auc'] + 1.96 * loss['se']:.3f}), calibrated "
+            f"{calibrated['auc']:.3f}, at test NDCG@10 {s['test']['ndcg@10']:.4f} ({s['rounds']} rounds x {s['clients_per_round']} devices)."
+        )
     useful = [s for s in results if s["model"] == "layer-2" and (s.get("user_level") or {}).get("epsilon") is not None]
     for s in useful:
         auc, eps = s["attack"]["loss"]["auc"], s["user_level"]["epsilon"]
+        versus = f" (popularity {popularity:.4f})" if popularity is not None else ""
         lines.append(
             f"Layer 2 alone (devices train without DP) at user-level ε {eps:.2f}: attack AUC {auc:.3f} "
-            f"(calibrated {s['attack']['calibrated']['auc']:.3f}), test NDCG@10 {s['test']['ndcg@10']:.4f}."
+            f"(calibrated {s['attack']['calibrated']['auc']:.3f}), test NDCG@10 {s['test']['ndcg@10']:.4f}{versus}."
+        )
+    if results:
+        control = results[0]["attack"]["control_popularity"]["auc"]
+        lines.append(
+            f"Chance levels: the loss AUC's is 0.5. The calibrated AUC's is not: for a model that learned nothing "
+            f"(a flat loss), the calibrated score is minus the popularity loss plus a constant, so its AUC is "
+            f"1 − control AUC = {1 - control:.3f} here."
         )
     return "\n\n".join(lines)
 
@@ -492,7 +508,10 @@ def table(results: Sequence[dict[str, Any]] | None = None) -> str:
         "run's test split, at the round validation picks, and at the last round, whose model the attack",
         "uses); *members / non-members NDCG@10* is the final model on each group. Layer 1 ε is the",
         "largest per-device example-level ε; user-level ε is layer 2's accountant (RDP, Poisson sampling",
-        "of devices). Device noise is unseeded, so DP rows vary between runs.",
+        "of devices at q = devices per round / M, δ = 1/M), its noise calibrated with Opacus's",
+        "`get_noise_multiplier` for ε 8 over the run's rounds. Members are the users that come first in",
+        "the data file (partition i = user i), not a random half. Device noise is unseeded, so DP rows",
+        "vary between runs.",
         "",
         "```sh",
         "python -m fedinterest.benchmarks.privacy_audit --models no-dp layer-1 layer-2 layers-1+2 --rounds 20 --clients-per-round 100",

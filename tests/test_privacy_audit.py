@@ -233,6 +233,7 @@ def test_table_rows_and_target_verdict(tmp_path: Path, monkeypatch: pytest.Monke
     assert "| 20 x 100 (stopped at the user-level budget) |" in rows[1] and "| 20 x 100 |" in rows[0]
     assert "python -m fedinterest.benchmarks.privacy_audit" in text
     assert "**met**" in text and "AUC 0.520 at ε 7.99" in text
+    assert "Without DP the attack detects membership: AUC 0.610 (95% interval 0.571–0.649)" in text
 
 
 def test_target_verdict_names_a_model_that_does_not_beat_popularity() -> None:
@@ -240,6 +241,7 @@ def test_target_verdict_names_a_model_that_does_not_beat_popularity() -> None:
     text = audit.target_sentence([below, _summary("layer-2", 0.53, 7.98)], popularity=0.0439)
     assert "**met**" in text and "does not learn: its test NDCG@10 0.0030 is below popularity's 0.0439" in text
     assert "Layer 2 alone (devices train without DP) at user-level ε 7.98: attack AUC 0.530" in text
+    assert "(popularity 0.0439)." in text and "1 − control AUC = 0.500 here" in text
     assert "does not learn" not in audit.target_sentence([_summary("layers-1+2", 0.50, 7.99)], popularity=0.02)
 
 
