@@ -8,6 +8,10 @@ this loop drives the strategy's public steps itself, round by round:
     -> server-side evaluation (every eval_every rounds and at the last) -> checkpoint
     -> one row of metrics.jsonl
 
+With user-level DP (layer 2, `user-noise-multiplier` > 0) the sample is Poisson and
+every round releases the clipped, noised mean of server/user_privacy.py; the run stops
+before a round that would pass `user-epsilon-budget` (final.json "stopped_early").
+
 A round with fewer than `min-replies` valid replies (at least one is always needed)
 completes without aggregation; the model stays, it is logged as a warning and counted in
 `rounds_without_update`. With `fault-fraction` > 0 the loop marks that fraction of the
@@ -21,7 +25,8 @@ Run directory (`config.run_dir`, or a fresh temporary directory when it is empty
   epsilon_max / epsilon_mean (cumulative example-level epsilon at the run's delta
   reported by the devices that replied in form this round; null when none replied or
   when any reported inf), dp (false when a device reported inf, i.e. trained without
-  DP; null when no epsilon was reported), hr@10 / ndcg@10 (server-side validation
+  DP; null when no epsilon was reported), user_epsilon (layer 2's user-level epsilon
+  after the round, null without layer 2), hr@10 / ndcg@10 (server-side validation
   metrics when evaluated this round, else null), seconds (the round's wall time,
   evaluation included), time (ISO 8601, UTC, end of round);
 - `final.json`: the last round's validation and test metrics over all users, and
@@ -76,7 +81,7 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.split import LeaveOneOut
-from fedinterest.common.wire import ARRAYS, HIT_RATE_10, NDCG_10, NUM_EXAMPLES
+from fedinterest.common.wire import ARRAYS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
@@ -328,7 +333,7 @@ def _user_level_round(
 def _released_reply(arrays: dict[str, np.ndarray], server_round: int) -> Message:
     """The released model as the one reply the strategy aggregates: FedAvg keeps it as it
     is, a server optimizer (FedAdam, FedAvgM, ...) takes it as its pseudo-gradient step."""
-    content = RecordDict({ARRAYS: arrays_from_numpy(arrays), "metrics": MetricRecord({NUM_EXAMPLES: 1, "server-round": server_round})})
+    content = RecordDict({ARRAYS: arrays_from_numpy(arrays), METRICS: MetricRecord({NUM_EXAMPLES: 1, SERVER_ROUND: server_round})})
     return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 

@@ -682,7 +682,8 @@ def privacy_report(
     server = final.get("privacy") if isinstance(final.get("privacy"), dict) else {}
     report: dict[str, Any] = {
         "dp": run.private,
-        "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its privacy ledger",
+        "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its privacy ledger"
+        + ("; and 2: user-level DP-FedAvg on the server (see user_level)" if run.user_private else ""),
         "unit_of_protection": UNIT_OF_PROTECTION,
         "user_level": _user_level(server, run),
         "accountant": "Opacus RDPAccountant (RDP), recomputed by each device from its ledger" if run.private else None,
