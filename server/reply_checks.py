@@ -63,12 +63,17 @@ class UpdateBound:
     max_norm: float
 
     def norm(self, arrays: ArrayRecord) -> float:
-        """L2 norm of (arrays - sent) over every array, in float64 (float32 squares overflow)."""
-        total = 0.0
-        for key, base in self.sent.items():
-            diff = arrays[key].numpy().astype(np.float64) - base.astype(np.float64)
-            total += float(np.dot(diff.ravel(), diff.ravel()))
-        return math.sqrt(total)
+        """L2 norm of (arrays - sent) over every array."""
+        return l2_norm(arrays[key].numpy().astype(np.float64) - base.astype(np.float64) for key, base in self.sent.items())
+
+
+def l2_norm(arrays: Iterable[np.ndarray]) -> float:
+    """The L2 norm of several arrays taken together, in float64 (float32 squares overflow)."""
+    total = 0.0
+    for array in arrays:
+        flat = np.asarray(array, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    return math.sqrt(total)
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,7 @@ from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, a
 from fedinterest.server.faults import mark_faults, pick_faulty
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
-from fedinterest.server.user_privacy import UserLevelAccountant, noised_mean_update, projected_epsilon, settings_of
+from fedinterest.server.user_privacy import UserLevelAccountant, noised_mean_update, settings_of
 
 LOG = logging.getLogger("flwr.fedinterest")  # a child of Flower's logger: shown in its run log
 
@@ -254,8 +254,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     if last_valid is None:
         last_valid = evaluator.evaluate(arrays, "valid")
     test = evaluator.evaluate(arrays, "test")
-    final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, user_dp, counts, prior_seconds + time.monotonic() - started)
-    final["stopped_early"] = stopped_early
+    final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, user_dp, stopped_early, counts, prior_seconds + time.monotonic() - started)
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
     LOG.info("fedinterest: done after round %d: test hr@10 %.4f ndcg@10 %.4f; %s", final_round, test["hr@10"], test["ndcg@10"], run_dir / FINAL_FILE)
     return final
@@ -350,7 +349,7 @@ def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None) -
 
 def _log_user_dp_plan(user_dp: UserLevelAccountant, nodes: int, rounds_left: int) -> None:
     settings = user_dp.settings
-    planned = projected_epsilon(settings, nodes, user_dp.rounds + rounds_left, user_dp.delta)
+    planned = user_dp.epsilon_after(nodes, rounds_left)
     LOG.info(
         "fedinterest: user-level DP: sigma %g, clip %g, q %.4f of %d nodes; epsilon after %d rounds would be %.3f at delta %g (budget %g)",
         settings.noise_multiplier, settings.clip_norm, user_dp.sample_rate(nodes), nodes, user_dp.rounds + rounds_left, planned, user_dp.delta, settings.epsilon_budget,
@@ -518,6 +517,7 @@ def _final(
     best: dict[str, Any],
     privacy: PrivacyTally,
     user_dp: UserLevelAccountant | None,
+    stopped_early: str | None,
     counts: dict[str, int],
     seconds: float,
 ) -> dict[str, Any]:
@@ -529,6 +529,7 @@ def _final(
         "valid": valid,
         "test": test,
         "best_valid": best or None,
+        "stopped_early": stopped_early,
         "wall_seconds": round(seconds, 3),
         "privacy": privacy.summary(config.delta) | {"user_level": user_dp.summary() if user_dp is not None else None},
         "counts": counts,

@@ -42,7 +42,6 @@ it as its pseudo-gradient: post-processing, no further privacy cost).
 
 from __future__ import annotations
 
-import math
 import secrets
 import warnings
 from dataclasses import dataclass
@@ -52,6 +51,7 @@ import numpy as np
 from opacus.accountants import RDPAccountant
 
 from fedinterest.common.run_config import RunConfig
+from fedinterest.server.reply_checks import l2_norm
 
 # The accountant's unit and adjacency, stated wherever the figure is reported.
 UNIT = "user-level (epsilon, delta)-DP of the sequence of global models (DP-FedAvg, add/remove one user's whole history)"
@@ -107,12 +107,17 @@ class UserLevelAccountant:
         """q for a round with `population` registered nodes."""
         return min(1.0, self.settings.clients_per_round / population)
 
-    def would_exceed(self, population: int) -> bool:
-        """Whether one more release at this population's q would pass the budget."""
+    def epsilon_after(self, population: int, more_rounds: int) -> float:
+        """Epsilon if `more_rounds` releases at this population's q followed (nothing is recorded)."""
         projected = RDPAccountant()
         projected.history = list(self._accountant.history)
-        projected.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
-        return _epsilon(projected, self.delta) > self.settings.epsilon_budget
+        for _ in range(more_rounds):
+            projected.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
+        return _epsilon(projected, self.delta) if projected.history else 0.0
+
+    def would_exceed(self, population: int) -> bool:
+        """Whether one more release at this population's q would pass the budget."""
+        return self.epsilon_after(population, 1) > self.settings.epsilon_budget
 
     def record_release(self, population: int) -> None:
         """Compose one round's release."""
@@ -148,7 +153,7 @@ def _epsilon(accountant: RDPAccountant, delta: float) -> float:
 
 def clip_update(update: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[str, np.ndarray], float]:
     """`update` scaled to L2 norm at most `clip_norm` over all arrays; also its norm before."""
-    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values()))
+    norm = l2_norm(update.values())
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {k: v * scale for k, v in update.items()}, norm
 
@@ -192,10 +197,3 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         epsilon_budget=config.user_epsilon_budget,
         clients_per_round=config.clients_per_round,
     )
-
-
-def projected_epsilon(settings: UserDPSettings, population: int, rounds: int, delta: float) -> float:
-    """Epsilon after `rounds` releases at this population (for the start-of-run log line)."""
-    accountant = RDPAccountant()
-    accountant.history = [(settings.noise_multiplier, min(1.0, settings.clients_per_round / population), rounds)]
-    return _epsilon(accountant, delta) if rounds > 0 else 0.0
