@@ -38,8 +38,16 @@ DATASETS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "synthetic": "s
 # sigma 1. The noise multiplier then sets how many rounds a device affords within its
 # budget (epsilon 8 at delta 1e-5): sigma 1 about one, 2 about four, 4 about ten.
 _DP = ["max-len=10", "batch-size=2", "local-lr=0.005"]
+_NO_DP = ["noise-multiplier=0", "local-epochs=5", "local-lr=0.005"]
+# FedAvg with server momentum (FedAvgM, Hsu et al. 2019): the server applies the averaged
+# update through momentum 0.9 at server lr 0.3, i.e. steps up to 3x FedAvg's along the
+# directions rounds agree on. 20-round pilots on ML-100K (docs/benchmarks.md, "Server
+# momentum"): validation NDCG@10 0.0703 against FedAvg's 0.0553; server lr 1 (momentum
+# 0.9 or 0.8) peaks at round 10 and then falls back, the steps too large to settle.
+_MOMENTUM = ["strategy=fedavgm", "server-momentum=0.9", "server-lr=0.3"]
 VARIANTS: dict[str, list[str]] = {
-    "no-dp": ["noise-multiplier=0", "local-epochs=5", "local-lr=0.005"],
+    "no-dp": _NO_DP,
+    "no-dp-fedavgm": [*_NO_DP, *_MOMENTUM],
     "dp-1.0": ["noise-multiplier=1.0", *_DP],
     "dp-2.0": ["noise-multiplier=2.0", *_DP],
     "dp-4.0": ["noise-multiplier=4.0", *_DP],
@@ -47,11 +55,31 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def variant_of(overrides: list[str]) -> str:
-    """The variant whose overrides a run used (its noise multiplier decides)."""
-    noise = next((o.split("=", 1)[1] for o in overrides if o.startswith("noise-multiplier=")), None)
-    if noise is not None and float(noise) == 0:
-        return "no-dp"
-    return f"dp-{float(noise):.1f}" if noise is not None else "config-default"
+    """The variant whose overrides a run used: its noise multiplier, then its strategy if not FedAvg."""
+    noise = _override(overrides, "noise-multiplier")
+    if noise is None:
+        base = "config-default"
+    else:
+        base = "no-dp" if float(noise) == 0 else f"dp-{float(noise):.1f}"
+    strategy = _override(overrides, "strategy")
+    return base if strategy in (None, "fedavg") else f"{base}-{strategy}"
+
+
+def _override(overrides: list[str], key: str) -> str | None:
+    """The last value `overrides` gives `key` (later --set wins, as in `fedinterest simulate`)."""
+    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key]
+    return values[-1] if values else None
+
+
+def _model_label(summary: dict) -> str:
+    """The table's model name: the strategy (with its server settings) and the variant."""
+    strategy = summary.get("strategy", "fedavg")  # results stored before strategies were recorded ran FedAvg
+    if strategy == "fedavg":
+        return f"FedAvg {summary['variant']}"
+    settings = ", ".join(f"{k} {v:g}" for k, v in summary.get("server", {}).items())
+    name = {"fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedprox": "FedProx"}.get(strategy, strategy)
+    variant = summary["variant"].removesuffix(f"-{strategy}")
+    return f"{name} ({settings}) {variant}" if settings else f"{name} {variant}"
 
 
 def summarize_run_dir(run_dir: Path) -> dict:
@@ -70,6 +98,8 @@ def summarize_run_dir(run_dir: Path) -> dict:
         "devices": resolved["federation"]["num-supernodes"],
         "rounds": final["rounds"],
         "clients_per_round": resolved["run"]["clients-per-round"],
+        "strategy": resolved["run"]["strategy"],
+        "server": _server_settings(resolved["run"]),
         "test": final["test"],
         # Early stopping on the server's validation split: the round it picks and its test metrics.
         "best_valid": final.get("best_valid"),
@@ -81,6 +111,13 @@ def summarize_run_dir(run_dir: Path) -> dict:
         # Wall time of the whole run (server evaluation included) per device update aggregated.
         "seconds_per_device_update": wall / trained if trained else None,
     }
+
+
+def _server_settings(run: dict) -> dict:
+    """The server optimizer's settings a strategy uses (empty for FedAvg)."""
+    keys = {"fedavgm": ("server-momentum", "server-lr"), "fedadam": ("server-lr",), "fedyogi": ("server-lr",)}
+    names = {"server-momentum": "momentum", "server-lr": "server lr"}
+    return {names[key]: run[key] for key in keys.get(run["strategy"], ())}
 
 
 def _store(summary: dict) -> Path:
@@ -154,7 +191,7 @@ def table() -> str:
             chosen, name = _chosen(s)
             ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
             lines.append(
-                f"| {label} | FedAvg {s['variant']}{name} | {chosen['ndcg@10']:.4f} | {chosen['hr@10']:.4f} | {ratio} | "
+                f"| {label} | {_model_label(s)}{name} | {chosen['ndcg@10']:.4f} | {chosen['hr@10']:.4f} | {ratio} | "
                 f"{s['test']['ndcg@10']:.4f} | {eps} | {s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
                 f"{_number(s['seconds_per_device_update'], '.2f')} | {s['commit']} |"
             )

@@ -13,7 +13,8 @@ from fedinterest.server.run_metrics import RoundRow
 
 @pytest.mark.parametrize(
     "overrides, variant",
-    [(["noise-multiplier=0", "local-epochs=5"], "no-dp"), (["noise-multiplier=1.0"], "dp-1.0"), (["noise-multiplier=2"], "dp-2.0"), ([], "config-default")],
+    [(["noise-multiplier=0", "local-epochs=5"], "no-dp"), (["noise-multiplier=1.0"], "dp-1.0"), (["noise-multiplier=2"], "dp-2.0"), ([], "config-default"),
+     (["noise-multiplier=0", "strategy=fedavgm"], "no-dp-fedavgm"), (["strategy=fedadam", "strategy=fedavg", "noise-multiplier=0"], "no-dp")],
 )
 def test_variant_of(overrides: list[str], variant: str) -> None:
     assert federated.variant_of(overrides) == variant
@@ -53,6 +54,20 @@ def test_table_reports_the_round_validation_picks(tmp_path: Path, monkeypatch: p
     (tmp_path / "ml-100k-no-dp-30x100.json").write_text(json.dumps(summary))
     (row,) = federated.table().splitlines()[2:]
     assert row == "| ML-100K | FedAvg no-dp (round 20) | 0.0650 | 0.1300 | - | 0.0500 | no DP | 30 x 100 | 1.0 min | 0.02 | abc |"
+
+
+def test_table_names_a_server_optimizer_and_its_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(federated, "RESULTS", tmp_path)
+    monkeypatch.setattr(federated, "QUALITY", tmp_path / "none")
+    run = {"strategy": "fedavgm", "server-momentum": 0.9, "server-lr": 0.3, "local-lr": 0.005}
+    summary = {
+        "dataset": "ml-100k", "variant": "no-dp-fedavgm", "strategy": "fedavgm", "server": federated._server_settings(run),
+        "test": {"ndcg@10": 0.05, "hr@10": 0.10}, "privacy": {"dp": False, "delta": 1e-5}, "rounds": 30,
+        "clients_per_round": 100, "wall_seconds": 60.0, "seconds_per_device_update": 0.02, "commit": "abc",
+    }
+    (tmp_path / "ml-100k-no-dp-fedavgm-30x100.json").write_text(json.dumps(summary))
+    (row,) = federated.table().splitlines()[2:]
+    assert row.startswith("| ML-100K | FedAvgM (momentum 0.9, server lr 0.3) no-dp (last round) | 0.0500 |")
 
 
 def test_progress_line_names_the_round_and_its_figures(capsys: pytest.CaptureFixture[str]) -> None:
