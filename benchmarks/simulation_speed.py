@@ -1,0 +1,116 @@
+"""Simulation speed: Flower 1.41's own message lookup against the per-node one.
+
+Runs the same short `fedinterest simulate` twice per dataset, once with
+FEDINTEREST_FLOWER_DISPATCH=stock (Flower's `InMemoryLinkState.get_message_ins`) and
+once with fedinterest's per-node lookup (server/simulation_dispatch.py), and tables the
+seconds per round. The runs are the federated benchmark's `no-dp` variant (no DP, 5
+local epochs), 100 devices a round, one virtual device per user; the first round
+(Ray starting) and the last (which also evaluates) are left out of the median.
+
+    python -m fedinterest.benchmarks.simulation_speed --datasets ml-100k ml-1m --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+from fedinterest.benchmarks.federated import CONFIGS, DATASETS, VARIANTS, simulate_argv
+from fedinterest.benchmarks.report import publish
+from fedinterest.server.rounds import FINAL_FILE
+from fedinterest.server.simulation_dispatch import SWITCH
+from fedinterest.simulations.simulate import resolve_config, run_simulation
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "simulation_speed"
+BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
+LOOKUPS = {"stock": "Flower 1.41 (stock)", "per-node": "per-node (fedinterest)"}
+
+
+def overrides(rounds: int) -> list[str]:
+    # eval-every past the last round: the server evaluates once, after the last round.
+    return [*VARIANTS["no-dp"], f"num-server-rounds={rounds}", "clients-per-round=100", f"eval-every={rounds + 1}"]
+
+
+def summarize_run_dir(run_dir: Path, lookup: str) -> dict:
+    """Seconds per round (median over rounds 2..R-1) and per device update of one run."""
+    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    final = json.loads((run_dir / FINAL_FILE).read_text())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    middle = [row["seconds"] for row in rows[1:-1]] or [row["seconds"] for row in rows]
+    per_round = statistics.median(middle)
+    return {
+        "dataset": resolved["run"]["dataset"],
+        "lookup": lookup,
+        "devices": resolved["federation"]["num-supernodes"],
+        "clients_per_round": resolved["run"]["clients-per-round"],
+        "rounds": final["rounds"],
+        "seconds_per_round": per_round,
+        "seconds_per_device_update": per_round / resolved["run"]["clients-per-round"],
+        "round_seconds": [row["seconds"] for row in rows],
+        "wall_seconds": final["wall_seconds"],
+        "command": " ".join(resolved["command"]),
+        "commit": resolved["commit"],
+        "run_dir": run_dir.name,
+    }
+
+
+def run(datasets: list[str], rounds: int, out: Path) -> None:
+    """Each dataset with each lookup, one after the other (never side by side: they share the cores)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for dataset in datasets:
+        for lookup in LOOKUPS:
+            config_path = CONFIGS / f"{dataset}.toml"
+            config = resolve_config(config_path, overrides(rounds))
+            if lookup == "stock":
+                os.environ[SWITCH] = "stock"
+            else:
+                os.environ.pop(SWITCH, None)
+            print(f"simulating {dataset} with the {lookup} lookup, {rounds} rounds", file=sys.stderr)
+            result = run_simulation(config, out, argv=simulate_argv(config_path, overrides(rounds), out))
+            summary = summarize_run_dir(result.run_dir, lookup)
+            path = RESULTS / f"{dataset}-{lookup}.json"
+            path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+            print(f"  {summary['seconds_per_round']:.1f} s per round; stored {path}", file=sys.stderr)
+    os.environ.pop(SWITCH, None)
+
+
+def table() -> str:
+    """Markdown table of the stored runs: seconds per round with each lookup and the speed-up."""
+    lines = [
+        "| dataset | virtual devices | message lookup | s per round (median) | s per device update | speed-up | rounds x devices/round | commit |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for dataset, label in DATASETS.items():
+        stored = {lookup: RESULTS / f"{dataset}-{lookup}.json" for lookup in LOOKUPS}
+        runs = {lookup: json.loads(path.read_text()) for lookup, path in stored.items() if path.is_file()}
+        stock = runs.get("stock")
+        for lookup, summary in runs.items():
+            speedup = f"{stock['seconds_per_round'] / summary['seconds_per_round']:.1f}x" if stock else "-"
+            lines.append(
+                f"| {label} | {summary['devices']:,} | {LOOKUPS[lookup]} | {summary['seconds_per_round']:.1f} | "
+                f"{summary['seconds_per_device_update']:.3f} | {speedup} | {summary['rounds']} x {summary['clients_per_round']} | {summary['commit']} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="*", default=["ml-100k", "ml-1m"], choices=list(DATASETS))
+    parser.add_argument("--rounds", type=int, default=6, help="rounds per run (at least 3: the first and last are left out)")
+    parser.add_argument("--out", type=Path, default=Path("runs"))
+    parser.add_argument("--table-only", action="store_true")
+    args = parser.parse_args(argv)
+    if args.rounds < 3:
+        parser.error(f"--rounds must be at least 3, got {args.rounds}")
+    if not args.table_only:
+        run(args.datasets, args.rounds, args.out)
+    publish(BENCHMARKS_MD, "simulation-speed", table())
+
+
+if __name__ == "__main__":
+    main()
