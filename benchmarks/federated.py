@@ -45,12 +45,18 @@ _NO_DP = ["noise-multiplier=0", "local-epochs=5", "local-lr=0.005"]
 # momentum"): validation NDCG@10 0.0703 against FedAvg's 0.0553; server lr 1 (momentum
 # 0.9 or 0.8) peaks at round 10 and then falls back, the steps too large to settle.
 _MOMENTUM = ["strategy=fedavgm", "server-momentum=0.9", "server-lr=0.3"]
+# On-device DP with plain SGD on the device (Adam turns the noise on every coordinate
+# into a step of the whole learning rate, tests/test_client_training.py) and the
+# server momentum above; local lr 0.1 keeps a round's noise per weight (~0.1 sigma lr
+# after averaging 100 devices) below the embeddings' initial scale.
+_DP_SGD = ["max-len=10", "batch-size=2", "local-optimizer=sgd", "local-lr=0.1", *_MOMENTUM]
 VARIANTS: dict[str, list[str]] = {
     "no-dp": _NO_DP,
     "no-dp-fedavgm": [*_NO_DP, *_MOMENTUM],
     "dp-1.0": ["noise-multiplier=1.0", *_DP],
     "dp-2.0": ["noise-multiplier=2.0", *_DP],
     "dp-4.0": ["noise-multiplier=4.0", *_DP],
+    "dp-2.0-sgd-fedavgm": ["noise-multiplier=2.0", *_DP_SGD],
 }
 
 
@@ -61,6 +67,8 @@ def variant_of(overrides: list[str]) -> str:
         base = "config-default"
     else:
         base = "no-dp" if float(noise) == 0 else f"dp-{float(noise):.1f}"
+    if _override(overrides, "local-optimizer") == "sgd":
+        base += "-sgd"
     strategy = _override(overrides, "strategy")
     return base if strategy in (None, "fedavg") else f"{base}-{strategy}"
 

@@ -17,10 +17,17 @@ import json
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 from fedinterest.benchmarks.federated import CONFIGS, DATASETS, VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish
+from fedinterest.client.data_source import load_device_data
+from fedinterest.client.ledger import PrivacyLedger
+from fedinterest.client.local_training import train_locally
+from fedinterest.common.model import InterestModel
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.simulation_dispatch import SWITCH
 from fedinterest.simulations.simulate import resolve_config, run_simulation
@@ -59,6 +66,26 @@ def summarize_run_dir(run_dir: Path, lookup: str) -> dict:
     }
 
 
+def local_training_seconds(dataset: str, rounds: int, users: int = 20) -> float:
+    """Mean seconds of one device update's local training alone (one thread, in this process),
+    over the first `users` devices: the floor a round of 100 approaches with two actors."""
+    config = resolve_config(CONFIGS / f"{dataset}.toml", overrides(rounds))
+    run = config.run
+    torch.set_num_threads(1)
+    global_model = None
+    seconds = []
+    for partition in range(users):
+        device = load_device_data({"partition-id": partition}, run)
+        if global_model is None:
+            global_model = InterestModel(run.model_config(device.num_items))
+        model = InterestModel(run.model_config(device.num_items))
+        model.load_state_dict(global_model.state_dict())
+        start = time.perf_counter()
+        train_locally(model=model, train_history=device.user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
+        seconds.append(time.perf_counter() - start)
+    return statistics.mean(seconds)
+
+
 def run(datasets: list[str], rounds: int, out: Path) -> None:
     """Each dataset with each lookup, one after the other (never side by side: they share the cores)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -73,6 +100,7 @@ def run(datasets: list[str], rounds: int, out: Path) -> None:
             print(f"simulating {dataset} with the {lookup} lookup, {rounds} rounds", file=sys.stderr)
             result = run_simulation(config, out, argv=simulate_argv(config_path, overrides(rounds), out))
             summary = summarize_run_dir(result.run_dir, lookup)
+            summary["local_training_seconds"] = local_training_seconds(dataset, rounds)
             path = RESULTS / f"{dataset}-{lookup}.json"
             path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             print(f"  {summary['seconds_per_round']:.1f} s per round; stored {path}", file=sys.stderr)
@@ -82,8 +110,8 @@ def run(datasets: list[str], rounds: int, out: Path) -> None:
 def table() -> str:
     """Markdown table of the stored runs: seconds per round with each lookup and the speed-up."""
     lines = [
-        "| dataset | virtual devices | message lookup | s per round (median) | s per device update | speed-up | rounds x devices/round | commit |",
-        "|---|---|---|---|---|---|---|---|",
+        "| dataset | virtual devices | message lookup | s per round (median) | s per device update | speed-up | local training per update (1 thread) | rounds x devices/round | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset, label in DATASETS.items():
         stored = {lookup: RESULTS / f"{dataset}-{lookup}.json" for lookup in LOOKUPS}
@@ -93,9 +121,13 @@ def table() -> str:
             speedup = f"{stock['seconds_per_round'] / summary['seconds_per_round']:.1f}x" if stock else "-"
             lines.append(
                 f"| {label} | {summary['devices']:,} | {LOOKUPS[lookup]} | {summary['seconds_per_round']:.1f} | "
-                f"{summary['seconds_per_device_update']:.3f} | {speedup} | {summary['rounds']} x {summary['clients_per_round']} | {summary['commit']} |"
+                f"{summary['seconds_per_device_update']:.3f} | {speedup} | {_seconds(summary.get('local_training_seconds'))} | {summary['rounds']} x {summary['clients_per_round']} | {summary['commit']} |"
             )
     return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f} s"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -104,10 +136,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=6, help="rounds per run (at least 3: the first and last are left out)")
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--table-only", action="store_true")
+    parser.add_argument("--training-only", action="store_true", help="measure local training per update and add it to the stored runs")
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error(f"--rounds must be at least 3, got {args.rounds}")
-    if not args.table_only:
+    if args.training_only:
+        for dataset in args.datasets:
+            seconds = local_training_seconds(dataset, args.rounds)
+            for path in RESULTS.glob(f"{dataset}-*.json"):
+                summary = json.loads(path.read_text())
+                path.write_text(json.dumps({**summary, "local_training_seconds": seconds}, indent=2) + "\n", encoding="utf-8")
+    elif not args.table_only:
         run(args.datasets, args.rounds, args.out)
     publish(BENCHMARKS_MD, "simulation-speed", table())
 

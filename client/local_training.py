@@ -105,14 +105,16 @@ def train_locally(
 
     if run.private:
         prepared = _prepare_private(
-            model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr,
+            model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr, optimizer=run.local_optimizer,
             noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
             poisson_sampling=poisson_sampling, generator=generator,
         )
         prepared.engine.accountant.history = ledger.history()
         _check_sampling(prepared, sampling)
     else:
-        prepared = _prepare_plain(model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr, generator=generator)
+        prepared = _prepare_plain(
+            model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr, optimizer=run.local_optimizer, generator=generator,
+        )
     after_step = _proximal_step(model, lr=run.local_lr, mu=proximal_mu) if proximal_mu > 0 else None
     try:
         loss = _train(prepared, local_epochs=run.local_epochs, expected_steps=sampling.steps, ledger=ledger, after_step=after_step)
@@ -151,11 +153,12 @@ def _prepare_sampling(*, num_windows: int, batch_size: int, local_epochs: int) -
 
 
 def _prepare_plain(
-    *, model: InterestModel, windows: TensorDataset, batch_size: int, lr: float, generator: torch.Generator | None
+    *, model: InterestModel, windows: TensorDataset, batch_size: int, lr: float, optimizer: str = "adam",
+    generator: torch.Generator | None,
 ) -> _Prepared:
     """Non-private training: shuffled fixed-size batches, no clipping, no noise."""
     loader = DataLoader(windows, batch_size=batch_size, shuffle=True, generator=generator)
-    return _Prepared(model, torch.optim.Adam(model.parameters(), lr=lr), loader, engine=None)
+    return _Prepared(model, _optimizer(model, optimizer, lr), loader, engine=None)
 
 
 def _prepare_private(
@@ -164,6 +167,7 @@ def _prepare_private(
     windows: TensorDataset,
     batch_size: int,
     lr: float,
+    optimizer: str = "adam",
     noise_multiplier: float,
     max_grad_norm: float,
     poisson_sampling: bool,
@@ -176,13 +180,21 @@ def _prepare_private(
         # Opacus warns that secure_mode (a CSPRNG for the noise) is off; docs/privacy.md says so.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp")
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loader = DataLoader(windows, batch_size=batch_size, shuffle=False, generator=generator)
     module, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        module=model, optimizer=_optimizer(model, optimizer, lr), data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling, noise_generator=generator,
     )
     return _Prepared(module, dp_optimizer, dp_loader, engine)
+
+
+def _optimizer(model: InterestModel, name: str, lr: float) -> torch.optim.Optimizer:
+    """The device's optimizer, fresh each round (run config local-optimizer: adam or sgd)."""
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr)
+    raise ValueError(f"local optimizer must be 'adam' or 'sgd', got {name!r}")
 
 
 def _check_sampling(prepared: _Prepared, sampling: _Sampling) -> None:

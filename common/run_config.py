@@ -22,6 +22,10 @@ DEPLOYED = "deployed"
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
 # How a device picked by fault-fraction misbehaves in simulation: raise, or stall past round-timeout.
 FAULT_MODES = ("fail", "timeout")
+# The device's optimizer. Adam (the default) is what the centralized model trains with;
+# plain SGD keeps DP noise proportional to the learning rate, where Adam's per-coordinate
+# scaling turns noise-dominated coordinates into steps of the full learning rate.
+LOCAL_OPTIMIZERS = ("adam", "sgd")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,7 @@ class RunConfig:
     # Local training on the device.
     local_epochs: int = 1
     local_lr: float = 1e-3
+    local_optimizer: str = "adam"
     batch_size: int = 8  # expected batch size under Poisson sampling
     # Layer-1 DP (on device). noise_multiplier = 0 turns DP off (no clipping, no noise, epsilon = inf).
     noise_multiplier: float = 1.0
@@ -125,6 +130,8 @@ class RunConfig:
             problems.append("fault-fraction must be in [0, 1]")
         if self.fault_mode not in FAULT_MODES:
             problems.append(f"fault-mode must be one of {', '.join(FAULT_MODES)}")
+        if self.local_optimizer not in LOCAL_OPTIMIZERS:
+            problems.append(f"local-optimizer must be one of {', '.join(LOCAL_OPTIMIZERS)}")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
         if self.deployed and self.fault_fraction > 0:

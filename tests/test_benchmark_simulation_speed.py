@@ -34,10 +34,15 @@ def test_table_gives_the_speed_up_over_flowers_lookup(tmp_path: Path, monkeypatc
         summary = simulation_speed.summarize_run_dir(_run_dir(tmp_path / lookup, seconds), lookup)
         (tmp_path / f"ml-100k-{lookup}.json").write_text(json.dumps(summary))
     rows = simulation_speed.table().splitlines()[2:]
-    assert rows[0] == "| ML-100K | 943 | Flower 1.41 (stock) | 24.0 | 0.240 | 1.0x | 4 x 100 | abc |"
-    assert rows[1] == "| ML-100K | 943 | per-node (fedinterest) | 8.0 | 0.080 | 3.0x | 4 x 100 | abc |"
+    assert rows[0] == "| ML-100K | 943 | Flower 1.41 (stock) | 24.0 | 0.240 | 1.0x | - | 4 x 100 | abc |"
+    assert rows[1] == "| ML-100K | 943 | per-node (fedinterest) | 8.0 | 0.080 | 3.0x | - | 4 x 100 | abc |"
 
 
 def test_too_few_rounds_is_refused() -> None:
     with pytest.raises(SystemExit):
         simulation_speed.main(["--rounds", "2", "--table-only"])
+
+
+def test_local_training_is_timed_on_the_datasets_own_devices() -> None:
+    seconds = simulation_speed.local_training_seconds("synthetic", rounds=3, users=2)
+    assert seconds > 0

@@ -140,6 +140,33 @@ def test_noise_has_the_configured_scale_on_every_parameter(split, windows) -> No
     assert (item_rows.abs().sum(dim=1) > 0).all()
 
 
+def test_sgd_steps_by_the_learning_rate_times_the_private_gradient(split, windows) -> None:
+    x, y = windows
+    lr = 0.5
+    results = {}
+    for name in ("sgd", "adam"):
+        model = _model(split.num_items)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        prepared = _prepare_private(
+            model=model, windows=TensorDataset(x, y), batch_size=len(x), lr=lr, optimizer=name, noise_multiplier=1.0,
+            max_grad_norm=1.0, poisson_sampling=False, generator=torch.Generator().manual_seed(0),
+        )
+        train_epoch(prepared.module, prepared.loader, prepared.optimizer, LOSS)
+        step = _flat(p.detach() - before[n] for n, p in model.named_parameters())
+        results[name] = (step, _flat(p.grad for p in prepared.optimizer.params))
+    step, private_grad = results["sgd"]
+    torch.testing.assert_close(step, -lr * private_grad, rtol=1e-5, atol=1e-7)
+    # Adam's first step moves every noised coordinate by about the whole learning rate.
+    step, private_grad = results["adam"]
+    assert step.abs().median().item() == pytest.approx(lr, rel=0.01)
+    assert (-lr * private_grad).abs().median().item() < lr / 5
+
+
+def test_an_unknown_local_optimizer_is_refused() -> None:
+    with pytest.raises(ValueError, match="local-optimizer must be one of adam, sgd"):
+        _run(local_optimizer="rmsprop")
+
+
 def test_an_empty_poisson_batch_is_a_noise_only_step(split, windows) -> None:
     x, y = windows
     model = _model(split.num_items)

@@ -14,7 +14,8 @@ from fedinterest.server.run_metrics import RoundRow
 @pytest.mark.parametrize(
     "overrides, variant",
     [(["noise-multiplier=0", "local-epochs=5"], "no-dp"), (["noise-multiplier=1.0"], "dp-1.0"), (["noise-multiplier=2"], "dp-2.0"), ([], "config-default"),
-     (["noise-multiplier=0", "strategy=fedavgm"], "no-dp-fedavgm"), (["strategy=fedadam", "strategy=fedavg", "noise-multiplier=0"], "no-dp")],
+     (["noise-multiplier=0", "strategy=fedavgm"], "no-dp-fedavgm"),
+     (["noise-multiplier=2", "local-optimizer=sgd", "strategy=fedavgm"], "dp-2.0-sgd-fedavgm"), (["strategy=fedadam", "strategy=fedavg", "noise-multiplier=0"], "no-dp")],
 )
 def test_variant_of(overrides: list[str], variant: str) -> None:
     assert federated.variant_of(overrides) == variant
@@ -74,3 +75,10 @@ def test_progress_line_names_the_round_and_its_figures(capsys: pytest.CaptureFix
     federated.print_progress(RoundRow(round=3, raw={"round": 3, "answered": 90, "refused": 10, "ndcg@10": 0.05}))
     line = capsys.readouterr().err
     assert line.startswith("  round 3: answered 90 refused 10 train_loss None ndcg@10 0.05")
+
+
+def test_every_variant_is_named_back_from_its_overrides() -> None:
+    # A stored result is filed under variant_of(its overrides): it must be the variant that ran.
+    assert {name: federated.variant_of(overrides) for name, overrides in federated.VARIANTS.items()} == {
+        name: name for name in federated.VARIANTS
+    }
