@@ -47,8 +47,9 @@ _NO_DP = ["noise-multiplier=0", "local-epochs=5", "local-lr=0.005"]
 _MOMENTUM = ["strategy=fedavgm", "server-momentum=0.9", "server-lr=0.3"]
 # On-device DP with plain SGD on the device (Adam turns the noise on every coordinate
 # into a step of the whole learning rate, tests/test_client_training.py) and the
-# server momentum above; local lr 0.1 keeps a round's noise per weight (~0.1 sigma lr
-# after averaging 100 devices) below the embeddings' initial scale.
+# server momentum above. Measured on ML-100K (docs/benchmarks.md): at local lr 0.1 the
+# noise of 5 steps (sigma C / B = 1 per weight per step) swamps the device's model
+# (training loss 12-14, above ln of the catalogue) and the global model stays random.
 _DP_SGD = ["max-len=10", "batch-size=2", "local-optimizer=sgd", "local-lr=0.1", *_MOMENTUM]
 VARIANTS: dict[str, list[str]] = {
     "no-dp": _NO_DP,
