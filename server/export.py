@@ -74,7 +74,8 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
         "privacy": {
             "dp": config.private,
             "layer": "1: on-device DP-SGD (Opacus); each device keeps its own accountant in its ledger and refuses "
-            "to train past its budget",
+            "to train past its budget"
+            + ("; and 2: user-level DP-FedAvg on the server (see user_level)" if config.user_private else ""),
             "unit_of_protection": UNIT_OF_PROTECTION,
             # Layer 2's figures (DP-FedAvg on the server) when the run used it, else why there are none.
             "user_level": privacy.get("user_level") or USER_LEVEL,

@@ -296,3 +296,18 @@ def test_report_shows_the_user_level_epsilon_of_a_layer_two_run(deployment_dir: 
     assert "epsilon 3.25 at delta 0.001 after 2 rounds, budget 4; the run stopped early (user-epsilon-budget)" in result.output
     facts = json.loads(invoke("report", run_dir.name, "--dir", str(deployment_dir), "--json").stdout)
     assert facts["user_level"]["epsilon"] == 3.25
+
+
+def test_model_card_names_layer_two_when_the_run_used_it(deployment_dir: Path) -> None:
+    from fedinterest.server.export import model_card
+
+    run_dir = _fake_run(deployment_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    deployment = load_deployment(deployment_dir)
+    assert "2: user-level" not in model_card(deployment, run_dir, record, final, 2, None)["privacy"]["layer"]
+    record["run_config"]["user-noise-multiplier"] = 0.8
+    final["privacy"]["user_level"] = {"epsilon": 3.25, "delta": 0.001}
+    card = model_card(deployment, run_dir, record, final, 2, None)
+    assert card["privacy"]["layer"].startswith("1: on-device DP-SGD") and "2: user-level DP-FedAvg" in card["privacy"]["layer"]
+    assert card["privacy"]["user_level"]["epsilon"] == 3.25
