@@ -51,9 +51,20 @@ _MOMENTUM = ["strategy=fedavgm", "server-momentum=0.9", "server-lr=0.3"]
 # noise of 5 steps (sigma C / B = 1 per weight per step) swamps the device's model
 # (training loss 12-14, above ln of the catalogue) and the global model stays random.
 _DP_SGD = ["max-len=10", "batch-size=2", "local-optimizer=sgd", "local-lr=0.1", *_MOMENTUM]
+# FedSGD with a server Adam: each device takes one plain gradient step (lr 1, so its
+# update is minus its gradient, the batch size covering every window it has) and the
+# server runs Flower's FedAdam on the mean, with Adam's usual lr 1e-3 and a small tau.
+# A round of 100 devices (~120 windows) is then one step of the centralized trainer's
+# Adam at batch 128 (benchmarks/quality.py), which reaches its best after ~170 steps on
+# ML-100K.
+_FEDSGD_ADAM = [
+    "noise-multiplier=0", "local-epochs=1", "local-optimizer=sgd", "local-lr=1.0", "batch-size=16",
+    "strategy=fedadam", "server-lr=0.001", "server-tau=1e-8",
+]
 VARIANTS: dict[str, list[str]] = {
     "no-dp": _NO_DP,
     "no-dp-fedavgm": [*_NO_DP, *_MOMENTUM],
+    "no-dp-sgd-fedadam": _FEDSGD_ADAM,
     "dp-1.0": ["noise-multiplier=1.0", *_DP],
     "dp-2.0": ["noise-multiplier=2.0", *_DP],
     "dp-4.0": ["noise-multiplier=4.0", *_DP],
@@ -124,8 +135,8 @@ def summarize_run_dir(run_dir: Path) -> dict:
 
 def _server_settings(run: dict) -> dict:
     """The server optimizer's settings a strategy uses (empty for FedAvg)."""
-    keys = {"fedavgm": ("server-momentum", "server-lr"), "fedadam": ("server-lr",), "fedyogi": ("server-lr",)}
-    names = {"server-momentum": "momentum", "server-lr": "server lr"}
+    keys = {"fedavgm": ("server-momentum", "server-lr"), "fedadam": ("server-lr", "server-tau"), "fedyogi": ("server-lr", "server-tau")}
+    names = {"server-momentum": "momentum", "server-lr": "server lr", "server-tau": "tau"}
     return {names[key]: run[key] for key in keys.get(run["strategy"], ())}
 
 

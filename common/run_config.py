@@ -47,6 +47,8 @@ class RunConfig:
     strategy: str = "fedavg"
     server_lr: float = 0.0  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = the strategy's Flower default
     server_momentum: float = 0.9  # FedAvgM
+    # FedAdam/FedYogi tau, the adaptivity floor added to sqrt(v) (Adam's epsilon); 0 = Flower's default 1e-3.
+    server_tau: float = 0.0
     proximal_mu: float = 0.01  # FedProx
     trim_beta: float = 0.2  # FedTrimmedAvg: fraction cut off each tail, in [0, 0.5)
     num_malicious_nodes: int = 0  # Krum: how many of a round's replies may be Byzantine
@@ -106,6 +108,8 @@ class RunConfig:
                 problems.append(f"{_key(name)} must be at least 1")
         if self.server_lr < 0:
             problems.append("server-lr must be >= 0 (0 = the strategy's own default)")
+        if self.server_tau < 0:
+            problems.append("server-tau must be >= 0 (0 = Flower's default)")
         for name in ("local_lr", "max_grad_norm", "round_timeout", "epsilon_budget"):
             if not getattr(self, name) > 0:
                 problems.append(f"{_key(name)} must be positive")

@@ -3,8 +3,8 @@
 | strategy | Flower class | settings from RunConfig                                   |
 |----------|--------------|-----------------------------------------------------------|
 | fedavg   | FedAvg       | --                                                        |
-| fedadam  | FedAdam      | eta = server_lr, eta_l = local_lr (eta_l is informational) |
-| fedyogi  | FedYogi      | eta = server_lr, eta_l = local_lr                         |
+| fedadam  | FedAdam      | eta = server_lr, tau = server_tau, eta_l = local_lr (eta_l is informational) |
+| fedyogi  | FedYogi      | eta = server_lr, tau = server_tau, eta_l = local_lr       |
 | fedprox  | FedProx      | proximal_mu, sent in the train config under PROXIMAL_MU    |
 | fedavgm  | FedAvgM      | server_momentum, server_learning_rate = server_lr          |
 | fedmedian | FedMedian   | -- (coordinate-wise median of the valid replies)           |
@@ -51,6 +51,8 @@ def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     common = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     # server-lr = 0 keeps each strategy's own Flower default (FedAdam 0.1, FedYogi 0.01, FedAvgM 1.0).
     server_lr = {"eta": config.server_lr} if config.server_lr > 0 else {}
+    # server-tau = 0 keeps Flower's tau (1e-3 for both).
+    server_lr |= {"tau": config.server_tau} if config.server_tau > 0 else {}
     name = config.strategy
     if name == "fedavg":
         strategy: FedAvg = FedAvg(**common)

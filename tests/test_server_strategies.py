@@ -22,15 +22,15 @@ def task_identity():
         yield
 
 
-BASE = RunConfig(server_lr=0.05, server_momentum=0.5, proximal_mu=0.3, local_lr=0.002, clients_per_round=3, trim_beta=0.25, num_malicious_nodes=2)
+BASE = RunConfig(server_lr=0.05, server_tau=1e-8, server_momentum=0.5, proximal_mu=0.3, local_lr=0.002, clients_per_round=3, trim_beta=0.25, num_malicious_nodes=2)
 
 
 @pytest.mark.parametrize(
     "name, cls, settings",
     [
         ("fedavg", FedAvg, {}),
-        ("fedadam", FedAdam, {"eta": 0.05, "eta_l": 0.002}),
-        ("fedyogi", FedYogi, {"eta": 0.05, "eta_l": 0.002}),
+        ("fedadam", FedAdam, {"eta": 0.05, "tau": 1e-8, "eta_l": 0.002}),
+        ("fedyogi", FedYogi, {"eta": 0.05, "tau": 1e-8, "eta_l": 0.002}),
         ("fedprox", FedProx, {"proximal_mu": 0.3}),
         ("fedavgm", FedAvgM, {"server_momentum": 0.5, "server_learning_rate": 0.05}),
         ("fedmedian", FedMedian, {}),
@@ -119,6 +119,7 @@ def test_state_of_another_strategy_is_refused():
 def test_server_lr_zero_keeps_flowers_own_defaults() -> None:
     config = RunConfig(server_lr=0.0, clients_per_round=3)
     assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedadam"}), 5).eta == 0.1
+    assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedadam"}), 5).tau == 1e-3
     assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedyogi"}), 5).eta == 0.01
     assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedavgm"}), 5).server_learning_rate == 1.0
     assert build_strategy(RunConfig(**{**config.__dict__, "strategy": "fedadam", "server_lr": 0.3}), 5).eta == 0.3
