@@ -99,6 +99,8 @@ def _model_label(summary: dict) -> str:
     settings = ", ".join(f"{k} {v:g}" for k, v in summary.get("server", {}).items())
     name = {"fedavgm": "FedAvgM", "fedadam": "FedAdam", "fedyogi": "FedYogi", "fedprox": "FedProx"}.get(strategy, strategy)
     variant = summary["variant"].removesuffix(f"-{strategy}")
+    if variant.endswith("-sgd"):
+        variant = variant.removesuffix("-sgd") + " (device SGD)"
     return f"{name} ({settings}) {variant}" if settings else f"{name} {variant}"
 
 

@@ -69,6 +69,9 @@ def test_table_names_a_server_optimizer_and_its_settings(tmp_path: Path, monkeyp
     (tmp_path / "ml-100k-no-dp-fedavgm-30x100.json").write_text(json.dumps(summary))
     (row,) = federated.table().splitlines()[2:]
     assert row.startswith("| ML-100K | FedAvgM (momentum 0.9, server lr 0.3) no-dp (last round) | 0.0500 |")
+    adam = {**summary, "variant": "no-dp-sgd-fedadam", "strategy": "fedadam",
+            "server": federated._server_settings({"strategy": "fedadam", "server-lr": 0.001, "server-tau": 1e-8})}
+    assert federated._model_label(adam) == "FedAdam (server lr 0.001, tau 1e-08) no-dp (device SGD)"
 
 
 def test_progress_line_names_the_round_and_its_figures(capsys: pytest.CaptureFixture[str]) -> None:
