@@ -27,6 +27,7 @@ from fedinterest.benchmarks.report import publish
 from fedinterest.client.data_source import load_device_data
 from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_training import train_locally
+from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.simulation_dispatch import SWITCH
@@ -66,24 +67,26 @@ def summarize_run_dir(run_dir: Path, lookup: str) -> dict:
     }
 
 
-def local_training_seconds(dataset: str, rounds: int, users: int = 20) -> float:
+def local_training_seconds(dataset: str, rounds: int, users: int = 50) -> float:
     """Mean seconds of one device update's local training alone (one thread, in this process),
-    over the first `users` devices: the floor a round of 100 approaches with two actors."""
+    over `users` devices spread evenly over the partitions, after one untimed warm-up update:
+    what a round's training costs the two actors, without Flower or Ray."""
     config = resolve_config(CONFIGS / f"{dataset}.toml", overrides(rounds))
     run = config.run
     torch.set_num_threads(1)
-    global_model = None
+    first = load_device_data({"partition-id": 0}, run)
+    global_state = InterestModel(run.model_config(first.num_items)).state_dict()
+    num_users = len(load_split(run.dataset_spec()).users)
+    partitions = [0, *range(0, num_users, max(1, num_users // users))][: users + 1]  # the first one warms up
     seconds = []
-    for partition in range(users):
+    for partition in partitions:
         device = load_device_data({"partition-id": partition}, run)
-        if global_model is None:
-            global_model = InterestModel(run.model_config(device.num_items))
         model = InterestModel(run.model_config(device.num_items))
-        model.load_state_dict(global_model.state_dict())
+        model.load_state_dict(global_state)
         start = time.perf_counter()
         train_locally(model=model, train_history=device.user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
         seconds.append(time.perf_counter() - start)
-    return statistics.mean(seconds)
+    return statistics.mean(seconds[1:])
 
 
 def run(datasets: list[str], rounds: int, out: Path) -> None:

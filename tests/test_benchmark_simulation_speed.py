@@ -44,5 +44,5 @@ def test_too_few_rounds_is_refused() -> None:
 
 
 def test_local_training_is_timed_on_the_datasets_own_devices() -> None:
-    seconds = simulation_speed.local_training_seconds("synthetic", rounds=3, users=2)
+    seconds = simulation_speed.local_training_seconds("synthetic", rounds=3, users=3)
     assert seconds > 0
