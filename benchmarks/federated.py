@@ -21,7 +21,7 @@ from pathlib import Path
 from fedinterest.benchmarks.report import publish
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.run_metrics import RoundRow
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.simulations.simulate import parse_overrides, resolve_config, run_simulation
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "simulations" / "configs"
@@ -74,21 +74,16 @@ VARIANTS: dict[str, list[str]] = {
 
 def variant_of(overrides: list[str]) -> str:
     """The variant whose overrides a run used: its noise multiplier, then its strategy if not FedAvg."""
-    noise = _override(overrides, "noise-multiplier")
+    settings = parse_overrides(overrides)  # as `fedinterest simulate` reads them: a later --set wins
+    noise = settings.get("noise-multiplier")
     if noise is None:
         base = "config-default"
     else:
         base = "no-dp" if float(noise) == 0 else f"dp-{float(noise):.1f}"
-    if _override(overrides, "local-optimizer") == "sgd":
+    if settings.get("local-optimizer") == "sgd":
         base += "-sgd"
-    strategy = _override(overrides, "strategy")
+    strategy = settings.get("strategy")
     return base if strategy in (None, "fedavg") else f"{base}-{strategy}"
-
-
-def _override(overrides: list[str], key: str) -> str | None:
-    """The last value `overrides` gives `key` (later --set wins, as in `fedinterest simulate`)."""
-    values = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == key]
-    return values[-1] if values else None
 
 
 def _model_label(summary: dict) -> str:

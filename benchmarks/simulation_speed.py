@@ -71,13 +71,12 @@ def local_training_seconds(dataset: str, rounds: int, users: int = 50) -> float:
     """Mean seconds of one device update's local training alone (one thread, in this process),
     over `users` devices spread evenly over the partitions, after one untimed warm-up update:
     what a round's training costs the two actors, without Flower or Ray."""
-    config = resolve_config(CONFIGS / f"{dataset}.toml", overrides(rounds))
-    run = config.run
+    run = resolve_config(CONFIGS / f"{dataset}.toml", overrides(rounds)).run
     torch.set_num_threads(1)
-    first = load_device_data({"partition-id": 0}, run)
-    global_state = InterestModel(run.model_config(first.num_items)).state_dict()
-    num_users = len(load_split(run.dataset_spec()).users)
-    partitions = [0, *range(0, num_users, max(1, num_users // users))][: users + 1]  # the first one warms up
+    split = load_split(run.dataset_spec())
+    global_state = InterestModel(run.model_config(split.num_items)).state_dict()
+    step = max(1, len(split.users) // users)
+    partitions = [0, *range(0, len(split.users), step)][: users + 1]  # the first one warms up
     seconds = []
     for partition in partitions:
         device = load_device_data({"partition-id": partition}, run)
@@ -87,6 +86,13 @@ def local_training_seconds(dataset: str, rounds: int, users: int = 50) -> float:
         train_locally(model=model, train_history=device.user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
         seconds.append(time.perf_counter() - start)
     return statistics.mean(seconds[1:])
+
+
+def record_training_seconds(dataset: str, seconds: float) -> None:
+    """Add the local training time to the dataset's stored runs (it does not depend on the lookup)."""
+    for path in RESULTS.glob(f"{dataset}-*.json"):
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "local_training_seconds": seconds}, indent=2) + "\n", encoding="utf-8")
 
 
 def run(datasets: list[str], rounds: int, out: Path) -> None:
@@ -103,10 +109,10 @@ def run(datasets: list[str], rounds: int, out: Path) -> None:
             print(f"simulating {dataset} with the {lookup} lookup, {rounds} rounds", file=sys.stderr)
             result = run_simulation(config, out, argv=simulate_argv(config_path, overrides(rounds), out))
             summary = summarize_run_dir(result.run_dir, lookup)
-            summary["local_training_seconds"] = local_training_seconds(dataset, rounds)
             path = RESULTS / f"{dataset}-{lookup}.json"
             path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
             print(f"  {summary['seconds_per_round']:.1f} s per round; stored {path}", file=sys.stderr)
+        record_training_seconds(dataset, local_training_seconds(dataset, rounds))
     os.environ.pop(SWITCH, None)
 
 
@@ -145,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rounds must be at least 3, got {args.rounds}")
     if args.training_only:
         for dataset in args.datasets:
-            seconds = local_training_seconds(dataset, args.rounds)
-            for path in RESULTS.glob(f"{dataset}-*.json"):
-                summary = json.loads(path.read_text())
-                path.write_text(json.dumps({**summary, "local_training_seconds": seconds}, indent=2) + "\n", encoding="utf-8")
+            record_training_seconds(dataset, local_training_seconds(dataset, args.rounds))
     elif not args.table_only:
         run(args.datasets, args.rounds, args.out)
     publish(BENCHMARKS_MD, "simulation-speed", table())

@@ -188,13 +188,14 @@ def _prepare_private(
     return _Prepared(module, dp_optimizer, dp_loader, engine)
 
 
+_OPTIMIZERS = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}  # run config local-optimizer
+
+
 def _optimizer(model: InterestModel, name: str, lr: float) -> torch.optim.Optimizer:
-    """The device's optimizer, fresh each round (run config local-optimizer: adam or sgd)."""
-    if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=lr)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr)
-    raise ValueError(f"local optimizer must be 'adam' or 'sgd', got {name!r}")
+    """The device's optimizer, fresh each round."""
+    if name not in _OPTIMIZERS:
+        raise ValueError(f"local optimizer must be one of {', '.join(_OPTIMIZERS)}, got {name!r}")
+    return _OPTIMIZERS[name](model.parameters(), lr=lr)
 
 
 def _check_sampling(prepared: _Prepared, sampling: _Sampling) -> None:
