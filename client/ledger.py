@@ -12,6 +12,17 @@ crash mid-round leaves either the whole round's row or none of it (a lost charge
 under-count the privacy spent). The caller records a round after training and before
 the reply leaves the device, so a crash can only over-charge, never under-charge.
 
+Charged before training: `charge` checks the budget and writes the round's entry in
+one write transaction, before the device trains, so two overlapping rounds on one
+ledger (Flower's executor does not wait for a ClientApp process to end before it starts
+the next) can never both pass the check and together exceed the budget. A round whose
+training then fails stays charged: that over-charges, never under-charges.
+
+Users: a ledger file holds the accounts of one or more users. A device keeps its own
+user's under the empty key; a simulated node that stands for a shard of users
+(docs/simulations.md, "Shards") keeps one account per user, keyed by the user's index
+in the dataset, and charges all the users of a round in one transaction.
+
 Idempotence: a round is charged at most once. Recording the same (run, round) entry
 again is a no-op; recording a different entry for a round already charged is an error.
 A retried round is never trained twice (`client.local_training` refuses it), because a
@@ -28,16 +39,17 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass
+from enum import Enum
 from pathlib import Path
 
 from fedinterest.client.sqlite_transaction import write_transaction
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import RDPAccountant
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: accounts per user (a `user` column); version 1 files are migrated on open
 
 # Tables are prefixed: on a real device they share the device store's SQLite file.
 _META = "ledger_meta"
@@ -46,6 +58,18 @@ _STEPS = "ledger_steps"
 # Key of the ConfigRecord in Context.state that holds an in-memory ledger's image.
 STATE_KEY = "privacy-ledger"
 _IMAGE = "sqlite-image"
+
+
+# A device's own account (the one user of a real device).
+DEVICE_USER = ""
+
+
+class Charge(str, Enum):
+    """What `PrivacyLedger.charge` did with one round's entry."""
+
+    CHARGED = "charged"  # recorded: the round may train
+    OVER_BUDGET = "over-budget"  # not recorded: it would take the user past the budget
+    ALREADY_CHARGED = "already-charged"  # not recorded again: a retried round is never trained twice
 
 
 @dataclass(frozen=True)
@@ -84,9 +108,11 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
 class PrivacyLedger:
     """The accountant history of one device, persisted in SQLite (see the module docstring)."""
 
-    def __init__(self, db_path: str | Path) -> None:
-        """Open (creating if needed) the ledger in the SQLite file `db_path`, or ":memory:"."""
+    def __init__(self, db_path: str | Path, user: str = DEVICE_USER) -> None:
+        """Open (creating if needed) the ledger in the SQLite file `db_path`, or ":memory:";
+        the single-user methods read and write the account of `user`."""
         self.path = str(db_path)
+        self.user = user
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE below).
@@ -118,17 +144,10 @@ class PrivacyLedger:
             cur.execute(f"CREATE TABLE IF NOT EXISTS {_META} (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
             row = cur.execute(f"SELECT value FROM {_META} WHERE key = 'schema_version'").fetchone()
             if row is None:
-                cur.execute(
-                    f"CREATE TABLE {_STEPS} ("
-                    " run_id TEXT NOT NULL,"  # Flower run ids are unsigned 64-bit: beyond SQLite INTEGER
-                    " server_round INTEGER NOT NULL,"
-                    " noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),"
-                    " sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),"
-                    " steps INTEGER NOT NULL CHECK (steps >= 1),"
-                    " recorded_at REAL NOT NULL,"
-                    " PRIMARY KEY (run_id, server_round))"
-                )
+                _create_steps(cur, _STEPS)
                 cur.execute(f"INSERT INTO {_META} (key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif row[0] == "1":
+                _migrate_from_v1(cur)
             elif row[0] != str(SCHEMA_VERSION):
                 raise ValueError(
                     f"privacy ledger {self.path}: schema version {row[0]}, this software reads version {SCHEMA_VERSION}"
@@ -140,20 +159,11 @@ class PrivacyLedger:
 
     def entries(self) -> list[LedgerEntry]:
         """Every charged round, oldest first."""
-        rows = self._conn.execute(
-            f"SELECT run_id, server_round, noise_multiplier, sample_rate, steps FROM {_STEPS} "
-            "ORDER BY recorded_at, run_id, server_round"
-        ).fetchall()
-        return [_entry(row) for row in rows]
+        return _entries(self._conn, self.user)
 
     def entry(self, run_id: int, server_round: int) -> LedgerEntry | None:
         """The charge of one round, if it was recorded."""
-        row = self._conn.execute(
-            f"SELECT run_id, server_round, noise_multiplier, sample_rate, steps FROM {_STEPS} "
-            "WHERE run_id = ? AND server_round = ?",
-            (str(run_id), server_round),
-        ).fetchone()
-        return _entry(row) if row else None
+        return _charged(self._conn, self.user, run_id, server_round)
 
     def history(self) -> list[tuple[float, float, int]]:
         """The stored rounds as Opacus's accountant `history` list."""
@@ -179,21 +189,42 @@ class PrivacyLedger:
         Raises ValueError when the round was already charged with a different entry.
         """
         with self._transaction() as cur:
-            row = cur.execute(
-                f"SELECT run_id, server_round, noise_multiplier, sample_rate, steps FROM {_STEPS} "
-                "WHERE run_id = ? AND server_round = ?",
-                (str(entry.run_id), entry.server_round),
-            ).fetchone()
-            if row is not None:
-                if _entry(row) != entry:
-                    raise ValueError(f"round {entry.server_round} of run {entry.run_id} is already charged as {row}, not {astuple(entry)}")
+            existing = _charged(cur, self.user, entry.run_id, entry.server_round)
+            if existing is not None:
+                if existing != entry:
+                    raise ValueError(f"round {entry.server_round} of run {entry.run_id} is already charged as {astuple(existing)}, not {astuple(entry)}")
                 return False
-            cur.execute(
-                f"INSERT INTO {_STEPS} (run_id, server_round, noise_multiplier, sample_rate, steps, recorded_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (str(entry.run_id), entry.server_round, entry.noise_multiplier, entry.sample_rate, entry.steps, time.time()),
-            )
+            _insert(cur, self.user, entry)
         return True
+
+    def charge(self, entries: Mapping[str, LedgerEntry], *, budget: float | None, delta: float) -> dict[str, Charge]:
+        """Check and record one round's entry for each user, in one write transaction.
+
+        A user whose round is already charged is not charged again; with a `budget`
+        (epsilon at `delta`; None: no budget, e.g. DP off), a user whom the entry would
+        take past it is not charged. What is recorded is what may train.
+        """
+        outcomes = {}
+        with self._transaction() as cur:
+            for user, entry in entries.items():
+                if _charged(cur, user, entry.run_id, entry.server_round) is not None:
+                    outcomes[user] = Charge.ALREADY_CHARGED
+                elif budget is not None and rdp_epsilon([*(e.accountant_step for e in _entries(cur, user)), entry.accountant_step], delta) > budget:
+                    outcomes[user] = Charge.OVER_BUDGET
+                else:
+                    _insert(cur, user, entry)
+                    outcomes[user] = Charge.CHARGED
+        return outcomes
+
+    def users(self) -> list[str]:
+        """The users with at least one charged round."""
+        return [row[0] for row in self._conn.execute(f"SELECT DISTINCT user FROM {_STEPS} ORDER BY user")]
+
+    def for_user(self, user: str) -> PrivacyLedger:
+        """The same file's account of `user` (its own connection)."""
+        if self.path == ":memory:":
+            raise ValueError("an in-memory ledger has no second connection: open the file's ledger with user=")
+        return PrivacyLedger(self.path, user=user)
 
     def close(self) -> None:
         """Close the database (everything recorded is already committed)."""
@@ -225,6 +256,55 @@ def open_device_ledger(path: Path | None, state: RecordDict) -> Iterator[Privacy
     finally:
         state[STATE_KEY] = ConfigRecord({_IMAGE: ledger.snapshot()})
         ledger.close()
+
+
+def _create_steps(cur: sqlite3.Cursor, table: str) -> None:
+    cur.execute(
+        f"CREATE TABLE {table} ("
+        " user TEXT NOT NULL DEFAULT '',"  # DEVICE_USER on a device; the user's index on a simulated node
+        " run_id TEXT NOT NULL,"  # Flower run ids are unsigned 64-bit: beyond SQLite INTEGER
+        " server_round INTEGER NOT NULL,"
+        " noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),"
+        " sample_rate REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),"
+        " steps INTEGER NOT NULL CHECK (steps >= 1),"
+        " recorded_at REAL NOT NULL,"
+        " PRIMARY KEY (user, run_id, server_round))"
+    )
+
+
+def _migrate_from_v1(cur: sqlite3.Cursor) -> None:
+    """Version 1 held one device's rounds: they become the device's own account (inside the open transaction)."""
+    _create_steps(cur, f"{_STEPS}_v2")
+    cur.execute(
+        f"INSERT INTO {_STEPS}_v2 (user, run_id, server_round, noise_multiplier, sample_rate, steps, recorded_at) "
+        f"SELECT ?, run_id, server_round, noise_multiplier, sample_rate, steps, recorded_at FROM {_STEPS}",
+        (DEVICE_USER,),
+    )
+    cur.execute(f"DROP TABLE {_STEPS}")
+    cur.execute(f"ALTER TABLE {_STEPS}_v2 RENAME TO {_STEPS}")
+    cur.execute(f"UPDATE {_META} SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+
+
+_COLUMNS = "run_id, server_round, noise_multiplier, sample_rate, steps"
+
+
+def _entries(conn: sqlite3.Connection | sqlite3.Cursor, user: str) -> list[LedgerEntry]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM {_STEPS} WHERE user = ? ORDER BY recorded_at, run_id, server_round", (user,)).fetchall()
+    return [_entry(row) for row in rows]
+
+
+def _charged(conn: sqlite3.Connection | sqlite3.Cursor, user: str, run_id: int, server_round: int) -> LedgerEntry | None:
+    row = conn.execute(
+        f"SELECT {_COLUMNS} FROM {_STEPS} WHERE user = ? AND run_id = ? AND server_round = ?", (user, str(run_id), server_round)
+    ).fetchone()
+    return _entry(row) if row else None
+
+
+def _insert(cur: sqlite3.Cursor, user: str, entry: LedgerEntry) -> None:
+    cur.execute(
+        f"INSERT INTO {_STEPS} (user, {_COLUMNS}, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (user, str(entry.run_id), entry.server_round, entry.noise_multiplier, entry.sample_rate, entry.steps, time.time()),
+    )
 
 
 def _entry(row: tuple) -> LedgerEntry:

@@ -8,10 +8,11 @@ unit layer-1 DP protects (docs/privacy.md). The loss is the dense `sequence_loss
 only one whose gradients Opacus can keep per example.
 
 Accounting: the device's ledger holds every round it was charged for. Before training,
-the round's entry (noise multiplier, Poisson sample rate, steps) is added to the ledger's
-history and epsilon computed by Opacus's RDP accountant; if that would exceed the run's
-budget the device does not train (a refusal, not an error). After training the entry is
-recorded, before anything leaves the device.
+the round's entry (noise multiplier, Poisson sample rate, steps) is checked against the
+budget and recorded in one ledger transaction (`PrivacyLedger.charge`): if it would take
+epsilon (Opacus's RDP accountant) past the run's budget the device does not train (a
+refusal, not an error). Charging before training means two overlapping rounds can never
+both pass the check; a round that then fails stays charged (over-, never under-charged).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from fedinterest.common.examples import training_windows
 from fedinterest.common.model import InterestModel, sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
-from fedinterest.client.ledger import LedgerEntry, PrivacyLedger
+from fedinterest.client.ledger import Charge, LedgerEntry, PrivacyLedger
 
 
 @dataclass(frozen=True)
@@ -97,10 +98,11 @@ def train_locally(
         return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=False)
     sampling = _prepare_sampling(num_windows=len(windows), batch_size=run.batch_size, local_epochs=run.local_epochs)
     entry = LedgerEntry(run_id, server_round, run.noise_multiplier, sampling.sample_rate, sampling.steps)
-    if ledger.entry(run_id, server_round) is not None:
-        # A retried round: training again would be a second noisy release of the same data.
-        return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=True)
-    if run.private and ledger.would_exceed(entry, run.epsilon_budget, run.delta):
+    history_before = ledger.history()
+    # A retried round (already charged) is refused too: training again would be a second
+    # noisy release of the same data.
+    charge = ledger.charge({ledger.user: entry}, budget=run.epsilon_budget if run.private else None, delta=run.delta)
+    if charge[ledger.user] is not Charge.CHARGED:
         return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=True)
 
     if run.private:
@@ -109,7 +111,7 @@ def train_locally(
             noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
             poisson_sampling=poisson_sampling, generator=generator,
         )
-        prepared.engine.accountant.history = ledger.history()
+        prepared.engine.accountant.history = list(history_before)
         _check_sampling(prepared, sampling)
     else:
         prepared = _prepare_plain(
@@ -117,11 +119,10 @@ def train_locally(
         )
     after_step = _proximal_step(model, lr=run.local_lr, mu=proximal_mu) if proximal_mu > 0 else None
     try:
-        loss = _train(prepared, local_epochs=run.local_epochs, expected_steps=sampling.steps, ledger=ledger, after_step=after_step)
+        loss = _train(prepared, local_epochs=run.local_epochs, expected_steps=sampling.steps, after_step=after_step)
     finally:
         if prepared.engine is not None:
             prepared.module.cleanup()  # removes Opacus's hooks and per-sample attributes from `model`
-    ledger.record(entry)
     epsilon = ledger.epsilon(run.delta) if run.private else float("inf")
     state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     return LocalTrainingResult(state, len(windows), 0.0 if math.isnan(loss) else loss, epsilon, refused=False)
@@ -225,11 +226,10 @@ def _proximal_step(model: InterestModel, *, lr: float, mu: float) -> Callable[[]
 
 
 def _train(
-    prepared: _Prepared, *, local_epochs: int, expected_steps: int, ledger: PrivacyLedger,
-    after_step: Callable[[], None] | None = None,
+    prepared: _Prepared, *, local_epochs: int, expected_steps: int, after_step: Callable[[], None] | None = None,
 ) -> float:
     """Run the epochs; the mean of the epochs' mean losses (NaN if no example was drawn at all)."""
-    counted_before = sum(steps for _, _, steps in ledger.history())
+    counted_before = sum(steps for _, _, steps in prepared.engine.accountant.history) if prepared.engine is not None else 0
     steps_done, epoch_losses = 0, []
     for _ in range(local_epochs):
         loss, steps = train_epoch(

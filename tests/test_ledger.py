@@ -9,7 +9,7 @@ import pytest
 from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
-from fedinterest.client.ledger import STATE_KEY, LedgerEntry, PrivacyLedger, open_device_ledger, rdp_epsilon
+from fedinterest.client.ledger import DEVICE_USER, STATE_KEY, Charge, LedgerEntry, PrivacyLedger, open_device_ledger, rdp_epsilon
 
 DELTA = 1e-5
 
@@ -91,7 +91,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
         ledger.record(_entry(1))
         with pytest.raises(RuntimeError):
             with ledger._transaction() as cur:  # a crash between two statements of one write
-                cur.execute("INSERT INTO ledger_steps VALUES (1, 2, 1.0, 0.5, 2, 0.0)")
+                cur.execute("INSERT INTO ledger_steps VALUES ('', 1, 2, 1.0, 0.5, 2, 0.0)")
                 raise RuntimeError("power cut")
     with PrivacyLedger(path) as reopened:
         assert reopened.history() == [(1.0, 0.5, 2)]
@@ -136,3 +136,44 @@ def test_flower_run_ids_beyond_sqlite_integer_are_kept(tmp_path) -> None:
     with PrivacyLedger(tmp_path / "l.sqlite") as ledger:
         assert ledger.entries() == [LedgerEntry(run_id, 1, 1.0, 0.5, 2)]
         assert ledger.entry(run_id, 1) is not None
+
+
+def test_charge_checks_the_budget_and_records_in_one_step() -> None:
+    ledger = PrivacyLedger(":memory:")
+    assert ledger.charge({DEVICE_USER: _entry(1)}, budget=8.0, delta=DELTA) == {DEVICE_USER: Charge.CHARGED}  # 5.377
+    assert ledger.charge({DEVICE_USER: _entry(1)}, budget=8.0, delta=DELTA) == {DEVICE_USER: Charge.ALREADY_CHARGED}
+    assert ledger.charge({DEVICE_USER: _entry(2)}, budget=7.0, delta=DELTA) == {DEVICE_USER: Charge.OVER_BUDGET}  # 7.41 > 7
+    assert [e.server_round for e in ledger.entries()] == [1]
+    # Without a budget (DP off) the round is charged all the same: a retry is still refused.
+    assert ledger.charge({DEVICE_USER: _entry(2, sigma=0.0)}, budget=None, delta=DELTA) == {DEVICE_USER: Charge.CHARGED}
+    assert ledger.epsilon(DELTA) == float("inf")
+
+
+def test_users_of_one_file_have_separate_accounts(tmp_path: Path) -> None:
+    path = tmp_path / "node.sqlite"
+    with PrivacyLedger(path) as node:
+        outcomes = node.charge({"7": _entry(1), "8": _entry(1), "9": _entry(1, steps=40)}, budget=8.0, delta=DELTA)
+        assert outcomes == {"7": Charge.CHARGED, "8": Charge.CHARGED, "9": Charge.OVER_BUDGET}
+        assert node.charge({"7": _entry(2), "8": _entry(1)}, budget=8.0, delta=DELTA) == {"7": Charge.CHARGED, "8": Charge.ALREADY_CHARGED}
+        assert node.users() == ["7", "8"]
+        assert node.entries() == []  # the file's own (device) account is untouched
+    with PrivacyLedger(path, user="7") as seven, PrivacyLedger(path, user="8") as eight:
+        assert seven.history() == [(1.0, 0.5, 2), (1.0, 0.5, 2)] and eight.history() == [(1.0, 0.5, 2)]
+        assert seven.epsilon(DELTA) == pytest.approx(7.4097336, rel=1e-6)
+
+
+def test_a_version_1_ledger_becomes_the_devices_own_account(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:  # the layout version 1 wrote
+        conn.execute("CREATE TABLE ledger_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        conn.execute("INSERT INTO ledger_meta VALUES ('schema_version', '1')")
+        conn.execute(
+            "CREATE TABLE ledger_steps (run_id TEXT NOT NULL, server_round INTEGER NOT NULL, noise_multiplier REAL NOT NULL,"
+            " sample_rate REAL NOT NULL, steps INTEGER NOT NULL, recorded_at REAL NOT NULL, PRIMARY KEY (run_id, server_round))"
+        )
+        conn.execute("INSERT INTO ledger_steps VALUES ('18446744073709551615', 1, 1.0, 0.5, 4, 1.0)")
+    with PrivacyLedger(path) as ledger:
+        assert ledger.entries() == [LedgerEntry(2**64 - 1, 1, 1.0, 0.5, 4)]
+        assert ledger.epsilon(DELTA) == pytest.approx(7.4097336, rel=1e-6)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM ledger_meta WHERE key = 'schema_version'").fetchone() == ("2",)
