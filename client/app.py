@@ -1,8 +1,10 @@
 """The device's Flower ClientApp: decode the message, delegate, encode the reply.
 
-Training lives in `client.local_training`, ranking in `client.local_evaluation`, the
-device's data in `client.data_source` and its privacy ledger in `client.ledger`. What a
-reply may hold is fixed by `common.wire` (docs/privacy.md lists it).
+A node stands for the users of its shard: one on a real device, several in simulation
+(run-config users-per-node). Training lives in `client.shard_training` (each sampled user
+as its own device) and `client.local_training`, ranking in `client.local_evaluation`,
+the node's data in `client.data_source` and its privacy ledger in `client.ledger`. What
+a reply may hold is fixed by `common.wire` (docs/privacy.md lists it).
 """
 
 from __future__ import annotations
@@ -10,15 +12,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.faults import act_out, requested_fault
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
 from fedinterest.client.local_models import save_global_model
-from fedinterest.client.local_training import LocalTrainingResult, train_locally
 from fedinterest.client.privacy_policy import run_for_device
+from fedinterest.client.shard_training import refused_round, train_shard
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
@@ -34,7 +35,6 @@ from flwr.clientapp import ClientApp
 
 app = ClientApp()
 LOG = logging.getLogger("flwr.fedinterest")
-NO_HISTORY = np.zeros(0, dtype=np.int64)  # a device too new to train: train_locally replies empty
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,12 @@ def _decode(msg: Message, context: Context) -> _Request:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """One round of local DP training; a refusal (privacy budget) is a normal reply without arrays."""
+    """One round for the node's sampled users; a refusal (privacy budget) is a normal reply without arrays."""
     req = _decode(msg, context)
     server_round = req.config.get(wire.SERVER_ROUND)
     if not isinstance(server_round, int):
         raise ValueError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
+    sampled = _sampled_users(req.config, len(req.device.users))
     fault = requested_fault(context.node_config, req.config)
     if fault is not None:
         act_out(fault, req.run.round_timeout)
@@ -82,33 +83,55 @@ def train(msg: Message, context: Context) -> Message:
     with open_device_ledger(req.device.ledger_path, context.state) as ledger:
         if refusal is not None:
             LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal)
-            result = LocalTrainingResult(None, 0, 0.0, ledger.epsilon(run.delta), refused=True)
+            result = refused_round(req.device, sampled, ledger, run.delta)
         else:
-            result = train_locally(
-                model=req.model, train_history=req.device.user.train if req.device.user else NO_HISTORY, run=run, ledger=ledger,
-                run_id=context.run_id, server_round=server_round,
-                proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
+            result = train_shard(
+                model=req.model, device=req.device, sampled=sampled, run=run, ledger=ledger, run_id=context.run_id,
+                server_round=server_round, proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
             )
     content = RecordDict()
     if result.state_dict is not None:
         content[wire.ARRAYS] = ArrayRecord(result.state_dict)
     content[wire.METRICS] = MetricRecord({
         wire.NUM_EXAMPLES: result.num_examples,
+        wire.NUM_USERS: result.num_users,
         wire.TRAIN_LOSS: result.train_loss,
-        wire.EPSILON: result.epsilon,
-        wire.REFUSED: 1.0 if result.refused else 0.0,
+        wire.EPSILON: [float(e) for e in result.epsilons],
+        wire.REFUSED: result.refused,
     })
     return Message(content, reply_to=msg)
 
 
+def _sampled_users(config: ConfigRecord, shard_size: int) -> list[int]:
+    """The shard indices the server sampled (absent: the first, a real device's only user)."""
+    sampled = config.get(wire.SHARD_USERS, [0])
+    if not isinstance(sampled, list) or not sampled or any(isinstance(i, bool) or not isinstance(i, int) for i in sampled):
+        raise ValueError(f"the train message's {wire.SHARD_USERS!r} must be a non-empty list of user indices, got {sampled!r}")
+    if any(not 0 <= i < shard_size for i in sampled) or len(set(sampled)) != len(sampled):
+        raise ValueError(f"{wire.SHARD_USERS!r} {sampled} names users outside this node's {shard_size}, or one twice")
+    return sorted(sampled)
+
+
+@app.query("shard")
+def shard(msg: Message, context: Context) -> Message:
+    """Which users this node holds: the dataset index of its first user and how many."""
+    torch.set_num_threads(1)
+    device = load_device_data(context.node_config, RunConfig.from_flower(context.run_config))
+    metrics = MetricRecord({wire.SHARD_FIRST_USER: device.first_user, wire.SHARD_SIZE: len(device.users)})
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Rank the full catalogue for the user's held-out item of the requested stage."""
+    """Rank the full catalogue for each user's held-out item of the requested stage; reply their mean."""
     req = _decode(msg, context)
-    stage = req.config.get(wire.STAGE, DEFAULT_STAGE)
-    if req.device.user is None:  # no held-out item yet: counts for no user in the average
-        metrics = MetricRecord({wire.NUM_EXAMPLES: 0, wire.HIT_RATE_10: 0.0, wire.NDCG_10: 0.0})
-        return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
-    result = evaluate_locally(model=req.model, user=req.device.user, stage=str(stage))
-    metrics = MetricRecord({wire.NUM_EXAMPLES: 1, wire.HIT_RATE_10: result.hit_rate_10, wire.NDCG_10: result.ndcg_10})
+    stage = str(req.config.get(wire.STAGE, DEFAULT_STAGE))
+    users = [u for u in req.device.users if u is not None]  # a user without a held-out item counts for none
+    results = [evaluate_locally(model=req.model, user=user, stage=stage) for user in users]
+    count = len(results)
+    metrics = MetricRecord({
+        wire.NUM_EXAMPLES: count,
+        wire.HIT_RATE_10: sum(r.hit_rate_10 for r in results) / count if count else 0.0,
+        wire.NDCG_10: sum(r.ndcg_10 for r in results) / count if count else 0.0,
+    })
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)

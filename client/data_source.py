@@ -1,9 +1,10 @@
 """Where a device's data and privacy ledger come from, given its Flower node config.
 
 In simulation a virtual node gets only `partition-id` and `num-partitions`: partition
-`i` is user `LeaveOneOut.users[i]` of the run's dataset. One simulation process serves
-many virtual devices, so the loaded split is cached per process, keyed by the frozen
-`DatasetSpec`.
+`i` holds users `i*k .. i*k + k - 1` of the run's dataset (`LeaveOneOut.users`), k =
+run-config users-per-node (1 by default: partition i is user i), each trained as the
+device it stands for. One simulation process serves many virtual nodes, so the loaded
+split is cached per process, keyed by the frozen `DatasetSpec`.
 
 A real device names its store with `history-db=PATH` (client/device_store.py): its
 history is mapped to the store's catalogue (items outside it are kept in the store but
@@ -20,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from fedinterest.client.device_store import DeviceStore
+from fedinterest.client.ledger import DEVICE_USER
 from fedinterest.common.constants import MIN_INTERACTIONS_FOR_SPLIT
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.interactions import SequenceDataset
@@ -35,13 +37,27 @@ HISTORY_DB = "history-db"  # a real device's store file (deployment)
 
 @dataclass(frozen=True)
 class DeviceData:
-    """One device's user, the catalogue size its model needs, and where its ledger lives."""
+    """The users a node stands for, the catalogue size its model needs, and where its ledger lives.
 
-    user: UserSplit | None  # None: a device whose history is too short to split (it sends empty replies)
+    A real device holds one user (`users` = (its user,), or (None,) while its history is
+    too short to split: it then sends empty replies); a simulated node holds a shard.
+    """
+
+    users: tuple[UserSplit | None, ...]
     num_items: int
     ledger_path: Path | None  # None: keep the ledger in the node's Context.state (simulation only)
     store_path: Path | None = None  # the device store (history-db mode), where received models are kept
     unknown_items: int = 0  # history rows whose item is not in the catalogue (kept in the store, not used)
+    first_user: int = -1  # the dataset index of users[0] in simulation; -1 on a real device
+
+    @property
+    def user(self) -> UserSplit | None:
+        """The node's first user (a real device's only one)."""
+        return self.users[0]
+
+    def ledger_user(self, index: int) -> str:
+        """The ledger account of users[index]: the device's own, or the user's dataset index."""
+        return DEVICE_USER if self.first_user < 0 else str(self.first_user + index)
 
 
 @lru_cache(maxsize=4)
@@ -62,13 +78,19 @@ def load_device_data(node_config: Mapping[str, object], run: RunConfig) -> Devic
     if not isinstance(partition, int) or isinstance(partition, bool):
         raise ValueError(f"node config {PARTITION_ID!r} must be an integer, got {partition!r}")
     split = _cached_split(run.dataset_spec())
-    if not 0 <= partition < len(split.users):
+    per_node = run.users_per_node
+    nodes = -(-len(split.users) // per_node)
+    if not 0 <= partition < nodes:
         raise ValueError(
             f"partition-id {partition} is out of range: dataset {run.dataset_spec().label!r} has "
-            f"{len(split.users)} users with a leave-one-out split (partitions 0..{len(split.users) - 1}); "
+            f"{len(split.users)} users with a leave-one-out split, {per_node} per node (partitions 0..{nodes - 1}); "
             "run the simulation with at most that many supernodes"
         )
-    return DeviceData(user=split.users[partition], num_items=split.num_items, ledger_path=simulation_ledger_path(run.run_dir, partition))
+    first = partition * per_node
+    return DeviceData(
+        users=tuple(split.users[first : first + per_node]), num_items=split.num_items,
+        ledger_path=simulation_ledger_path(run.run_dir, partition), first_user=first,
+    )
 
 
 def load_store_data(path: object, run: RunConfig) -> DeviceData:
@@ -97,10 +119,11 @@ def load_store_data(path: object, run: RunConfig) -> DeviceData:
             store_path, len(history.indices), history.unknown, MIN_INTERACTIONS_FOR_SPLIT,
         )
     return DeviceData(
-        user=split.users[0] if split.users else None, num_items=len(catalogue), ledger_path=store_path, store_path=store_path, unknown_items=history.unknown
+        users=(split.users[0] if split.users else None,), num_items=len(catalogue), ledger_path=store_path, store_path=store_path,
+        unknown_items=history.unknown,
     )
 
 
 def simulation_ledger_path(run_dir: str, partition_id: int) -> Path | None:
-    """`{run_dir}/devices/partition-{id}.sqlite`, or None when the run has no directory."""
+    """`{run_dir}/devices/partition-{id}.sqlite` (one account per user of the shard), or None when the run has no directory."""
     return Path(run_dir) / "devices" / f"partition-{partition_id}.sqlite" if run_dir else None

@@ -221,14 +221,16 @@ class PrivacyLedger:
         return [row[0] for row in self._conn.execute(f"SELECT DISTINCT user FROM {_STEPS} ORDER BY user")]
 
     def for_user(self, user: str) -> PrivacyLedger:
-        """The same file's account of `user` (its own connection)."""
-        if self.path == ":memory:":
-            raise ValueError("an in-memory ledger has no second connection: open the file's ledger with user=")
-        return PrivacyLedger(self.path, user=user)
+        """The account of `user` in the same database, on the same connection (closing it closes nothing)."""
+        view = object.__new__(PrivacyLedger)
+        view.__dict__.update(self.__dict__)
+        view.user, view._view = user, True
+        return view
 
     def close(self) -> None:
-        """Close the database (everything recorded is already committed)."""
-        self._conn.close()
+        """Close the database (everything recorded is already committed); a `for_user` view closes nothing."""
+        if not getattr(self, "_view", False):
+            self._conn.close()
 
     def __enter__(self) -> PrivacyLedger:
         return self

@@ -20,6 +20,7 @@ MAX_INT = 2**31 - 1
 # The dataset of a run on real devices (deployment): each device holds its own history.
 DEPLOYED = "deployed"
 STRATEGIES = ("fedavg", "fedadam", "fedyogi", "fedprox", "fedavgm", "fedmedian", "fedtrimmedavg", "krum")
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum")  # aggregate individual updates, not a mean
 # How a device picked by fault-fraction misbehaves in simulation: raise, or stall past round-timeout.
 FAULT_MODES = ("fail", "timeout")
 # The device's optimizer. Adam (the default) is what the centralized model trains with;
@@ -60,6 +61,12 @@ class RunConfig:
     # fails (fault-mode "fail") or stalls past round-timeout ("timeout").
     fault_fraction: float = 0.0
     fault_mode: str = "fail"
+    # Simulation: each virtual node holds this many consecutive users of the dataset and
+    # trains each sampled one as the device it stands for (docs/simulations.md, "Shards").
+    users_per_node: int = 1
+    # Research only: seeds every DP noise draw and the layer-2 sampling (0 = OS entropy,
+    # the only setting under which the privacy figures hold; the reports say so otherwise).
+    research_noise_seed: int = 0
     # Local training on the device.
     local_epochs: int = 1
     local_lr: float = 1e-3
@@ -102,7 +109,7 @@ class RunConfig:
                 problems.append(f"{_key(f.name)} is out of range (|value| > {MAX_INT})")
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
-        positive_ints = ("synthetic_users", "synthetic_items", "num_server_rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every")
+        positive_ints = ("synthetic_users", "synthetic_items", "num_server_rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "users_per_node")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 problems.append(f"{_key(name)} must be at least 1")
@@ -138,6 +145,12 @@ class RunConfig:
             problems.append(f"local-optimizer must be one of {', '.join(LOCAL_OPTIMIZERS)}")
         if self.strategy not in STRATEGIES:
             problems.append(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.research_noise_seed < 0:
+            problems.append("research-noise-seed must be >= 0 (0 = noise from OS entropy)")
+        if self.users_per_node > 1 and self.strategy in ROBUST_STRATEGIES:
+            problems.append(f"strategy {self.strategy} ranks individual updates; it needs users-per-node = 1 (a shard replies with its users' combined update)")
+        if self.deployed and self.users_per_node != 1:
+            problems.append(f'users-per-node is a simulation option; a run on dataset "{DEPLOYED}" has one user per device')
         if self.deployed and self.fault_fraction > 0:
             problems.append(f'fault-fraction is a simulation option; a run on dataset "{DEPLOYED}" must leave it at 0')
         if self.deployed and self.num_items < 1:
@@ -162,7 +175,7 @@ class RunConfig:
         if self.user_private:
             # DP-FedAvg bounds one user's influence on a mean; a median or Krum's pick has no
             # such bound, and a round skipped for too few replies would leak why it was skipped.
-            if self.strategy in ("fedmedian", "fedtrimmedavg", "krum"):
+            if self.strategy in ROBUST_STRATEGIES:
                 problems.append(f"user-level DP (user-noise-multiplier > 0) needs a mean aggregate; strategy {self.strategy} is not one (use fedavg, fedavgm, fedadam, fedyogi or fedprox)")
             if self.min_replies > 1:
                 problems.append("min-replies must stay 1 with user-level DP: every round is released (noised) whatever number of devices replied")
@@ -172,6 +185,11 @@ class RunConfig:
     def user_private(self) -> bool:
         """Whether the server runs DP-FedAvg (layer 2) on top of the devices' DP-SGD."""
         return self.user_noise_multiplier > 0
+
+    @property
+    def noise_seeded(self) -> bool:
+        """Whether DP noise is reproducible (research only: its privacy figures do not hold)."""
+        return self.research_noise_seed > 0
 
     @property
     def deployed(self) -> bool:

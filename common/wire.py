@@ -1,8 +1,15 @@
 """Names on the wire between the ServerApp and the ClientApp, defined once for both sides.
 
-A device's train reply carries exactly one ArrayRecord (the model, under ARRAYS) and
+A device's train reply carries at most one ArrayRecord (the model, under ARRAYS) and
 one MetricRecord (under METRICS) holding only TRAIN_REPLY_METRICS; an evaluate reply
 holds only EVAL_REPLY_METRICS. Nothing else leaves a device (docs/privacy.md).
+
+A node stands for the users of its shard: one on a real device, a contiguous range of
+the dataset's users in simulation (run-config users-per-node; docs/simulations.md,
+"Shards"). The server asks a simulated node which users it holds (a QUERY_SHARD
+message, replied with SHARD_REPLY_METRICS), tells it each round which of them are
+sampled (SHARD_USERS), and the node replies for those users together: ARRAYS is then
+the global model plus the combined update of the NUM_USERS users that trained.
 """
 
 from __future__ import annotations
@@ -19,14 +26,26 @@ STAGE = "stage"  # evaluate config: "valid" or "test" (default "test")
 # Train config of a device picked by fault-fraction: "fail" or "timeout" (RunConfig FAULT_MODES).
 # Honoured only by a simulated ClientApp (node config partition-id); a real device ignores it.
 SIMULATED_FAULT = "simulated-fault"
+# Train config: indices, within the node's shard, of the users sampled this round (sorted).
+# Absent: the shard's first user (a real device has only its own).
+SHARD_USERS = "shard-users"
+
+# Server -> node: which users do you hold? (a query message; simulation only)
+QUERY_SHARD = "query.shard"
+SHARD_FIRST_USER = "first-user"  # the index in the dataset of the shard's first user; -1 on a real device
+SHARD_SIZE = "users"  # how many users the shard holds
+SHARD_REPLY_METRICS = (SHARD_FIRST_USER, SHARD_SIZE)
 
 # Device -> server metrics.
-NUM_EXAMPLES = "num-examples"  # FedAvg weights by this (its `weighted_by_key` default)
-TRAIN_LOSS = "train-loss"  # mean local training loss of this round
-EPSILON = "epsilon"  # the device's cumulative example-level epsilon after this round, at the run's delta
-REFUSED = "refused"  # 1.0 when the device declined to train because of its privacy budget, else 0.0
+NUM_EXAMPLES = "num-examples"  # FedAvg weights by this (its `weighted_by_key` default): windows of the users in ARRAYS
+NUM_USERS = "num-users"  # users whose updates ARRAYS combines (0: no ARRAYS)
+TRAIN_LOSS = "train-loss"  # example-weighted mean local training loss of those users this round
+# One number per sampled user, in SHARD_USERS order: the user's cumulative example-level
+# epsilon after this round, at the run's delta (inf: trained without DP).
+EPSILON = "epsilon"
+REFUSED = "refused"  # how many sampled users declined to train (privacy budget, or a round already charged)
 HIT_RATE_10 = "hr@10"
 NDCG_10 = "ndcg@10"
 
-TRAIN_REPLY_METRICS = (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, REFUSED)
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, EPSILON, REFUSED)
 EVAL_REPLY_METRICS = (NUM_EXAMPLES, HIT_RATE_10, NDCG_10)

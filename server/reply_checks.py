@@ -1,32 +1,36 @@
 """Checks on what devices send back: every train reply is classified before anything
 is aggregated.
 
-A reply is exactly one of
+A reply speaks for the users of its node that the round sampled (one on a real device,
+several on a simulated node holding a shard; server/cohort.py). A reply is exactly one of
 - failed   -- an error reply (`msg.has_error()`); devices that did not answer before the
               round's timeout are counted as failed by the round loop;
 - rejected -- malformed: records other than one MetricRecord under METRICS (plus, for a
               trained update, one ArrayRecord under ARRAYS), metric keys other than
-              exactly TRAIN_REPLY_METRICS, non-numeric or out-of-range values, arrays whose
-              keys, shapes or dtypes differ from the global model's, non-finite
-              weights or loss, or -- with an UpdateBound (run-config max-update-norm) --
-              an update whose L2 norm against the global weights sent exceeds it. Rejected replies are counted and never aggregated, and
-              nothing they report (not even epsilon) is trusted;
-- refused  -- REFUSED == 1: the device declined because of its privacy budget (no arrays);
-- empty    -- no arrays or NUM_EXAMPLES == 0: the device had nothing to train on;
-- valid    -- everything else: aggregated, weighted by NUM_EXAMPLES.
+              exactly TRAIN_REPLY_METRICS, non-numeric or out-of-range values (user
+              counts beyond the users sampled, an EPSILON list not one per sampled
+              user), arrays whose keys, shapes or dtypes differ from the global model's,
+              non-finite weights or loss, or -- with an UpdateBound (run-config
+              max-update-norm) -- an update whose L2 norm against the global weights sent
+              exceeds it. Rejected replies are counted and never aggregated, and nothing
+              they report (not even epsilon) is trusted;
+- in form  -- valid when NUM_USERS > 0 (aggregated, weighted by NUM_EXAMPLES); else
+              refused (every sampled user declined: privacy budget) or empty (nothing
+              to train on).
+Counts are of users: a valid reply of a shard may also hold refused and empty users.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, TRAIN_LOSS, TRAIN_REPLY_METRICS
+from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, TRAIN_LOSS, TRAIN_REPLY_METRICS
 
 
 class ReplyKind(str, Enum):
@@ -78,43 +82,56 @@ def l2_norm(arrays: Iterable[np.ndarray]) -> float:
 
 @dataclass(frozen=True)
 class CheckedReply:
-    """One classified reply. The numbers are None when the reply was failed or rejected."""
+    """One classified reply for `users` sampled users. The numbers are None / empty when failed or rejected."""
 
     kind: ReplyKind
     node_id: int
     reason: str = ""
+    users: int = 1  # the node's users sampled this round
+    trained: int = 0  # users whose updates the arrays combine
+    refused: int = 0  # users that declined
     num_examples: float | None = None
     train_loss: float | None = None
-    epsilon: float | None = None
-    message: Message | None = None  # valid replies only, arrays in the global model's key order
+    epsilons: tuple[float, ...] = ()  # one per sampled user, in the order the server named them
+    message: Message | None = None  # valid replies only: arrays in the global model's key order
+
+    @property
+    def epsilon(self) -> float | None:
+        """The largest epsilon the reply reported (None when it reported none)."""
+        return max(self.epsilons) if self.epsilons else None
 
 
 class MalformedReply(ValueError):
     """A reply that breaks the wire contract (common/wire.py)."""
 
 
-def check_train_reply(msg: Message, spec: ArraySpec, bound: UpdateBound | None = None) -> CheckedReply:
-    """Classify one train reply against the global model's `spec` (and the update `bound`, if any)."""
+def check_train_reply(msg: Message, spec: ArraySpec, bound: UpdateBound | None = None, users: int = 1) -> CheckedReply:
+    """Classify one train reply for `users` sampled users against the global model's `spec` (and the update `bound`)."""
     node = int(msg.metadata.src_node_id)
     if msg.has_error():
-        return CheckedReply(ReplyKind.FAILED, node, reason=f"error {msg.error.code}: {msg.error.reason}")
+        return CheckedReply(ReplyKind.FAILED, node, reason=f"error {msg.error.code}: {msg.error.reason}", users=users)
     try:
-        return _check_content(msg, node, spec, bound)
+        return _check_content(msg, node, spec, bound, users)
     except MalformedReply as exc:
-        return CheckedReply(ReplyKind.REJECTED, node, reason=str(exc))
+        return CheckedReply(ReplyKind.REJECTED, node, reason=str(exc), users=users)
 
 
-def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound | None) -> CheckedReply:
+def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound | None, users: int) -> CheckedReply:
     content = msg.content
-    metrics = _metrics(content)
-    num_examples, loss, epsilon, refused = (metrics[k] for k in (NUM_EXAMPLES, TRAIN_LOSS, EPSILON, REFUSED))
+    metrics, epsilons = _metrics(content, users)
+    num_examples, trained, loss, refused = (metrics[k] for k in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED))
     has_arrays = ARRAYS in content.array_records
-    if refused == 1.0:
-        if has_arrays:
+    common = dict(users=users, trained=int(trained), refused=int(refused), num_examples=num_examples, epsilons=epsilons)
+    if trained == 0:
+        if has_arrays and refused == users:
             raise MalformedReply("a refused reply must not carry arrays")
-        return CheckedReply(ReplyKind.REFUSED, node, num_examples=num_examples, epsilon=epsilon)
-    if not has_arrays or num_examples == 0:
-        return CheckedReply(ReplyKind.EMPTY, node, num_examples=num_examples, epsilon=epsilon)
+        # Arrays beside no trained user (a device with nothing to train on) are ignored.
+        kind = ReplyKind.REFUSED if refused == users else ReplyKind.EMPTY
+        return CheckedReply(kind, node, **common)
+    if not has_arrays:
+        raise MalformedReply(f"{NUM_USERS} is {int(trained)} but the reply carries no arrays")
+    if num_examples < trained:
+        raise MalformedReply(f"{NUM_EXAMPLES} {num_examples:g} is below {NUM_USERS} {int(trained)}: a trained user has a window")
     if not math.isfinite(loss):
         raise MalformedReply(f"{TRAIN_LOSS} is {loss} for a trained update")
     ordered = _checked_arrays(content[ARRAYS], spec)
@@ -122,13 +139,14 @@ def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound 
         norm = bound.norm(ordered)
         if not norm <= bound.max_norm:  # also catches an overflow to inf
             raise MalformedReply(f"update norm {norm:.4g} exceeds max-update-norm {bound.max_norm:g}")
-    # FedAvgM pairs arrays by position, not by key: hand the strategy the global order.
-    msg.content = RecordDict({ARRAYS: ordered, METRICS: content[METRICS]})
-    return CheckedReply(ReplyKind.VALID, node, num_examples=num_examples, train_loss=loss, epsilon=epsilon, message=msg)
+    # What the strategy aggregates: the arrays in the global model's key order (FedAvgM pairs
+    # arrays by position) and the weight; the round loop keeps the other metrics itself.
+    msg.content = RecordDict({ARRAYS: ordered, METRICS: MetricRecord({NUM_EXAMPLES: num_examples})})
+    return CheckedReply(ReplyKind.VALID, node, train_loss=loss, message=msg, **common)
 
 
-def _metrics(content: RecordDict) -> dict[str, float]:
-    """The reply's train metrics, checked: exactly TRAIN_REPLY_METRICS, scalar, in range."""
+def _metrics(content: RecordDict, users: int) -> tuple[dict[str, float], tuple[float, ...]]:
+    """The reply's train metrics, checked: exactly TRAIN_REPLY_METRICS, in range; and the epsilons."""
     others = set(content.keys()) - {ARRAYS, METRICS}
     if others:
         raise MalformedReply(f"unexpected records {sorted(others)}")
@@ -140,20 +158,24 @@ def _metrics(content: RecordDict) -> dict[str, float]:
     if set(record.keys()) != set(TRAIN_REPLY_METRICS):
         raise MalformedReply(f"metric keys {sorted(record.keys())} are not exactly {sorted(TRAIN_REPLY_METRICS)}")
     values = {}
-    for key in TRAIN_REPLY_METRICS:
+    for key in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED):
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MalformedReply(f"metric {key!r} must be a number, got {value!r}")
         values[key] = float(value)
-    n = values[NUM_EXAMPLES]
-    if not (math.isfinite(n) and n >= 0 and n == int(n)):
-        raise MalformedReply(f"{NUM_EXAMPLES} must be a whole number >= 0, got {n}")
-    if values[REFUSED] not in (0.0, 1.0):
-        raise MalformedReply(f"{REFUSED} must be 0 or 1, got {values[REFUSED]}")
-    eps = values[EPSILON]
-    if math.isnan(eps) or eps < 0:
-        raise MalformedReply(f"{EPSILON} must be >= 0 (inf when DP is off), got {eps}")
-    return values
+    for key in (NUM_EXAMPLES, NUM_USERS, REFUSED):
+        n = values[key]
+        if not (math.isfinite(n) and n >= 0 and n == int(n)):
+            raise MalformedReply(f"{key} must be a whole number >= 0, got {n}")
+    if values[NUM_USERS] + values[REFUSED] > users:
+        raise MalformedReply(f"{NUM_USERS} {values[NUM_USERS]:g} and {REFUSED} {values[REFUSED]:g} exceed the {users} user(s) sampled")
+    epsilons = record[EPSILON]
+    if not isinstance(epsilons, list) or len(epsilons) != users:
+        raise MalformedReply(f"{EPSILON} must be a list of one number per sampled user ({users}), got {epsilons!r}")
+    for eps in epsilons:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or math.isnan(eps) or eps < 0:
+            raise MalformedReply(f"{EPSILON} values must be >= 0 (inf when DP is off), got {eps!r}")
+    return values, tuple(float(e) for e in epsilons)
 
 
 def _checked_arrays(arrays: ArrayRecord, spec: ArraySpec) -> ArrayRecord:
@@ -178,50 +200,68 @@ def _checked_arrays(arrays: ArrayRecord, spec: ArraySpec) -> ArrayRecord:
 
 @dataclass
 class RoundReplies:
-    """Every reply of one round, classified, and what the round's metrics row needs."""
+    """Every reply of one round, classified, and what the round's metrics row needs (counts of users)."""
 
-    sampled: int
+    sampled: int  # users sampled
     checked: list[CheckedReply] = field(default_factory=list)
 
     def count(self, kind: ReplyKind) -> int:
-        """How many replies were of `kind` (FAILED includes devices that never answered)."""
-        n = sum(1 for c in self.checked if c.kind is kind)
-        return n + self.missing if kind is ReplyKind.FAILED else n
+        """How many sampled users were of `kind` (FAILED includes the users of nodes that never answered)."""
+        if kind is ReplyKind.FAILED:
+            return sum(c.users for c in self.checked if c.kind is kind) + self.missing
+        if kind is ReplyKind.REJECTED:
+            return sum(c.users for c in self.checked if c.kind is kind)
+        in_form = [c for c in self.checked if c.kind in _IN_FORM]
+        if kind is ReplyKind.VALID:
+            return sum(c.trained for c in in_form)
+        if kind is ReplyKind.REFUSED:
+            return sum(c.refused for c in in_form)
+        return sum(c.users - c.trained - c.refused for c in in_form)
 
     @property
     def missing(self) -> int:
-        """Sampled devices without any reply by the timeout."""
-        return max(0, self.sampled - len(self.checked))
+        """Sampled users whose node sent no reply by the timeout."""
+        return max(0, self.sampled - sum(c.users for c in self.checked))
 
     @property
     def answered(self) -> int:
-        """Replies with content: valid + refused + empty + rejected."""
-        return sum(1 for c in self.checked if c.kind is not ReplyKind.FAILED)
+        """Users of replies with content: valid + refused + empty + rejected."""
+        return sum(c.users for c in self.checked if c.kind is not ReplyKind.FAILED)
+
+    @property
+    def valid(self) -> list[CheckedReply]:
+        """The replies to aggregate."""
+        return [c for c in self.checked if c.kind is ReplyKind.VALID and c.message is not None]
 
     @property
     def valid_messages(self) -> list[Message]:
-        """The replies to aggregate."""
-        return [c.message for c in self.checked if c.kind is ReplyKind.VALID and c.message is not None]
+        """The messages to aggregate."""
+        return [c.message for c in self.valid]
 
     @property
     def train_loss(self) -> float | None:
         """Example-weighted mean training loss over the valid replies (None without any)."""
-        valid = [c for c in self.checked if c.kind is ReplyKind.VALID]
+        valid = self.valid
         total = sum(c.num_examples or 0.0 for c in valid)
         if not valid or total <= 0:
             return None
         return sum((c.num_examples or 0.0) * (c.train_loss or 0.0) for c in valid) / total
 
     @property
-    def epsilons(self) -> dict[int, float]:
-        """Epsilon per device that replied in form (valid, refused or empty); may be inf."""
-        trusted = (ReplyKind.VALID, ReplyKind.REFUSED, ReplyKind.EMPTY)
-        return {c.node_id: c.epsilon for c in self.checked if c.kind in trusted and c.epsilon is not None}
+    def epsilons(self) -> dict[tuple[int, int], float]:
+        """Epsilon per (node, i-th sampled user of it) that replied in form; may be inf."""
+        return {(c.node_id, i): e for c in self.checked if c.kind in _IN_FORM for i, e in enumerate(c.epsilons)}
 
 
-def classify_replies(sampled: int, replies: Iterable[Message], spec: ArraySpec, bound: UpdateBound | None = None) -> RoundReplies:
-    """Check every reply of a round that sent `sampled` train messages."""
-    result = RoundReplies(sampled=sampled)
+_IN_FORM = (ReplyKind.VALID, ReplyKind.REFUSED, ReplyKind.EMPTY)
+
+
+def classify_replies(
+    sampled: int | Mapping[int, int], replies: Iterable[Message], spec: ArraySpec, bound: UpdateBound | None = None
+) -> RoundReplies:
+    """Check every reply of a round; `sampled` maps each node messaged to its users sampled (an int: nodes of one user)."""
+    users = dict(sampled) if isinstance(sampled, Mapping) else {}
+    result = RoundReplies(sampled=sum(users.values()) if users else int(sampled))
     for msg in replies:
-        result.checked.append(check_train_reply(msg, spec, bound))
+        result.checked.append(check_train_reply(msg, spec, bound, users.get(int(msg.metadata.src_node_id), 1)))
     return result

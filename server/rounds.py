@@ -3,14 +3,20 @@
 Flower's `Strategy.start()` can neither resume at round k nor drop refused replies, so
 this loop drives the strategy's public steps itself, round by round:
 
-    configure_train -> (simulated faults marked) -> grid.send_and_receive
-    -> reply checks (update norm bound included) -> aggregate_train (valid only)
+    sample users (server/cohort.py) -> configure_train for the nodes that hold them
+    -> (simulated faults marked) -> grid.send_and_receive -> reply checks (update norm
+    bound included) -> aggregate_train (valid only, in the cohort's order)
     -> server-side evaluation (every eval_every rounds and at the last) -> checkpoint
-    -> one row of metrics.jsonl
+    -> one row of metrics.jsonl and of timings.jsonl (server/run_rows.py)
 
-With user-level DP (layer 2, `user-noise-multiplier` > 0) the sample is Poisson and
-every round releases the clipped, noised mean of server/user_privacy.py; the run stops
-before a round that would pass `user-epsilon-budget` (final.json "stopped_early").
+The unit sampled is a user: a node holds a shard of users (one on a real device,
+users-per-node in simulation), and each round's train message names the node's sampled
+users. Without layer 2, clients-per-round users are drawn without replacement, seeded
+by (seed, round) over the cohort's fixed order of users, so a run samples the same
+users whatever node ids Flower assigns. With user-level DP (layer 2,
+`user-noise-multiplier` > 0) the sample is Poisson over users and every round releases
+the clipped, noised mean of server/user_privacy.py; the run stops before a round that
+would pass `user-epsilon-budget` (final.json "stopped_early").
 
 A round with fewer than `min-replies` valid replies (at least one is always needed)
 completes without aggregation; the model stays, it is logged as a warning and counted in
@@ -18,17 +24,7 @@ completes without aggregation; the model stays, it is logged as a warning and co
 sampled devices' train messages (server/faults.py) so that simulated devices fail or stall.
 
 Run directory (`config.run_dir`, or a fresh temporary directory when it is empty):
-- `metrics.jsonl`: one JSON object per round with exactly ROW_FIELDS:
-  round, sampled, answered (replies with content), refused, failed (error replies and
-  devices silent at the timeout; sampled = answered + failed), rejected, empty,
-  train_loss (example-weighted mean over valid replies, null without any),
-  epsilon_max / epsilon_mean (cumulative example-level epsilon at the run's delta
-  reported by the devices that replied in form this round; null when none replied or
-  when any reported inf), dp (false when a device reported inf, i.e. trained without
-  DP; null when no epsilon was reported), user_epsilon (layer 2's user-level epsilon
-  after the round, null without layer 2), hr@10 / ndcg@10 (server-side validation
-  metrics when evaluated this round, else null), seconds (the round's wall time,
-  evaluation included), time (ISO 8601, UTC, end of round);
+- `metrics.jsonl` and `timings.jsonl`: one row per round each (server/run_rows.py);
 - `final.json`: the last round's validation and test metrics over all users, and
   `best_valid`: the round with the best validation NDCG@10 with its validation and test
   metrics (the early-stopping choice; test never decides it); rounds, wall time, device
@@ -46,28 +42,24 @@ to rows 1..R (the row of round R is restored from the checkpoint if a crash came
 between the checkpoint and the row). A different config raises ConfigMismatchError.
 
 Before round 1 (and before a resumed round) the loop waits until as many nodes are
-registered as the dataset has users (`len(LeaveOneOut.users)`: in simulation one
-virtual node per user, partition i = user i), for at most `round_timeout` seconds, or
-until the count has not moved for SETTLE_SECONDS (a simulation with fewer supernodes
-than users); then it continues with the nodes present (at least one), with a warning.
-The ServerApp cannot see the federation's num-supernodes, hence the settle rule.
-
-Node sampling uses Flower's own `sample_nodes` (Python's `random`), reseeded every round
-from (seed, round), so a resumed round samples as the uninterrupted run would have --
-given the same node ids, which a new simulation does not keep.
+registered as the dataset needs (ceil(users / users-per-node): in simulation partition
+i holds users i*k .. i*k+k-1), for at most `round_timeout` seconds, or until the count
+has not moved for SETTLE_SECONDS (a simulation with fewer supernodes than that); then it
+continues with the nodes present (at least one), with a warning. The ServerApp cannot
+see the federation's num-supernodes, hence the settle rule. A simulation then asks each
+node which users it holds (`cohort.survey`); a deployment takes every registered node
+as one user, again every round.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import random
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,82 +73,34 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.split import LeaveOneOut
-from fedinterest.common.wire import ARRAYS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
+from fedinterest.common.wire import ARRAYS, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
 from fedinterest.server import checkpoint as ckpt
+from fedinterest.server.cohort import Cohort, addressed, survey
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
+from fedinterest.server.privacy_tally import PrivacyTally
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
+from fedinterest.server.run_rows import METRICS_FILE, ROW_FIELDS, append_round, metrics_row, read_metrics, reconcile, timing_row
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
 from fedinterest.server.user_privacy import UserLevelAccountant, noised_mean_update, settings_of
 
 LOG = logging.getLogger("flwr.fedinterest")  # a child of Flower's logger: shown in its run log
 
-METRICS_FILE = "metrics.jsonl"
 FINAL_FILE = "final.json"
-ROW_FIELDS = (
-    "round", "sampled", "answered", "refused", "failed", "rejected", "empty", "train_loss",
-    "epsilon_max", "epsilon_mean", "dp", "user_epsilon", HIT_RATE_10, NDCG_10, "seconds", "time",
-)
+__all__ = ["FINAL_FILE", "METRICS_FILE", "ROW_FIELDS", "read_metrics", "run", "wait_for_nodes"]
 # Stop waiting for more nodes once the registered count has not moved for this long.
 SETTLE_SECONDS = 15.0
 COUNT_KEYS = ("sampled", "answered", "refused", "failed", "rejected", "empty", "aggregated", "rounds_without_update")
 
 
-@dataclass
-class PrivacyTally:
-    """The highest cumulative epsilon each device reported so far (keys: node ids as text).
-
-    Devices that reported inf (no DP) are listed apart, so every stored number is finite.
-    Node ids are Flower's: a new simulation assigns new ones, so after a resume a device
-    may appear under two ids (max stays an upper bound; mean covers both entries).
-    """
-
-    device_max: dict[str, float] = field(default_factory=dict)
-    without_dp: set[str] = field(default_factory=set)
-
-    def update(self, epsilons: dict[int, float]) -> None:
-        """Fold in one round's reported epsilons."""
-        for node, eps in epsilons.items():
-            key = str(node)
-            if math.isinf(eps):
-                self.without_dp.add(key)
-            else:
-                self.device_max[key] = max(eps, self.device_max.get(key, 0.0))
-
-    def to_json(self) -> dict[str, Any]:
-        """JSON-safe state for the checkpoint manifest."""
-        return {"device_epsilon_max": dict(sorted(self.device_max.items())), "devices_without_dp": sorted(self.without_dp)}
-
-    @classmethod
-    def from_json(cls, state: dict[str, Any]) -> PrivacyTally:
-        """Inverse of `to_json` (an empty mapping gives an empty tally)."""
-        return cls(
-            device_max={str(k): float(v) for k, v in (state.get("device_epsilon_max") or {}).items()},
-            without_dp=set(state.get("devices_without_dp") or ()),
-        )
-
-    def summary(self, delta: float) -> dict[str, Any]:
-        """What final.json reports about privacy."""
-        values = list(self.device_max.values())
-        dp = None if not values and not self.without_dp else not self.without_dp
-        return {
-            "unit": "per-device cumulative example-level (epsilon, delta)-DP of layer 1 (Opacus accountant on the device)",
-            "delta": delta,
-            "dp": dp,
-            "device_epsilon_max": max(values) if values and dp else None,
-            "device_epsilon_mean": sum(values) / len(values) if values and dp else None,
-            "devices_reporting": len(set(self.device_max) | self.without_dp),
-            "devices_without_dp": len(self.without_dp),
-        }
-
-
 @dataclass(frozen=True)
 class RoundResult:
-    """What one training round produced."""
+    """What one training round produced; `epsilons` by user name (server/cohort.py)."""
 
     arrays: ArrayRecord
     replies: RoundReplies
     aggregated: bool
+    epsilons: dict[str, float]
 
 
 # Why a run ended before num-server-rounds (final.json "stopped_early").
@@ -174,7 +118,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         LOG.info("fedinterest: deployed run, %d items; run directory %s", num_items, run_dir)
     else:
         split = load_split(config.dataset_spec())
-        num_items, expected_nodes = split.num_items, len(split.users)
+        num_items, expected_nodes = split.num_items, -(-len(split.users) // config.users_per_node)
         evaluator = ServerEvaluator(split, config.model_config(num_items))
         LOG.info("fedinterest: %d users, %d items; run directory %s", len(split.users), num_items, run_dir)
     model_config = config.model_config(num_items)
@@ -194,7 +138,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     privacy = PrivacyTally.from_json(saved.privacy if saved else {})
     counts = {key: int((saved.counts if saved else {}).get(key, 0)) for key in COUNT_KEYS}
     prior_seconds = saved.elapsed_seconds if saved else 0.0
-    _reconcile_metrics(run_dir / METRICS_FILE, saved)
+    reconcile(run_dir, saved.round if saved else 0, saved.metrics_row if saved else None)
 
     last_valid: dict[str, float] | None = None
     best = dict(saved.best) if saved else {}
@@ -203,19 +147,22 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     if first <= config.num_server_rounds:
         (run_dir / FINAL_FILE).unlink(missing_ok=True)  # it described fewer rounds than this run will
         nodes = wait_for_nodes(grid, expected_nodes, timeout=config.round_timeout, settle=SETTLE_SECONDS, poll_interval=poll_interval)
+        cohort = _cohort(grid, config)
         strategy = build_strategy(config, nodes)
         load_strategy_state(strategy, saved.strategy_state if saved else {})
         strategy.summary()
         if config.user_private:
-            user_dp = user_dp or UserLevelAccountant.start(settings_of(config), nodes)
-            _log_user_dp_plan(user_dp, nodes, config.num_server_rounds - first + 1)
+            user_dp = user_dp or UserLevelAccountant.start(settings_of(config), cohort.population)
+            _log_user_dp_plan(user_dp, cohort.population, config.num_server_rounds - first + 1)
     elif saved is not None:
         LOG.warning("fedinterest: the checkpoint is at round %d >= num-server-rounds %d: nothing to train", saved.round, config.num_server_rounds)
     final_round = saved.round if saved else 0
 
     for server_round in range(first, config.num_server_rounds + 1):
         round_start = time.monotonic()
-        if user_dp is not None and user_dp.would_exceed(_node_count(grid, config)):
+        if config.deployed:  # devices come and go: each registered node is one user
+            cohort = _cohort(grid, config)
+        if user_dp is not None and user_dp.would_exceed(cohort.population):
             stopped_early = STOPPED_AT_USER_BUDGET
             LOG.warning(
                 "fedinterest: stopping before round %d: one more release would take user-level epsilon past %g "
@@ -224,7 +171,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
             )
             break
         LOG.info("fedinterest: [ROUND %d/%d]", server_round, config.num_server_rounds)
-        result = train_round(grid, strategy, arrays, server_round, config, spec, user_dp)
+        result = train_round(grid, strategy, arrays, server_round, config, spec, cohort, user_dp)
         arrays = result.arrays
         evaluation = None
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
@@ -232,10 +179,10 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
             if is_better(evaluation, best.get("valid")):
                 # Model selection on validation only; test is recorded, never used to choose.
                 best = {"round": server_round, "valid": evaluation, "test": evaluator.evaluate(arrays, "test")}
-        privacy.update(result.replies.epsilons)
+        privacy.update(result.epsilons)
         _add_counts(counts, result)
         user_epsilon = user_dp.epsilon() if user_dp is not None else None
-        row = metrics_row(server_round, result.replies, evaluation, time.monotonic() - round_start, user_epsilon)
+        row = metrics_row(server_round, result.replies, evaluation, user_epsilon)
         ckpt.save(run_dir, ckpt.Checkpoint(
             round=server_round,
             arrays=arrays_to_numpy(arrays),
@@ -247,7 +194,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
             metrics_row=row,
             best=best,
         ))
-        _append_row(run_dir / METRICS_FILE, row)
+        append_round(run_dir, row, timing_row(server_round, time.monotonic() - round_start))
         final_round = server_round
         LOG.info("fedinterest: round %d: %s", server_round, json.dumps(row))
 
@@ -262,71 +209,101 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
 
 def train_round(
     grid: Grid, strategy: FedAvg, arrays: ArrayRecord, server_round: int, config: RunConfig, spec: ArraySpec,
-    user_dp: UserLevelAccountant | None = None,
+    cohort: Cohort, user_dp: UserLevelAccountant | None = None,
 ) -> RoundResult:
-    """One round: sample, send, check replies, aggregate the valid ones (if any).
+    """One round: sample users, send to their nodes, check replies, aggregate the valid ones (if any).
 
-    With `user_dp` (layer 2) the sample is Poisson, and the valid replies are clipped,
-    summed, noised and released whatever their number (server/user_privacy.py).
+    With `user_dp` (layer 2) the sample is Poisson, and the valid replies' clipped updates
+    are summed, noised and released whatever their number (server/user_privacy.py).
     """
-    nodes = _node_count(grid, config)
-    # Layer 2 draws its own Poisson sample from the messages for all nodes (they share one payload).
-    fit_sampling(strategy, nodes, nodes if user_dp else config.clients_per_round)
-    random.seed(round_seed(config.seed, server_round))
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
     if user_dp is not None:
-        chosen = set(user_dp.sample([m.metadata.dst_node_id for m in messages], server_round))
-        messages = [m for m in messages if m.metadata.dst_node_id in chosen]
-        LOG.info("fedinterest: round %d: Poisson sample of %d of %d nodes (q %.4f)", server_round, len(messages), nodes, user_dp.sample_rate(nodes))
+        users = user_dp.sample(cohort.population, server_round)
+        LOG.info("fedinterest: round %d: Poisson sample of %d of %d users (q %.4f)", server_round, len(users), cohort.population, user_dp.sample_rate(cohort.population))
+    else:
+        users = random.Random(round_seed(config.seed, server_round)).sample(range(cohort.population), min(config.clients_per_round, cohort.population))
+    assignment = cohort.assign(users)
+    messages = _train_messages(strategy, arrays, server_round, grid, cohort, assignment)
     if config.fault_fraction > 0:
         faulty = pick_faulty([m.metadata.dst_node_id for m in messages], config.fault_fraction, config.seed, server_round)
         messages = mark_faults(messages, faulty, config.fault_mode)
-        LOG.info("fedinterest: round %d: simulated fault %r on nodes %s", server_round, config.fault_mode, faulty)
+        LOG.info("fedinterest: round %d: simulated fault %r on %d node(s)", server_round, config.fault_mode, len(faulty))
     bound = UpdateBound(arrays_to_numpy(arrays), config.max_update_norm) if config.max_update_norm > 0 else None
-    replies = classify_replies(len(messages), grid.send_and_receive(messages, timeout=config.round_timeout), spec, bound)
+    sampled = {node: len(local) for node, local in assignment.items()}
+    replies = classify_replies(sampled, grid.send_and_receive(messages, timeout=config.round_timeout), spec, bound)
+    # Replies arrive in any order; combining them in the cohort's order makes the sum reproducible.
+    replies.checked.sort(key=lambda c: cohort.rank(c.node_id) if c.node_id in sampled else -1)
+    epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
     for checked in replies.checked:
         if checked.kind in (ReplyKind.REJECTED, ReplyKind.FAILED):
-            LOG.warning("fedinterest: round %d: node %d %s: %s", server_round, checked.node_id, checked.kind.value, checked.reason)
+            LOG.warning("fedinterest: round %d: node %d %s: %s (%d user(s))", server_round, checked.node_id, checked.kind.value, checked.reason, checked.users)
     if replies.missing:
-        LOG.warning("fedinterest: round %d: %d sampled node(s) did not reply within %g s", server_round, replies.missing, config.round_timeout)
-    valid = replies.valid_messages
+        LOG.warning("fedinterest: round %d: %d sampled user(s) got no reply within %g s", server_round, replies.missing, config.round_timeout)
     if user_dp is not None:
-        return _user_level_round(strategy, arrays, server_round, valid, spec, user_dp, nodes, replies)
+        return _user_level_round(strategy, arrays, server_round, replies, spec, user_dp, cohort.population, epsilons)
+    valid = replies.valid_messages
     if len(valid) < config.min_replies:
         LOG.warning(
-            "fedinterest: round %d: %d valid update(s) of %d sampled, fewer than min-replies %d; the model stays",
-            server_round, len(valid), len(messages), config.min_replies,
+            "fedinterest: round %d: %d valid update(s) from %d sampled user(s), fewer than min-replies %d; the model stays",
+            server_round, len(valid), replies.sampled, config.min_replies,
         )
-        return RoundResult(arrays, replies, aggregated=False)
+        return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons)
     new_arrays, _ = strategy.aggregate_train(server_round, valid)
     if new_arrays is None:
-        return RoundResult(arrays, replies, aggregated=False)
-    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True)
+        return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons)
+    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True, epsilons=epsilons)
+
+
+def _train_messages(
+    strategy: FedAvg, arrays: ArrayRecord, server_round: int, grid: Grid, cohort: Cohort, assignment: dict[int, list[int]]
+) -> list[Message]:
+    """The strategy's own train messages (its config: server round, FedProx's mu, ...) for
+    the nodes holding sampled users, each naming its users, in the cohort's order."""
+    chosen = sorted(assignment, key=cohort.rank)
+    if not chosen:
+        return []
+    fit_sampling(strategy, len(chosen), len(chosen))
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Only(grid, chosen)))
+    return sorted(addressed(messages, assignment), key=lambda m: cohort.rank(m.metadata.dst_node_id))
+
+
+class _Only:
+    """A view of the grid that shows the strategy's node sampler only the round's chosen nodes."""
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid, self._node_ids = grid, list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def _user_level_round(
-    strategy: FedAvg, arrays: ArrayRecord, server_round: int, valid: list[Message], spec: ArraySpec,
-    user_dp: UserLevelAccountant, nodes: int, replies: RoundReplies,
+    strategy: FedAvg, arrays: ArrayRecord, server_round: int, replies: RoundReplies, spec: ArraySpec,
+    user_dp: UserLevelAccountant, population: int, epsilons: dict[str, float],
 ) -> RoundResult:
     """Release the round's DP-FedAvg model and account for it; the strategy sees only that model."""
     settings = user_dp.settings
     global_arrays = arrays_to_numpy(arrays)
     noised, norms = noised_mean_update(
-        global_arrays, [arrays_to_numpy(m.content[ARRAYS]) for m in valid],
+        global_arrays, [(arrays_to_numpy(c.message.content[ARRAYS]), c.trained) for c in replies.valid],
         clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
-        expected_size=user_dp.sample_rate(nodes) * nodes,
+        expected_size=user_dp.sample_rate(population) * population, rng=user_dp.noise_rng(server_round),
     )
-    user_dp.record_release(nodes)
-    clipped = sum(1 for n in norms if n > settings.clip_norm)
+    user_dp.record_release(population)
+    clipped = sum(1 for n in norms if n > settings.clip_norm * (1 + 1e-6))
     # The median norm before clipping is what user-clip-norm should be chosen near (McMahan et al.).
     LOG.info(
-        "fedinterest: round %d: DP-FedAvg over %d valid update(s), %d clipped to %g (median norm %s); user-level epsilon %.3f at delta %g",
-        server_round, len(valid), clipped, settings.clip_norm, f"{float(np.median(norms)):.3g}" if norms else "-", user_dp.epsilon(), user_dp.delta,
+        "fedinterest: round %d: DP-FedAvg over %d user update(s) in %d replies, %d replies clipped again to %g (median norm %s); "
+        "user-level epsilon %.3f at delta %g",
+        server_round, replies.count(ReplyKind.VALID), len(norms), clipped, settings.clip_norm,
+        f"{float(np.median(norms)):.3g}" if norms else "-", user_dp.epsilon(), user_dp.delta,
     )
     new_arrays, _ = strategy.aggregate_train(server_round, [_released_reply(noised, server_round)])
     if new_arrays is None:  # no strategy drops its only reply; guard rather than lose the release
         new_arrays = arrays_from_numpy(noised)
-    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True)
+    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True, epsilons=epsilons)
 
 
 def _released_reply(arrays: dict[str, np.ndarray], server_round: int) -> Message:
@@ -336,8 +313,13 @@ def _released_reply(arrays: dict[str, np.ndarray], server_round: int) -> Message
     return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
-def _node_count(grid: Grid, config: RunConfig) -> int:
-    return len(list(grid.get_node_ids())) or wait_for_nodes(grid, 1, timeout=config.round_timeout)
+def _cohort(grid: Grid, config: RunConfig) -> Cohort:
+    """Who holds which users: every registered node is one device (deployment), or as the nodes say (simulation)."""
+    node_ids = list(grid.get_node_ids())
+    if not node_ids:
+        wait_for_nodes(grid, 1, timeout=config.round_timeout)
+        node_ids = list(grid.get_node_ids())
+    return Cohort.of_devices(node_ids) if config.deployed else survey(grid, node_ids, timeout=config.round_timeout)
 
 
 def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None) -> UserLevelAccountant | None:
@@ -427,34 +409,6 @@ def resolve_run_dir(config: RunConfig) -> Path:
     return path
 
 
-def metrics_row(
-    server_round: int, replies: RoundReplies, evaluation: dict[str, float] | None, seconds: float, user_epsilon: float | None = None,
-) -> dict[str, Any]:
-    """The metrics.jsonl row of one round (exactly ROW_FIELDS)."""
-    epsilons = list(replies.epsilons.values())
-    dp = None if not epsilons else not any(math.isinf(e) for e in epsilons)
-    row = {
-        "round": server_round,
-        "sampled": replies.sampled,
-        "answered": replies.answered,
-        "refused": replies.count(ReplyKind.REFUSED),
-        "failed": replies.count(ReplyKind.FAILED),
-        "rejected": replies.count(ReplyKind.REJECTED),
-        "empty": replies.count(ReplyKind.EMPTY),
-        "train_loss": replies.train_loss,
-        "epsilon_max": max(epsilons) if dp else None,
-        "epsilon_mean": sum(epsilons) / len(epsilons) if dp else None,
-        "dp": dp,
-        "user_epsilon": user_epsilon,
-        HIT_RATE_10: evaluation[HIT_RATE_10] if evaluation else None,
-        NDCG_10: evaluation[NDCG_10] if evaluation else None,
-        "seconds": round(seconds, 3),
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }
-    assert tuple(row) == ROW_FIELDS
-    return row
-
-
 def is_better(valid: dict[str, Any], best_valid: dict[str, Any] | None) -> bool:
     """Whether a validation result beats the best so far on NDCG@10 (ties keep the earlier round)."""
     if valid.get(NDCG_10) is None:
@@ -470,40 +424,6 @@ def _add_counts(counts: dict[str, int], result: RoundResult) -> None:
         counts[kind.value] += replies.count(kind)
     counts["aggregated"] += replies.count(ReplyKind.VALID) if result.aggregated else 0
     counts["rounds_without_update"] += 0 if result.aggregated else 1
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a metrics.jsonl; a torn last line (crash mid-append) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
-def _reconcile_metrics(path: Path, saved: ckpt.Checkpoint | None) -> None:
-    """Cut metrics.jsonl back to the checkpoint's rounds, restoring its last row if missing."""
-    last = saved.round if saved else 0
-    rows = {row["round"]: row for row in read_metrics(path) if isinstance(row.get("round"), int) and row["round"] <= last}
-    if saved is not None and saved.metrics_row is not None:
-        rows.setdefault(saved.round, saved.metrics_row)
-    if not rows and not path.exists():
-        return
-    text = "".join(json.dumps(rows[r], allow_nan=False) + "\n" for r in sorted(rows))
-    atomic_write_text(path, text)
-
-
-def _append_row(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(row, allow_nan=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _final(
@@ -531,7 +451,11 @@ def _final(
         "best_valid": best or None,
         "stopped_early": stopped_early,
         "wall_seconds": round(seconds, 3),
-        "privacy": privacy.summary(config.delta) | {"user_level": user_dp.summary() if user_dp is not None else None},
+        "privacy": privacy.summary(config.delta) | {
+            "user_level": user_dp.summary() if user_dp is not None else None,
+            # Research only: seeded noise is reproducible, so no privacy figure of the run holds.
+            "noise_source": "research-noise-seed" if config.noise_seeded else "os-entropy",
+        },
         "counts": counts,
         "dataset": (
             {"label": "deployed", "users": None, "items": config.num_items} if split is None

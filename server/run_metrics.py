@@ -1,4 +1,5 @@
-"""Reading a run's metrics.jsonl (one row per round, written by server/rounds.py)."""
+"""Reading a run's metrics.jsonl (one row per round, written by server/rounds.py), with
+each round's wall time from the timings.jsonl beside it (server/run_rows.py)."""
 
 from __future__ import annotations
 
@@ -41,11 +42,26 @@ def parse_row(line: str) -> RoundRow:
     return RoundRow(round=int(raw.get("round", 0)), raw=raw)
 
 
+TIMINGS_FILE = "timings.jsonl"  # beside metrics.jsonl: round, seconds, time
+
+
 def read_rows(path: Path) -> list[RoundRow]:
-    """Every row of a metrics.jsonl (empty when the file is absent)."""
+    """Every row of a metrics.jsonl (empty when the file is absent), joined with its round's timing."""
     if not path.is_file():
         return []
-    return [parse_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = [parse_row(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    timings = path.with_name(TIMINGS_FILE)
+    if timings.is_file():
+        by_round = {}
+        for line in timings.read_text(encoding="utf-8").splitlines():
+            try:
+                timing = json.loads(line)
+            except json.JSONDecodeError:  # a torn last line
+                continue
+            if isinstance(timing, dict):
+                by_round[timing.get("round")] = timing
+        rows = [RoundRow(r.round, {**by_round.get(r.round, {}), **r.raw}) for r in rows]
+    return rows
 
 
 class MetricsFollower:

@@ -3,15 +3,19 @@
 One round is one release of the Gaussian mechanism on a Poisson sample of devices
 (McMahan et al. 2018, "Learning differentially private recurrent language models"):
 
-- Sampling: every registered node takes part independently with probability
-  q = min(1, clients-per-round / nodes registered). Poisson sampling is what the
+- Sampling: every user of the federation (server/cohort.py: a device, or one user of a
+  simulated node's shard) takes part independently with probability
+  q = min(1, clients-per-round / users). Poisson sampling is what the
   accountant assumes; Flower's own `sample_nodes` draws a fixed-size sample, for which
   Poisson accounting would be wrong. The draw comes from a per-run secret seed (OS
   entropy, kept in the checkpoint so that a resumed round draws the same devices and
   never written to the logs): amplification by sampling holds only while the sample is
   hidden from whoever sees the models, so it must not follow from the public run seed.
-- Clipping: each valid device update (reply weights - global weights) is scaled down to
-  L2 norm at most C = user-clip-norm over all arrays together.
+- Clipping: each user's update is scaled down to L2 norm at most C = user-clip-norm over
+  all arrays together -- by the device (client/shard_training.py), and again here: a
+  reply's update (reply weights - global weights, the mean of its users' clipped updates)
+  is clipped to C and counted once per user it speaks for. For an honest node that is a
+  no-op; for a device (one user) it is the server's own bound, whatever the device did.
 - Aggregate (fixed denominator): new = global + (sum of clipped updates) / E + N(0, (sigma C / E)^2)
   per coordinate, with E = q * nodes, the expected sample size. A fixed denominator is
   what bounds one user's influence by C / E whatever the sample turns out to be; dividing
@@ -20,7 +24,9 @@ One round is one release of the Gaussian mechanism on a Poisson sample of device
   update, which is inside the same bound. Every sampled round is released and accounted,
   even with no valid reply (then the release is global + noise): skipping a release
   when too few replied would make the skip itself depend on the users' data.
-- Noise: from the OS's entropy (numpy's default_rng without a seed), never the run seed.
+- Noise: from the OS's entropy (numpy's default_rng without a seed), never the run seed;
+  the research-only run-config research-noise-seed seeds it and the sampling (the run's
+  privacy report then says its figures do not hold).
 - Accountant: Opacus's RDPAccountant, one Poisson-subsampled Gaussian step
   (sigma, q) per round, under add/remove-one-user adjacency; epsilon is reported at
   delta = user-delta (0 = 1 / nodes registered at the first round, then fixed). Its
@@ -66,6 +72,7 @@ class UserDPSettings:
     delta: float  # 0 = 1 / population at the first round
     epsilon_budget: float
     clients_per_round: int
+    noise_seed: int = 0  # research only (research-noise-seed); 0 = OS entropy
 
 
 class UserLevelAccountant:
@@ -82,7 +89,8 @@ class UserLevelAccountant:
     def start(cls, settings: UserDPSettings, population: int) -> UserLevelAccountant:
         """A fresh accountant for a run whose first round sees `population` registered nodes."""
         delta = settings.delta if settings.delta > 0 else 1.0 / max(population, 1)
-        return cls(settings, delta=delta, sampling_seed=secrets.randbits(63))
+        seed = settings.noise_seed * 2 + 1 if settings.noise_seed else secrets.randbits(63)
+        return cls(settings, delta=delta, sampling_seed=seed)
 
     @classmethod
     def from_json(cls, settings: UserDPSettings, state: dict[str, Any]) -> UserLevelAccountant:
@@ -104,7 +112,7 @@ class UserLevelAccountant:
         return _epsilon(self._accountant, self.delta) if self._accountant.history else 0.0
 
     def sample_rate(self, population: int) -> float:
-        """q for a round with `population` registered nodes."""
+        """q for a round with `population` users."""
         return min(1.0, self.settings.clients_per_round / population)
 
     def epsilon_after(self, population: int, more_rounds: int) -> float:
@@ -123,11 +131,15 @@ class UserLevelAccountant:
         """Compose one round's release."""
         self._accountant.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
 
-    def sample(self, node_ids: list[int], server_round: int) -> list[int]:
-        """The round's Poisson sample of `node_ids` (reproducible from the secret seed and the round)."""
+    def sample(self, population: int, server_round: int) -> list[int]:
+        """The round's Poisson sample of the users 0..population-1 (reproducible from the secret seed and the round)."""
         rng = np.random.default_rng([self.sampling_seed, server_round])
-        chosen = rng.random(len(node_ids)) < self.sample_rate(len(node_ids))
-        return [node for node, keep in zip(sorted(node_ids), chosen) if keep]
+        return np.flatnonzero(rng.random(population) < self.sample_rate(population)).tolist()
+
+    def noise_rng(self, server_round: int) -> np.random.Generator:
+        """The round's noise source: OS entropy, or the research-only seed."""
+        seed = self.settings.noise_seed
+        return np.random.default_rng([seed, server_round]) if seed else np.random.default_rng()
 
     def summary(self) -> dict[str, Any]:
         """What final.json reports about layer 2."""
@@ -160,7 +172,7 @@ def clip_update(update: dict[str, np.ndarray], clip_norm: float) -> tuple[dict[s
 
 def noised_mean_update(
     global_arrays: dict[str, np.ndarray],
-    replies: list[dict[str, np.ndarray]],
+    replies: list[tuple[dict[str, np.ndarray], int]],
     *,
     clip_norm: float,
     noise_multiplier: float,
@@ -169,17 +181,18 @@ def noised_mean_update(
 ) -> tuple[dict[str, np.ndarray], list[float]]:
     """The DP-FedAvg model: global + sum of clipped updates / E + Gaussian noise (std sigma C / E).
 
-    Returns the new arrays (in the global arrays' dtypes) and each reply's update norm
-    before clipping (for the logs). `rng` exists for tests; the default is OS entropy.
+    `replies` are (arrays, users): the reply's model, the global one plus the mean of its
+    users' clipped updates. Returns the new arrays (in the global arrays' dtypes) and each
+    reply's update norm before clipping (for the logs). `rng` defaults to OS entropy.
     """
     rng = rng or np.random.default_rng()
     total = {k: np.zeros(v.shape, dtype=np.float64) for k, v in global_arrays.items()}
     norms = []
-    for arrays in replies:
+    for arrays, users in replies:
         clipped, norm = clip_update({k: arrays[k].astype(np.float64) - global_arrays[k] for k in global_arrays}, clip_norm)
         norms.append(norm)
         for k in total:
-            total[k] += clipped[k]
+            total[k] += users * clipped[k]
     std = noise_multiplier * clip_norm / expected_size
     new = {
         k: (global_arrays[k] + total[k] / expected_size + rng.normal(0.0, std, size=v.shape)).astype(v.dtype)
@@ -196,4 +209,5 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         delta=config.user_delta,
         epsilon_budget=config.user_epsilon_budget,
         clients_per_round=config.clients_per_round,
+        noise_seed=config.research_noise_seed,
     )

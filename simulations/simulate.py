@@ -103,6 +103,10 @@ UNIT_OF_PROTECTION = (
     "one training example of one device: a window of up to max-len consecutive "
     "(input item, next item) pairs of the user's training history (layer 1, on-device DP-SGD)"
 )
+SEEDED_NOISE_WARNING = (
+    "research-noise-seed is set: every DP noise draw and the layer-2 sampling follow from it, so anyone "
+    "who knows the seed can reproduce the noise; the privacy figures of this run do not hold"
+)
 USER_LEVEL_NOTE = (
     "not applied: this run has no server-side DP-FedAvg (layer 2), so a user's whole "
     "history is protected only through the per-example guarantee and its group privacy"
@@ -309,13 +313,14 @@ def prepare_run(config: SimulationConfig, out: Path, *, argv: Sequence[str] = ()
         if users < 1:
             raise SimulationConfigError(f"dataset {dataset['spec']!r} has no user with at least 3 interactions")
         dataset.update(users=users, items=items)
-        federation = replace(federation, num_supernodes=users)
+        federation = replace(federation, num_supernodes=-(-users // config.run.users_per_node))
     elif config.run.dataset == SYNTHETIC:
         # Every synthetic user has a split (histories are at least 3 long), so this check is free.
-        if federation.num_supernodes > config.run.synthetic_users:
+        nodes = -(-config.run.synthetic_users // config.run.users_per_node)
+        if federation.num_supernodes > nodes:
             raise SimulationConfigError(
-                f"{NUM_SUPERNODES} = {federation.num_supernodes} exceeds the {config.run.synthetic_users} "
-                "synthetic users (one virtual device per user)"
+                f"{NUM_SUPERNODES} = {federation.num_supernodes} exceeds the {config.run.synthetic_users} synthetic users "
+                f"at users-per-node {config.run.users_per_node} ({nodes} node(s))"
             )
     run_dir = new_run_dir(Path(out), f"simulate-{config.name}").resolve()
     flwr_home = run_dir / FLWR_HOME_DIR
@@ -656,17 +661,20 @@ def _best_valid(final: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 def ledger_epsilons(run_dir: Path, delta: float) -> dict[str, tuple[float, int]]:
-    """Per device ledger under `{run_dir}/devices/`: (epsilon at `delta`, rounds charged).
+    """Per user account in the node ledgers under `{run_dir}/devices/`: (epsilon at `delta`, rounds charged).
 
-    The ledger is the device's own accountant state, so this is the device-side figure,
+    The ledger is the devices' own accountant state, so this is the device-side figure,
     recomputed with Opacus's RDP accountant; the ServerApp's figure is what devices reported.
+    Keys name the user by its index in the dataset.
     """
     from fedinterest.client.ledger import PrivacyLedger
 
     found: dict[str, tuple[float, int]] = {}
     for path in sorted((run_dir / DEVICES_DIR).glob("*.sqlite")):
-        with PrivacyLedger(path) as ledger:
-            found[path.stem] = (ledger.epsilon(delta), len(ledger.entries()))
+        with PrivacyLedger(path) as node:
+            for user in node.users():
+                account = node.for_user(user)
+                found[f"user-{user}"] = (account.epsilon(delta), len(account.entries()))
     return found
 
 
@@ -731,6 +739,9 @@ def privacy_report(
         }
     if not run.private:
         report["note"] = "noise-multiplier = 0: DP-SGD is off; no clipping, no noise, epsilon is infinite"
+    report["noise_source"] = "research-noise-seed (reproducible)" if run.noise_seeded else "OS entropy"
+    if run.noise_seeded:
+        report["warning"] = SEEDED_NOISE_WARNING
     return report
 
 
@@ -767,6 +778,7 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         "# Privacy report",
         "",
+        *([f"**Warning**: {report['warning']}.", ""] if report.get("warning") else []),
         f"- **Differential privacy**: {'on' if report['dp'] else 'off'} (layer {report['layer']})",
         f"- **Unit of protection**: {report['unit_of_protection']}",
         f"- **User level (layer 2)**: {_user_level_line(report['user_level'])}",
@@ -820,6 +832,7 @@ def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Map
         "wall_seconds": round(wall_seconds, 1),
         "server_wall_seconds": _as_number(final.get("wall_seconds")),
         "popularity_test": popularity_test(config.run),
+        "privacy_warning": privacy.get("warning"),
     }
 
 

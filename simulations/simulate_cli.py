@@ -161,6 +161,8 @@ def print_table(result: SimulationResult) -> None:
     if s.get("stopped_early"):
         typer.echo(f"stopped early ({s['stopped_early']}): one more round would have passed the user-level budget")
     typer.echo(f"{s['rounds']} rounds, {s['devices']} devices, wall time {s['wall_seconds']:.0f} s")
+    if s.get("privacy_warning"):
+        typer.echo(f"warning: {s['privacy_warning']}")
     if s["failed_replies"] or s["rejected_replies"]:
         typer.echo(f"warning: {s['failed_replies']} device replies failed and {s['rejected_replies']} were rejected (see flwr.log)")
 

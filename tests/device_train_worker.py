@@ -35,7 +35,7 @@ def main() -> None:
         if reply.has_error():
             raise SystemExit(f"round {server_round} failed: {reply.error}")
         metrics = reply.content.metric_records[wire.METRICS]
-        print(f"done {server_round} {metrics[wire.EPSILON]!r} {metrics[wire.REFUSED]}", flush=True)
+        print(f"done {server_round} {metrics[wire.EPSILON][0]!r} {metrics[wire.REFUSED]}", flush=True)
 
 
 if __name__ == "__main__":

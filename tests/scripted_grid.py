@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.server import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedinterest.common.wire import CONFIG, SERVER_ROUND
+from fedinterest.common.wire import CONFIG, METRICS, QUERY_SHARD, SERVER_ROUND, SHARD_FIRST_USER, SHARD_SIZE
 
 
 @contextmanager
@@ -30,6 +30,8 @@ class ScriptedGrid(Grid):
         # A list of node ids registers nodes that never answer (enough for configure_train).
         self.nodes = dict(nodes) if isinstance(nodes, dict) else {n: (lambda m: None) for n in nodes}
         self.sent: list[tuple[int, int]] = []  # (round, node)
+        # Each node holds one user, in the order the nodes were given (the server asks: cohort.survey).
+        self.shards = {node: (index, 1) for index, node in enumerate(self.nodes)}
 
     def set_run(self, run):  # pragma: no cover - not used
         pass
@@ -54,6 +56,10 @@ class ScriptedGrid(Grid):
         replies = []
         for message in messages:
             node = message.metadata.dst_node_id
+            if message.metadata.message_type == QUERY_SHARD:
+                first, size = self.shards[node]
+                replies.append(Message(RecordDict({METRICS: MetricRecord({SHARD_FIRST_USER: first, SHARD_SIZE: size})}), reply_to=message))
+                continue
             self.sent.append((message.content[CONFIG].get(SERVER_ROUND, 0), node))
             reply = self.nodes[node](message)
             if reply is not None:

@@ -309,7 +309,7 @@ def test_train_reply_holds_exactly_the_model_and_the_wire_metrics(tmp_path: Path
     assert not content.config_records
     metrics = content.metric_records[wire.METRICS]
     assert tuple(metrics) == wire.TRAIN_REPLY_METRICS
-    assert metrics[wire.REFUSED] == 0.0 and metrics[wire.NUM_EXAMPLES] >= 1 and 0 < metrics[wire.EPSILON] < run.epsilon_budget
+    assert metrics[wire.REFUSED] == 0 and metrics[wire.NUM_USERS] == 1 and metrics[wire.NUM_EXAMPLES] >= 1 and 0 < metrics[wire.EPSILON][0] < run.epsilon_budget
     new_state = content.array_records[wire.ARRAYS].to_torch_state_dict()
     assert set(new_state) == set(model.state_dict())
     assert (tmp_path / "devices" / "partition-0.sqlite").is_file()
@@ -322,7 +322,7 @@ def test_train_handler_refuses_at_budget_with_metrics_only() -> None:
     assert not reply.content.array_records
     metrics = reply.content.metric_records[wire.METRICS]
     assert tuple(metrics) == wire.TRAIN_REPLY_METRICS
-    assert dict(metrics) == {wire.NUM_EXAMPLES: 0, wire.TRAIN_LOSS: 0.0, wire.EPSILON: 0.0, wire.REFUSED: 1.0}
+    assert dict(metrics) == {wire.NUM_EXAMPLES: 0, wire.NUM_USERS: 0, wire.TRAIN_LOSS: 0.0, wire.EPSILON: [0.0], wire.REFUSED: 1}
 
 
 def test_in_memory_ledger_survives_rounds_in_context_state() -> None:
@@ -332,7 +332,7 @@ def test_in_memory_ledger_survives_rounds_in_context_state() -> None:
     epsilons = []
     for server_round in (1, 2):
         reply = app(_message("train", model, {wire.SERVER_ROUND: server_round}), context)
-        epsilons.append(reply.content.metric_records[wire.METRICS][wire.EPSILON])
+        epsilons.append(reply.content.metric_records[wire.METRICS][wire.EPSILON][0])
     assert 0 < epsilons[0] < epsilons[1]
 
 

@@ -140,7 +140,7 @@ def test_the_clientapp_keeps_the_received_global_model_for_offline_ranking(tmp_p
     reply = app(message("train", global_model, {wire.SERVER_ROUND: 1}), store_context(device.store_path, run))
     assert not reply.has_error(), reply.error
     metrics = reply.content.metric_records[wire.METRICS]
-    assert metrics[wire.REFUSED] == 0.0 and metrics[wire.EPSILON] > 0
+    assert metrics[wire.REFUSED] == 0 and metrics[wire.EPSILON][0] > 0
     with device.store() as store:
         loaded = load_latest(store)
         assert loaded.description["kind"] == "global" and loaded.description["server_round"] == 1

@@ -9,6 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
+from reply_helpers import train_metrics
 from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, TRAIN_LOSS
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, UpdateBound, check_train_reply, classify_replies
 from scripted_grid import as_server_task
@@ -32,7 +33,7 @@ def instruction(node: int) -> Message:
 
 
 def metrics(n=3, loss=1.5, eps=0.7, refused=0.0, **extra) -> MetricRecord:
-    return MetricRecord({NUM_EXAMPLES: n, TRAIN_LOSS: loss, EPSILON: eps, REFUSED: refused, **extra})
+    return train_metrics(n, loss, eps, refused, **extra)
 
 
 def arrays(value: float = 1.0, order=("a", "b"), **override) -> ArrayRecord:
@@ -112,7 +113,7 @@ def test_round_tally_and_aggregation_use_valid_replies_only():
     assert counts == {ReplyKind.VALID: 2, ReplyKind.REJECTED: 1, ReplyKind.REFUSED: 1, ReplyKind.EMPTY: 1, ReplyKind.FAILED: 2}
     assert tally.answered == 5 and tally.missing == 1
     assert tally.train_loss == pytest.approx((1 * 2.0 + 3 * 1.0) / 4)
-    assert tally.epsilons == {1: 1.0, 2: 3.0, 4: 8.5, 5: 0.0}
+    assert tally.epsilons == {(1, 0): 1.0, (2, 0): 3.0, (4, 0): 8.5, (5, 0): 0.0}  # (node, its i-th sampled user)
     aggregated, _ = FedAvg(weighted_by_key=NUM_EXAMPLES).aggregate_train(1, tally.valid_messages)
     np.testing.assert_allclose(aggregated["a"].numpy(), np.full((2, 3), (1 * 1.0 + 3 * 4.0) / 4))
     np.testing.assert_allclose(aggregated["b"].numpy(), np.full(4, 3.25))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
+from reply_helpers import train_metrics
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import hit_rate, ndcg
@@ -38,7 +39,7 @@ def task_identity():
 
 
 def metrics(n, loss, eps, refused=0.0):
-    return MetricRecord({NUM_EXAMPLES: n, TRAIN_LOSS: loss, EPSILON: eps, REFUSED: refused})
+    return train_metrics(n, loss, eps, refused)
 
 
 def trainer(node: int, crash_at: int | None = None):
@@ -73,7 +74,7 @@ def broken(message):
 
 def malformed(message):
     arrays = message.content[ARRAYS]
-    content = RecordDict({ARRAYS: arrays, METRICS: MetricRecord({NUM_EXAMPLES: 1000, TRAIN_LOSS: 0.1, EPSILON: 0.1, REFUSED: 0.0, "history-length": 7.0})})
+    content = RecordDict({ARRAYS: arrays, METRICS: train_metrics(1000, 0.1, 0.1, **{"history-length": 7.0})})
     return Message(content, reply_to=message)
 
 
@@ -169,7 +170,7 @@ def test_round_without_valid_update_keeps_the_model(tmp_path):
 def test_dp_off_devices_give_null_epsilon(tmp_path):
     def no_dp(message):
         reply = trainer(1)(message)
-        reply.content[METRICS][EPSILON] = float("inf")
+        reply.content[METRICS][EPSILON] = [float("inf")]
         return reply
 
     run(ScriptedGrid({1: no_dp, 2: no_dp, 3: no_dp, 4: no_dp}), config(tmp_path, num_server_rounds=1))

@@ -10,6 +10,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
+from reply_helpers import train_metrics
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
 from fedinterest.server.strategies import PROXIMAL_MU, build_strategy, fit_sampling, load_strategy_state, strategy_state
@@ -74,7 +75,7 @@ def _round(strategy, arrays, server_round, grid, step):
         new = {k: a.numpy() + step * node for k, a in arrays.items()}
         content = RecordDict({
             ARRAYS: ArrayRecord({k: Array(v.astype(np.float32)) for k, v in new.items()}),
-            METRICS: MetricRecord({NUM_EXAMPLES: node, TRAIN_LOSS: 1.0, EPSILON: 0.1, REFUSED: 0.0}),
+            METRICS: train_metrics(node, 1.0, 0.1),
         })
         replies.append(Message(content, reply_to=m))
     aggregated, _ = strategy.aggregate_train(server_round, replies)

@@ -18,9 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.simulations.cli import app
-from fedinterest.simulations.simulate import DEVICES_DIR
+from fedinterest.simulations.simulate import ledger_epsilons
 from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 
 runner = CliRunner()
@@ -85,11 +84,7 @@ def _kill_everything(process: subprocess.Popen) -> None:
 
 
 def _ledgers(run_dir: Path, delta: float) -> dict[str, tuple[float, int]]:
-    found = {}
-    for path in sorted((run_dir / DEVICES_DIR).glob("*.sqlite")):
-        with PrivacyLedger(path) as ledger:
-            found[path.stem] = (ledger.epsilon(delta), len(ledger.entries()))
-    return found
+    return ledger_epsilons(run_dir, delta)  # every user's account in the node ledgers
 
 
 def test_server_killed_mid_run_resumes_without_lost_or_repeated_rounds(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDic
 from opacus.accountants import RDPAccountant
 from typer.testing import CliRunner
 
+from reply_helpers import train_metrics
 from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
@@ -54,7 +55,7 @@ def config(tmp_path, **changes) -> RunConfig:
 
 
 def reply(message: Message, arrays: dict[str, np.ndarray]) -> Message:
-    metrics = MetricRecord({NUM_EXAMPLES: 3, TRAIN_LOSS: 1.0, EPSILON: 0.5, REFUSED: 0.0})
+    metrics = train_metrics(3, 1.0, 0.5)
     return Message(RecordDict({ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}), METRICS: metrics}), reply_to=message)
 
 
@@ -92,7 +93,7 @@ def test_aggregate_is_the_clipped_sum_over_the_expected_size_plus_noise_of_the_s
     global_arrays = {"w": np.zeros((200_000,), dtype=np.float32)}
     replies = [{"w": np.full((200_000,), 1.0, dtype=np.float32)}, {"w": np.full((200_000,), 1e-4, dtype=np.float32)}]
     sigma, clip, size = 2.0, 1.5, 4.0
-    new, norms = noised_mean_update(global_arrays, replies, clip_norm=clip, noise_multiplier=sigma, expected_size=size, rng=np.random.default_rng(0))
+    new, norms = noised_mean_update(global_arrays, [(r, 1) for r in replies], clip_norm=clip, noise_multiplier=sigma, expected_size=size, rng=np.random.default_rng(0))
     assert new["w"].dtype == np.float32
     assert norms == pytest.approx([np.sqrt(200_000), 1e-4 * np.sqrt(200_000)], rel=1e-5)
     # The first update is clipped to norm 1.5, the second (norm 0.045) passes whole.
@@ -107,8 +108,8 @@ def test_one_user_moves_the_mean_by_at_most_clip_over_expected_size():
     others = [{"w": np.full((50,), 0.01, dtype=np.float32)}] * 3
     hostile = {"w": np.full((50,), 1e6, dtype=np.float32)}
     kwargs = dict(clip_norm=1.0, noise_multiplier=1.0, expected_size=10.0)
-    with_user, _ = noised_mean_update(global_arrays, [*others, hostile], rng=np.random.default_rng(1), **kwargs)
-    without, _ = noised_mean_update(global_arrays, others, rng=np.random.default_rng(1), **kwargs)
+    with_user, _ = noised_mean_update(global_arrays, [(r, 1) for r in [*others, hostile]], rng=np.random.default_rng(1), **kwargs)
+    without, _ = noised_mean_update(global_arrays, [(r, 1) for r in others], rng=np.random.default_rng(1), **kwargs)
     assert np.linalg.norm(with_user["w"] - without["w"]) == pytest.approx(1.0 / 10.0, rel=1e-4)
 
 
@@ -124,7 +125,7 @@ def test_accountant_matches_opacus_and_survives_json():
     assert epsilons[-1] == pytest.approx(opacus_epsilon(1.1, 0.1, 4, 1 / 300))
     restored = UserLevelAccountant.from_json(settings, json.loads(json.dumps(accountant.to_json())))
     assert restored.epsilon() == epsilons[-1] and restored.rounds == 4
-    assert restored.sample(list(range(300)), 9) == accountant.sample(list(range(300)), 9)
+    assert restored.sample(300, 9) == accountant.sample(300, 9)
     # The budget check looks one release ahead.
     assert restored.would_exceed(300) == (opacus_epsilon(1.1, 0.1, 5, 1 / 300) > 5.0)
 
@@ -132,11 +133,11 @@ def test_accountant_matches_opacus_and_survives_json():
 def test_poisson_sample_has_rate_q_and_varies_in_size():
     settings = UserDPSettings(noise_multiplier=1.0, clip_norm=1.0, delta=1e-3, epsilon_budget=8.0, clients_per_round=20)
     accountant = UserLevelAccountant.start(settings, population=200)
-    sizes = [len(accountant.sample(list(range(200)), r)) for r in range(1, 301)]
+    sizes = [len(accountant.sample(200, r)) for r in range(1, 301)]
     assert np.mean(sizes) == pytest.approx(20, rel=0.05)
     assert len(set(sizes)) > 5  # not a fixed-size sample
     other = UserLevelAccountant.start(settings, population=200)  # a new run: a new secret seed
-    assert [other.sample(list(range(200)), r) for r in (1, 2, 3)] != [accountant.sample(list(range(200)), r) for r in (1, 2, 3)]
+    assert [other.sample(200, r) for r in (1, 2, 3)] != [accountant.sample(200, r) for r in (1, 2, 3)]
 
 
 @pytest.mark.parametrize(
@@ -182,7 +183,7 @@ def test_failed_and_refusing_devices_still_give_an_accounted_release(tmp_path):
         return Message(Error(code=1, reason="device crashed"), reply_to=message)
 
     def refuser(message):
-        return Message(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 0, TRAIN_LOSS: float("nan"), EPSILON: 9.0, REFUSED: 1.0})}), reply_to=message)
+        return Message(RecordDict({METRICS: train_metrics(0, float("nan"), 9.0, refused=1.0)}), reply_to=message)
 
     cfg = config(tmp_path, num_server_rounds=2, clients_per_round=6)  # q = 1: everyone sampled
     final = run(ScriptedGrid({1: broken, 2: refuser, 3: broken, 4: refuser, 5: broken, 6: refuser}), cfg)
