@@ -24,7 +24,9 @@ def target_ranks(scores: torch.Tensor, targets: Sequence[int], seen: Sequence[np
     """
     if scores.dim() != 2 or scores.shape[0] != len(targets) or len(seen) != len(targets):
         raise ValueError(f"scores {tuple(scores.shape)} must be (B, V+1) with B={len(targets)} targets and seen lists")
-    scores = scores.detach().to(torch.float64).clone()
+    # Compared in their own precision (widening float32 to float64 changes no comparison);
+    # integer scores (counts) as float64.
+    scores = scores.detach().clone() if scores.is_floating_point() else scores.detach().to(torch.float64)
     scores[:, PAD_ID] = float("-inf")
     for row, (target, items) in enumerate(zip(targets, seen)):
         if not 1 <= target < scores.shape[1]:
@@ -35,7 +37,7 @@ def target_ranks(scores: torch.Tensor, targets: Sequence[int], seen: Sequence[np
     target_scores = scores[torch.arange(len(targets)), torch.as_tensor(np.asarray(targets, dtype=np.int64))]
     if torch.isnan(target_scores).any() or torch.isinf(target_scores).any():
         raise ValueError("a target's score is not finite")
-    return (scores >= target_scores[:, None]).sum(dim=1).numpy().astype(np.int64)
+    return torch.count_nonzero(scores >= target_scores[:, None], dim=1).numpy().astype(np.int64)
 
 
 def hit_rate(ranks: np.ndarray, k: int) -> np.ndarray:

@@ -53,6 +53,7 @@ as one user, again every round.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -101,6 +102,7 @@ class RoundResult:
     replies: RoundReplies
     aggregated: bool
     epsilons: dict[str, float]
+    devices_seconds: float = 0.0  # from sending the train messages to the last reply (or the timeout)
 
 
 # Why a run ended before num-server-rounds (final.json "stopped_early").
@@ -173,12 +175,13 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         LOG.info("fedinterest: [ROUND %d/%d]", server_round, config.num_server_rounds)
         result = train_round(grid, strategy, arrays, server_round, config, spec, cohort, user_dp)
         arrays = result.arrays
-        evaluation = None
+        evaluation, evaluated_at = None, time.monotonic()
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
             evaluation = last_valid = evaluator.evaluate(arrays, "valid")
             if is_better(evaluation, best.get("valid")):
                 # Model selection on validation only; test is recorded, never used to choose.
                 best = {"round": server_round, "valid": evaluation, "test": evaluator.evaluate(arrays, "test")}
+        saved_at = time.monotonic()
         privacy.update(result.epsilons)
         _add_counts(counts, result)
         user_epsilon = user_dp.epsilon() if user_dp is not None else None
@@ -194,7 +197,8 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
             metrics_row=row,
             best=best,
         ))
-        append_round(run_dir, row, timing_row(server_round, time.monotonic() - round_start))
+        phases = {"devices": result.devices_seconds, "evaluation": saved_at - evaluated_at, "checkpoint": time.monotonic() - saved_at}
+        append_round(run_dir, row, timing_row(server_round, time.monotonic() - round_start, phases))
         final_round = server_round
         LOG.info("fedinterest: round %d: %s", server_round, json.dumps(row))
 
@@ -229,7 +233,10 @@ def train_round(
         LOG.info("fedinterest: round %d: simulated fault %r on %d node(s)", server_round, config.fault_mode, len(faulty))
     bound = UpdateBound(arrays_to_numpy(arrays), config.max_update_norm) if config.max_update_norm > 0 else None
     sampled = {node: len(local) for node, local in assignment.items()}
-    replies = classify_replies(sampled, grid.send_and_receive(messages, timeout=config.round_timeout), spec, bound)
+    sent_at = time.monotonic()
+    received = grid.send_and_receive(messages, timeout=config.round_timeout)
+    devices_seconds = time.monotonic() - sent_at
+    replies = classify_replies(sampled, received, spec, bound)
     # Replies arrive in any order; combining them in the cohort's order makes the sum reproducible.
     replies.checked.sort(key=lambda c: cohort.rank(c.node_id) if c.node_id in sampled else -1)
     epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
@@ -239,18 +246,19 @@ def train_round(
     if replies.missing:
         LOG.warning("fedinterest: round %d: %d sampled user(s) got no reply within %g s", server_round, replies.missing, config.round_timeout)
     if user_dp is not None:
-        return _user_level_round(strategy, arrays, server_round, replies, spec, user_dp, cohort.population, epsilons)
+        released = _user_level_round(strategy, arrays, server_round, replies, spec, user_dp, cohort.population, epsilons)
+        return dataclasses.replace(released, devices_seconds=devices_seconds)
     valid = replies.valid_messages
     if len(valid) < config.min_replies:
         LOG.warning(
             "fedinterest: round %d: %d valid update(s) from %d sampled user(s), fewer than min-replies %d; the model stays",
             server_round, len(valid), replies.sampled, config.min_replies,
         )
-        return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons)
+        return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons, devices_seconds=devices_seconds)
     new_arrays, _ = strategy.aggregate_train(server_round, valid)
     if new_arrays is None:
-        return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons)
-    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True, epsilons=epsilons)
+        return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons, devices_seconds=devices_seconds)
+    return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True, epsilons=epsilons, devices_seconds=devices_seconds)
 
 
 def _train_messages(

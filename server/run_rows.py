@@ -12,8 +12,11 @@ user_epsilon (layer 2's user-level epsilon after the round, null without layer 2
 hr@10 / ndcg@10 (server-side validation metrics when evaluated this round, else null).
 Nothing in it depends on the clock, so two runs of the same config and seed without DP
 noise write the same file. timings.jsonl holds TIMING_FIELDS: round, seconds (the
-round's wall time, evaluation included) and time (ISO 8601, UTC, end of round); readers
-of the rows (server/run_metrics.py) see both files as one row.
+round's wall time, evaluation included), where it went -- devices_seconds (from sending
+the train messages to the last reply: the devices' work and the transport),
+evaluation_seconds, checkpoint_seconds (the rest is sampling and aggregation) -- and time
+(ISO 8601, UTC, end of round); readers of the rows (server/run_metrics.py) see both
+files as one row.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ ROW_FIELDS = (
     "round", "sampled", "answered", "refused", "failed", "rejected", "empty", "train_loss",
     "epsilon_max", "epsilon_mean", "dp", "user_epsilon", HIT_RATE_10, NDCG_10,
 )
-TIMING_FIELDS = ("round", "seconds", "time")
+TIMING_FIELDS = ("round", "seconds", "devices_seconds", "evaluation_seconds", "checkpoint_seconds", "time")
 
 
 def metrics_row(
@@ -64,9 +67,14 @@ def metrics_row(
     return row
 
 
-def timing_row(server_round: int, seconds: float) -> dict[str, Any]:
-    """The timings.jsonl row of one round (exactly TIMING_FIELDS)."""
-    return {"round": server_round, "seconds": round(seconds, 3), "time": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+def timing_row(server_round: int, seconds: float, phases: dict[str, float] | None = None) -> dict[str, Any]:
+    """The timings.jsonl row of one round (exactly TIMING_FIELDS); `phases`: devices, evaluation, checkpoint seconds."""
+    phases = phases or {}
+    row = {"round": server_round, "seconds": round(seconds, 3)}
+    row |= {f"{name}_seconds": round(phases[name], 3) if name in phases else None for name in ("devices", "evaluation", "checkpoint")}
+    row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    assert tuple(row) == TIMING_FIELDS
+    return row
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
