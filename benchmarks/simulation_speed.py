@@ -8,6 +8,12 @@ local epochs), 100 devices a round, one virtual device per user; the first round
 (Ray starting) and the last (which also evaluates) are left out of the median.
 
     python -m fedinterest.benchmarks.simulation_speed --datasets ml-100k ml-1m --rounds 6
+
+With --cohort CASE ..., it runs cohort simulations instead (benchmarks/cohort_speed.py:
+users per node, FedSGD users a round, the centralized floor beside each row) and writes
+the cohort-speed table:
+
+    python -m fedinterest.benchmarks.simulation_speed --cohort sports:half:1000 ml-1m:1:100 synthetic:100000:half:1000
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from fedinterest.benchmarks import cohort_speed
 from fedinterest.benchmarks.federated import CONFIGS, DATASETS, VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish
 from fedinterest.client.data_source import load_device_data
@@ -146,9 +153,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs"))
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--training-only", action="store_true", help="measure local training per update and add it to the stored runs")
+    parser.add_argument("--cohort", nargs="*", metavar="CASE", help="cohort cases DATASET:USERS_PER_NODE:COHORT (synthetic:POPULATION:USERS_PER_NODE:COHORT); 'half' = two nodes")
     args = parser.parse_args(argv)
     if args.rounds < 3:
         parser.error(f"--rounds must be at least 3, got {args.rounds}")
+    if args.cohort is not None:
+        try:
+            cases = [cohort_speed.parse_case(text) for text in args.cohort]
+        except ValueError as err:
+            parser.error(str(err))
+        for case in cases:
+            print(f"cohort case {case.name}: {args.rounds} rounds", file=sys.stderr)
+            path = cohort_speed.store(cohort_speed.run_case(case, args.rounds, args.out))
+            print(f"  stored {path}", file=sys.stderr)
+        publish(BENCHMARKS_MD, "cohort-speed", cohort_speed.table(cohort_speed.stored()))
+        return
     if args.training_only:
         for dataset in args.datasets:
             record_training_seconds(dataset, local_training_seconds(dataset, args.rounds))
