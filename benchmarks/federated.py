@@ -31,8 +31,9 @@ BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
 DATASETS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "synthetic": "synthetic"}
 
 # Overrides of the dataset's config. Without DP the devices take more local steps (they
-# have no budget to spend). With DP, a device's history is cut into windows of 10 items
-# (one window = one DP unit, docs/privacy.md) so that it holds several examples and
+# have no budget to spend). With DP, a device's history is cut into windows of 10 pairs
+# (11 items, neighbours sharing their boundary item; one window = one DP unit,
+# docs/privacy.md) so that it holds several examples and
 # Poisson sampling amplifies privacy; with whole histories as one window (max-len 200)
 # every step samples the device's only example and one round costs epsilon ~5 at
 # sigma 1. The noise multiplier then sets how many rounds a device affords within its
