@@ -44,7 +44,7 @@ class ShardRoundResult:
 
     state_dict: dict[str, torch.Tensor] | None  # global + combined update; None when no user trained
     num_users: int  # users whose updates the state combines
-    num_examples: int  # their training windows
+    num_examples: int  # their replies' weight: windows without DP-SGD, one a user with it (client/local_training.py)
     train_loss: float  # example-weighted mean of their losses (0.0 when none trained)
     epsilons: list[float]  # every sampled user's cumulative example-level epsilon after the round
     refused: int  # sampled users that declined (privacy budget or a round already charged)
