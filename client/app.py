@@ -50,6 +50,8 @@ def _decode(msg: Message, context: Context) -> _Request:
     torch.set_num_threads(1)
     run = RunConfig.from_flower(context.run_config)
     device = load_device_data(context.node_config, run)
+    if device.store_path is not None:  # a real device: its own privacy policy applies
+        run, _ = run_for_device(str(device.store_path), run)  # a refusal is the train handler's to act on
     arrays = msg.content.array_records.get(wire.ARRAYS)
     if arrays is None:
         raise ValueError(f"the {msg.metadata.message_type} message carries no ArrayRecord under {wire.ARRAYS!r}")
@@ -92,13 +94,15 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict()
     if result.state_dict is not None:
         content[wire.ARRAYS] = ArrayRecord(result.state_dict)
-    content[wire.METRICS] = MetricRecord({
+    metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.NUM_USERS: result.num_users,
-        wire.TRAIN_LOSS: result.train_loss,
         wire.EPSILON: [float(e) for e in result.epsilons],
         wire.REFUSED: result.refused,
-    })
+    }
+    if run.share_metrics:  # a noiseless function of the training windows (docs/privacy.md)
+        metrics[wire.TRAIN_LOSS] = result.train_loss
+    content[wire.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 
 
@@ -129,9 +133,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     users = [u for u in req.device.users if u is not None]  # a user without a held-out item counts for none
     results = [evaluate_locally(model=req.model, user=user, stage=stage) for user in users]
     count = len(results)
-    metrics = MetricRecord({
-        wire.NUM_EXAMPLES: count,
-        wire.HIT_RATE_10: sum(r.hit_rate_10 for r in results) / count if count else 0.0,
-        wire.NDCG_10: sum(r.ndcg_10 for r in results) / count if count else 0.0,
-    })
-    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    metrics = {wire.NUM_EXAMPLES: count}
+    if req.run.share_metrics and count:  # the held-out item's rank, without noise (docs/privacy.md)
+        metrics[wire.HIT_RATE_10] = sum(r.hit_rate_10 for r in results) / count
+        metrics[wire.NDCG_10] = sum(r.ndcg_10 for r in results) / count
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -97,6 +97,10 @@ class RunConfig:
     num_blocks: int = 2
     num_heads: int = 1
     dropout: float = 0.2
+    # Devices add their training loss to train replies and their held-out item's HR@10 /
+    # NDCG@10 to evaluate replies: noiseless functions of their data, outside every DP
+    # guarantee (docs/privacy.md). A real device adds them only if its privacy policy allows.
+    share_metrics: bool = False
     # Evaluation and bookkeeping.
     eval_every: int = 5
     seed: int = 0

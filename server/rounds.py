@@ -207,7 +207,9 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     test = evaluator.evaluate(arrays, "test")
     final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, user_dp, stopped_early, counts, prior_seconds + time.monotonic() - started)
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
-    LOG.info("fedinterest: done after round %d: test hr@10 %.4f ndcg@10 %.4f; %s", final_round, test["hr@10"], test["ndcg@10"], run_dir / FINAL_FILE)
+    # A deployment's devices may share no metrics (run-config share-metrics): then they are None.
+    shown = " ".join(f"{key} {test[key]:.4f}" for key in ("hr@10", "ndcg@10") if test.get(key) is not None) or "no metrics shared"
+    LOG.info("fedinterest: done after round %d: test %s; %s", final_round, shown, run_dir / FINAL_FILE)
     return final
 
 

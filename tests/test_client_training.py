@@ -330,7 +330,7 @@ def test_train_handler_refuses_at_budget_with_metrics_only() -> None:
     assert not reply.content.array_records
     metrics = reply.content.metric_records[wire.METRICS]
     assert tuple(metrics) == wire.TRAIN_REPLY_METRICS
-    assert dict(metrics) == {wire.NUM_EXAMPLES: 0, wire.NUM_USERS: 0, wire.TRAIN_LOSS: 0.0, wire.EPSILON: [0.0], wire.REFUSED: 1}
+    assert dict(metrics) == {wire.NUM_EXAMPLES: 0, wire.NUM_USERS: 0, wire.EPSILON: [0.0], wire.REFUSED: 1}
 
 
 def test_in_memory_ledger_survives_rounds_in_context_state() -> None:
@@ -346,13 +346,13 @@ def test_in_memory_ledger_survives_rounds_in_context_state() -> None:
 
 @pytest.mark.parametrize("stage", ["valid", "test", None])
 def test_evaluate_reply_equals_model_ranks(stage: str | None) -> None:
-    run = RunConfig(**HANDLER_RUN)
+    run = RunConfig(**HANDLER_RUN, share_metrics=True)
     model = _global_model(run)
     config = {} if stage is None else {wire.STAGE: stage}
     reply = app(_message("evaluate", model, config), _context(run, partition=2))
     assert not reply.content.array_records and not reply.content.config_records
     metrics = reply.content.metric_records[wire.METRICS]
-    assert tuple(metrics) == wire.EVAL_REPLY_METRICS
+    assert tuple(metrics) == wire.EVAL_REPLY_METRICS + wire.SHARED_EVAL_METRICS
     user = load_device_data({"partition-id": 2}, run).user
     ranks = model_ranks(model, [user], stage or "test")
     assert metrics[wire.NUM_EXAMPLES] == 1
