@@ -17,6 +17,15 @@ Layout, in `{run_dir}/checkpoints/`:
 Every file is written to a temporary name, fsynced and renamed into place, and the
 manifest last: until the new manifest is in place, the old one still points at the
 old round's files, which are deleted only after the new manifest is committed.
+
+- `releases.json`                    layer 2's accountant right after the last release
+  {"format": 1, "round": N, "user_level": {the UserLevelAccountant's state}}, written
+  (`record_release`) before the released model leaves the server -- for federated
+  evaluation in a deployment, or the next round -- and before the checkpoint of that
+  round. A crash in between would otherwise resume from the previous checkpoint and
+  release round N again with fresh noise, one release uncounted; resume composes from
+  this file instead (`last_release`), so both releases are counted.
+
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from fedinterest.common.run_config import RunConfig
 
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+RELEASES = "releases.json"
 FORMAT = 1
 # A resumed run may change only where it writes and how many rounds it runs in total.
 UNHASHED_KEYS = ("run-dir", "num-server-rounds")
@@ -168,6 +178,28 @@ def latest(run_dir: Path) -> Checkpoint | None:
     if checkpoint.config_hash != manifest["config_hash"]:
         raise CheckpointError(f"{path}: config_hash does not match the config stored beside it")
     return checkpoint
+
+
+def record_release(run_dir: Path, server_round: int, user_level: dict[str, Any]) -> None:
+    """Persist layer 2's accountant state after the release of `server_round` (before that model leaves the server)."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": FORMAT, "round": server_round, "user_level": user_level}, indent=2, allow_nan=False) + "\n"
+    _atomic_write_bytes(directory / RELEASES, text.encode("utf-8"))
+
+
+def last_release(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """(round, accountant state) of the last release `record_release` persisted, or None."""
+    path = Path(run_dir) / CHECKPOINT_DIR / RELEASES
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:  # written atomically: only possible if written by something else
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if record.get("format") != FORMAT or not isinstance(record.get("round"), int) or not isinstance(record.get("user_level"), dict):
+        raise CheckpointError(f"{path}: not a releases record of format {FORMAT} (round and user_level)")
+    return record["round"], record["user_level"]
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> str:

@@ -77,7 +77,11 @@ class ServerEvaluator:
 
 
 class FederatedEvaluator:
-    """Ranks through the devices' evaluate path (deployment: the server holds no histories)."""
+    """Ranks through the devices' evaluate path (deployment: the server holds no histories).
+
+    It sends the model to every device: with layer 2 the round loop persists the
+    release's accountant step before calling it (server/checkpoint.py, releases.json).
+    """
 
     def __init__(self, grid: Grid, *, timeout: float | None) -> None:
         self.grid = grid

@@ -6,6 +6,7 @@ this loop drives the strategy's public steps itself, round by round:
     sample users (server/cohort.py) -> configure_train for the nodes that hold them
     -> (simulated faults marked) -> grid.send_and_receive -> reply checks (update norm
     bound included) -> aggregate_train (valid only, in the cohort's order)
+    -> (layer 2: the release's accountant step persisted, checkpoint.record_release)
     -> server-side evaluation (every eval_every rounds and at the last) -> checkpoint
     -> one row of metrics.jsonl and of timings.jsonl (server/run_rows.py)
 
@@ -144,7 +145,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
 
     last_valid: dict[str, float] | None = None
     best = dict(saved.best) if saved else {}
-    user_dp = _restore_user_accountant(config, saved)
+    user_dp = _restore_user_accountant(config, saved, run_dir)
     stopped_early = None
     if first <= config.num_server_rounds:
         (run_dir / FINAL_FILE).unlink(missing_ok=True)  # it described fewer rounds than this run will
@@ -175,6 +176,8 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         LOG.info("fedinterest: [ROUND %d/%d]", server_round, config.num_server_rounds)
         result = train_round(grid, strategy, arrays, server_round, config, spec, cohort, user_dp)
         arrays = result.arrays
+        if user_dp is not None:  # counted on disk before the release leaves the server (evaluation, next round)
+            ckpt.record_release(run_dir, server_round, user_dp.to_json())
         evaluation, evaluated_at = None, time.monotonic()
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
             evaluation = last_valid = evaluator.evaluate(arrays, "valid")
@@ -332,11 +335,21 @@ def _cohort(grid: Grid, config: RunConfig) -> Cohort:
     return Cohort.of_devices(node_ids) if config.deployed else survey(grid, node_ids, timeout=config.round_timeout)
 
 
-def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None) -> UserLevelAccountant | None:
-    """Layer 2's accountant as the checkpoint left it (None when off or not started yet)."""
-    if not config.user_private or saved is None or "user_level" not in saved.privacy:
+def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None, run_dir: Path) -> UserLevelAccountant | None:
+    """Layer 2's accountant after the last release persisted (None when off or not started yet).
+
+    That is the checkpoint's, unless a release after it was persisted (a crash between
+    sending that model and checkpointing its round): the round is then run again and
+    released with fresh noise, and the lost release must stay counted.
+    """
+    if not config.user_private:
         return None
-    return UserLevelAccountant.from_json(settings_of(config), saved.privacy["user_level"])
+    state = saved.privacy.get("user_level") if saved is not None else None
+    released = ckpt.last_release(run_dir)
+    if released is not None and released[0] > (saved.round if saved is not None else 0):
+        LOG.warning("fedinterest: round %d was released after the last checkpoint; that release stays counted", released[0])
+        state = released[1]
+    return UserLevelAccountant.from_json(settings_of(config), state) if state is not None else None
 
 
 def _log_user_dp_plan(user_dp: UserLevelAccountant, nodes: int, rounds_left: int) -> None:
