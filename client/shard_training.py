@@ -161,9 +161,10 @@ def _seed_round(run: RunConfig, server_round: int, first_user: int) -> torch.Gen
     """Seed this round's randomness; the generator for on-device DP noise (None without DP-SGD).
 
     Without DP-SGD, dropout and batch order follow (seed, round, shard): reproducible. With
-    it, the noise must not be predictable: torch's global generator starts from the same
-    seed in every fresh process, so both it and Opacus's noise generator are seeded from
-    OS entropy, unless research-noise-seed makes the run reproducible on purpose.
+    it, the noise must not be predictable: torch's global generator is seeded by whatever
+    ran before in the process (older torch releases started every fresh process from one
+    fixed seed), so both it and Opacus's noise generator are seeded from OS entropy
+    (`secrets`), unless research-noise-seed makes the run reproducible on purpose.
     """
     if run.private and not run.noise_seeded:
         seed = secrets.randbits(63)

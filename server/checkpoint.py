@@ -26,6 +26,12 @@ old round's files, which are deleted only after the new manifest is committed.
   release round N again with fresh noise, one release uncounted; resume composes from
   this file instead (`last_release`), so both releases are counted.
 
+Secrets: the manifest and releases.json hold layer 2's sampling seed (whoever has it can
+recompute every round's sample, and amplification by sampling is then void) and the
+per-user epsilons by user name (in a deployment, node ids: who was sampled). Every file
+here is written readable by its owner only; the directory must stay on the server
+(docs/privacy.md, "Assumptions and limits of layer 2").
+
 """
 
 from __future__ import annotations
@@ -226,7 +232,10 @@ def _commit_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    # Owner only: the manifest and releases.json hold layer 2's secret sampling seed.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when a stale temporary of another mode was left behind
+    with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

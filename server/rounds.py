@@ -245,9 +245,12 @@ def train_round(
     # Replies arrive in any order; combining them in the cohort's order makes the sum reproducible.
     replies.checked.sort(key=lambda c: cohort.rank(c.node_id) if c.node_id in sampled else -1)
     epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
-    for checked in replies.checked:
-        if checked.kind in (ReplyKind.REJECTED, ReplyKind.FAILED):
-            LOG.warning("fedinterest: round %d: node %d %s: %s (%d user(s))", server_round, checked.node_id, checked.kind.value, checked.reason, checked.users)
+    bad = [c for c in replies.checked if c.kind in (ReplyKind.REJECTED, ReplyKind.FAILED)]
+    if bad:
+        # Counts and reasons, never node ids: the log would name who was sampled, and layer 2's
+        # amplification by sampling assumes the sample stays hidden.
+        reasons = "; ".join(sorted({f"{c.kind.value}: {c.reason}" for c in bad}))
+        LOG.warning("fedinterest: round %d: %d repl(ies) for %d user(s) failed or were rejected: %s", server_round, len(bad), sum(c.users for c in bad), reasons)
     if replies.missing:
         LOG.warning("fedinterest: round %d: %d sampled user(s) got no reply within %g s", server_round, replies.missing, config.round_timeout)
     if user_dp is not None:
