@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedinterest.benchmarks.report import publish
+from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.run_metrics import RoundRow
 from fedinterest.simulations.simulate import parse_overrides, resolve_config, run_simulation
@@ -123,6 +123,7 @@ def summarize_run_dir(run_dir: Path) -> dict:
         # Early stopping on the server's validation split: the round it picks and its test metrics.
         "best_valid": final.get("best_valid"),
         "privacy": final["privacy"],
+        WINDOW_COUNT_HIDDEN: True,  # measured with the window count hidden (benchmarks/report.py)
         "epsilon_budget": resolved["run"]["epsilon-budget"],
         "noise_multiplier": resolved["run"]["noise-multiplier"],
         "counts": counts,
@@ -205,8 +206,7 @@ def table() -> str:
             lines.append(f"| {label} | popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | {pop['ndcg@10'] / cen['ndcg@10']:.0%} | - | - | - | - | - | - |")
             lines.append(f"| {label} | centralized (no DP) | {cen['ndcg@10']:.4f} | {cen['hr@10']:.4f} | 100% | - | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
         for s in sorted(runs, key=lambda s: (s["variant"], s["rounds"])):
-            privacy = s["privacy"]
-            eps = "no DP" if not privacy.get("dp") else f"{_number(privacy.get('device_epsilon_max'), '.2f')} ({privacy['delta']:g})"
+            eps = layer1_epsilon(s)
             chosen, name = _chosen(s)
             ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
             lines.append(
@@ -214,7 +214,7 @@ def table() -> str:
                 f"{s['test']['ndcg@10']:.4f} | {eps} | {s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
                 f"{_number(s['seconds_per_device_update'], '.2f')} | {s['commit']} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines + old_relation_note(stored))
 
 
 def main(argv: list[str] | None = None) -> None:
