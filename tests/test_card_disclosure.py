@@ -13,9 +13,9 @@ import dataclasses
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+
+from reply_helpers import deployed_device
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common import wire
@@ -38,19 +38,10 @@ def server_task():
         yield
 
 
-def _device(message: Message) -> Message:
-    if message.metadata.message_type == MessageType.EVALUATE:
-        record = MetricRecord({wire.NUM_EXAMPLES: 1, wire.HIT_RATE_10: 1.0, wire.NDCG_10: 0.5})
-        return Message(RecordDict({wire.METRICS: record}), reply_to=message)
-    arrays = ArrayRecord({k: Array((a.numpy() + 0.01).astype(np.float32)) for k, a in message.content[wire.ARRAYS].items()})
-    record = MetricRecord({wire.NUM_EXAMPLES: 1, wire.NUM_USERS: 1, wire.TRAIN_LOSS: 2.0, wire.EPSILON: [3.0], wire.REFUSED: 0})
-    return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: record}), reply_to=message)
-
-
 def _card(tmp_path: Path, **changes) -> dict:
     """The card `server export` writes for a real (scripted-device) run of RUN with `changes`."""
     cfg = dataclasses.replace(RUN, run_dir=str(tmp_path), **changes)
-    final = run(ScriptedGrid({n: _device for n in range(1, 7)}), cfg)
+    final = run(ScriptedGrid({n: deployed_device(epsilon=3.0) for n in range(1, 7)}), cfg)
     record = {"run_id": 99, "submitted_at": "2026-01-01T00:00:00+00:00", "run_config": cfg.to_flower(), "catalogue_sha256": "0" * 64}
     return model_card(None, tmp_path, record, final, ckpt.latest(tmp_path).round, "completed")
 

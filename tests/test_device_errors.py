@@ -10,12 +10,14 @@ device and replaced by a DeviceError naming the handler and the exception's type
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import time
 
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message
+
+from device_helpers import message, partition_context
 
 import fedinterest.client.app as client_app_module
 from fedinterest.client.app import app
@@ -29,17 +31,13 @@ RUN = RunConfig(synthetic_users=20, synthetic_items=160, max_len=10, dim=8, num_
 
 
 def _context(run_config: dict) -> Context:
-    return Context(run_id=7, node_id=103, node_config={"partition-id": 3, "num-partitions": 20}, state=RecordDict(), run_config=run_config)
+    """Virtual node 3's context, with the run config as the server sent it (maybe unparsable)."""
+    return dataclasses.replace(partition_context(RUN, 3), run_config=run_config)
 
 
 def _message(kind: str, config: dict) -> Message:
     torch.manual_seed(0)
-    model = InterestModel(RUN.model_config(load_device_data({"partition-id": 0}, RUN).num_items))
-    metadata = Metadata(
-        run_id=7, message_id=f"{kind}-{time.monotonic_ns()}", src_node_id=1, dst_node_id=103, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind,
-    )
-    return Message(RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.CONFIG: ConfigRecord(config)}), metadata=metadata)
+    return message(kind, InterestModel(RUN.model_config(load_device_data({"partition-id": 0}, RUN).num_items)), config)
 
 
 def _flower_reason(exc: BaseException) -> str:

@@ -11,13 +11,12 @@ depends on W.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
+
+from device_helpers import message, partition_context
 
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
@@ -89,19 +88,6 @@ def test_a_round_takes_exactly_the_steps_it_was_charged_for() -> None:
     assert result.state_dict is not None and ledger.history() == [(1.0, 1 / 93, 93)]
 
 
-def _context(run: RunConfig, partition: int) -> Context:
-    return Context(run_id=7, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": 20}, state=RecordDict(), run_config=run.to_flower())
-
-
-def _train_message(model: InterestModel) -> Message:
-    metadata = Metadata(
-        run_id=7, message_id=f"train-{time.monotonic_ns()}", src_node_id=1, dst_node_id=100, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type="train",
-    )
-    content = RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})})
-    return Message(content, metadata=metadata)
-
-
 def test_train_replies_of_devices_with_different_window_counts_say_the_same() -> None:
     run = RunConfig(synthetic_users=20, synthetic_items=200, **SMALL, noise_multiplier=1.0, batch_size=2, dp_windows=2)
     counts = {p: len(training_windows(load_device_data({"partition-id": p}, run).user.train, MAX_LEN)[0]) for p in range(20)}
@@ -111,7 +97,7 @@ def test_train_replies_of_devices_with_different_window_counts_say_the_same() ->
     public = (wire.NUM_EXAMPLES, wire.NUM_USERS, wire.EPSILON, wire.REFUSED)
     said = []
     for partition in (first, second):
-        reply = app(_train_message(model), _context(run, partition))
+        reply = app(message("train", model, {wire.SERVER_ROUND: 1}), partition_context(run, partition))
         assert not reply.has_error() and wire.ARRAYS in reply.content.array_records
         metrics = reply.content.metric_records[wire.METRICS]
         said.append({key: metrics[key] for key in public})

@@ -13,20 +13,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Error, Message
 
-from device_helpers import TINY_RUN
+from device_helpers import TINY_RUN, message, partition_context
+from reply_helpers import deployed_device
 from fedinterest.client.app import app
+from fedinterest.client.data_source import load_device_data
 from fedinterest.common import wire
+from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.rounds import run
 from fedinterest.server.user_privacy import UserLevelAccountant
 from scripted_grid import ScriptedGrid, as_server_task
-from test_device_errors import _context, _message
 
 torch.set_num_threads(1)
 PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
@@ -42,15 +43,7 @@ def server_task():
         yield
 
 
-def _trainer(message: Message) -> Message:
-    """A device that shares its metrics (as every device did before the fix: the tests run against that code too)."""
-    arrays = message.content[wire.ARRAYS]
-    if message.metadata.message_type != "train":
-        record = MetricRecord({wire.NUM_EXAMPLES: 1, wire.HIT_RATE_10: 0.0, wire.NDCG_10: 0.0})
-        return Message(RecordDict({wire.METRICS: record}), reply_to=message)
-    moved = ArrayRecord({k: Array((a.numpy() + 0.001).astype(np.float32)) for k, a in arrays.items()})
-    metrics = MetricRecord({wire.NUM_EXAMPLES: 1, wire.NUM_USERS: 1, wire.TRAIN_LOSS: 1.0, wire.EPSILON: [1.0], wire.REFUSED: 0})
-    return Message(RecordDict({wire.ARRAYS: moved, wire.METRICS: metrics}), reply_to=message)
+_trainer = deployed_device(step=0.001, ndcg=0.0)
 
 
 class ComingAndGoing(ScriptedGrid):
@@ -110,7 +103,10 @@ def test_failed_and_rejected_replies_are_logged_without_node_ids(tmp_path, caplo
 
 
 def _update_digest(run_config: RunConfig) -> str:
-    reply = app(_message("train", {wire.SERVER_ROUND: 1}), _context(run_config.to_flower()))
+    """A digest of virtual node 3's update of round 1 from a fixed global model; torch's global generator at seed 0."""
+    torch.manual_seed(0)
+    model = InterestModel(run_config.model_config(load_device_data({"partition-id": 0}, run_config).num_items))
+    reply = app(message("train", model, {wire.SERVER_ROUND: 1}), partition_context(run_config, 3))
     assert not reply.has_error()
     return hashlib.sha256(b"".join(a.numpy().tobytes() for a in reply.content[wire.ARRAYS].values())).hexdigest()
 
@@ -119,11 +115,7 @@ def test_device_noise_follows_no_generator_state_the_server_could_know() -> None
     # Whatever torch's global generator holds (a fixed default seed in older torch, or a
     # state reached from known seeds), the device's DP noise comes from OS entropy.
     private = RunConfig(synthetic_users=20, synthetic_items=160, max_len=10, dim=8, num_blocks=1, dropout=0.0, batch_size=4)
-    digests = set()
-    for _ in range(2):
-        torch.manual_seed(0)
-        digests.add(_update_digest(private))
-    assert len(digests) == 2
+    assert len({_update_digest(private) for _ in range(2)}) == 2
     seeded = dataclasses.replace(private, research_noise_seed=7)  # the research switch does make it reproducible
     assert len({_update_digest(seeded) for _ in range(2)}) == 1
 
@@ -132,6 +124,7 @@ WORKER = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_privacy_hygiene import _update_digest
+from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
 print(_update_digest(RunConfig(synthetic_users=20, synthetic_items=160, max_len=10, dim=8, num_blocks=1, dropout=0.0, batch_size=4)))
 """

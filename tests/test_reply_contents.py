@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from device_helpers import make_device, store_context, tiny_run, user_rows, write_csv
+from device_helpers import make_device, partition_context, store_context, tiny_run, user_rows, write_csv
 from device_helpers import message as device_message
+from reply_helpers import deployed_device
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
 from fedinterest.client.ingest import ingest_file
@@ -36,24 +34,12 @@ PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
 SIMULATED = dict(synthetic_users=20, synthetic_items=160, max_len=10, dim=8, num_blocks=1, dropout=0.0, batch_size=4)
 
 
-def _context(run_config: RunConfig, partition: int) -> Context:
-    return Context(run_id=7, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": 20}, state=RecordDict(), run_config=run_config.to_flower())
-
-
-def _message(kind: str, model: InterestModel, config: dict) -> Message:
-    metadata = Metadata(
-        run_id=7, message_id=f"{kind}-{time.monotonic_ns()}", src_node_id=1, dst_node_id=100, reply_to_message_id="",
-        group_id="1", created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind,
-    )
-    return Message(RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.CONFIG: ConfigRecord(config)}), metadata=metadata)
-
-
 def _replies(run_config: RunConfig, partition: int) -> tuple[set[str], set[str]]:
     """The metric keys of one node's train and evaluate replies."""
     torch.manual_seed(0)
     model = InterestModel(run_config.model_config(load_device_data({"partition-id": 0}, run_config).num_items))
-    trained = app(_message("train", model, {wire.SERVER_ROUND: 1}), _context(run_config, partition))
-    evaluated = app(_message("evaluate", model, {wire.STAGE: "valid"}), _context(run_config, partition))
+    trained = app(device_message("train", model, {wire.SERVER_ROUND: 1}), partition_context(run_config, partition))
+    evaluated = app(device_message("evaluate", model, {wire.STAGE: "valid"}), partition_context(run_config, partition))
     assert not trained.has_error() and not evaluated.has_error()
     return set(trained.content[wire.METRICS].keys()), set(evaluated.content[wire.METRICS].keys())
 
@@ -113,26 +99,12 @@ def server_task():
         yield
 
 
-def _device(share: bool):
-    """A scripted device that trains (weights + 0.01) and ranks, sharing its metrics or not."""
-
-    def respond(message: Message) -> Message:
-        if message.metadata.message_type == MessageType.EVALUATE:
-            values = {wire.NUM_EXAMPLES: 1} | ({wire.HIT_RATE_10: 1.0, wire.NDCG_10: 0.5} if share else {})
-            return Message(RecordDict({wire.METRICS: MetricRecord(values)}), reply_to=message)
-        arrays = ArrayRecord({k: Array((a.numpy() + 0.01).astype(np.float32)) for k, a in message.content[wire.ARRAYS].items()})
-        values = {wire.NUM_EXAMPLES: 1, wire.NUM_USERS: 1, wire.EPSILON: [1.0], wire.REFUSED: 0} | ({wire.TRAIN_LOSS: 2.0} if share else {})
-        return Message(RecordDict({wire.ARRAYS: arrays, wire.METRICS: MetricRecord(values)}), reply_to=message)
-
-    return respond
-
-
 def test_the_round_loop_and_a_deployments_evaluation_report_null_without_shared_metrics(tmp_path: Path, server_task) -> None:
     base = RunConfig(dataset="deployed", num_items=30, max_len=8, dim=8, num_blocks=1, dropout=0.0, num_server_rounds=1,
                      clients_per_round=3, eval_every=1, round_timeout=5.0)
     for share in (False, True):
         cfg = dataclasses.replace(base, run_dir=str(tmp_path / str(share)))
-        final = run(ScriptedGrid({n: _device(share) for n in (1, 2, 3)}), cfg)
+        final = run(ScriptedGrid({n: deployed_device(share=share) for n in (1, 2, 3)}), cfg)
         row = read_metrics(tmp_path / str(share) / METRICS_FILE)[0]
         assert final["rounds"] == 1 and final["counts"]["aggregated"] == 3
         assert final["test"]["users"] == 3 and final["test"]["users_with_metrics"] == (3 if share else 0)
