@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ from safetensors.numpy import save as save_safetensors
 
 from fedinterest.common.run_config import RunConfig
 
+LOG = logging.getLogger("flwr.fedinterest")
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
 RELEASES = "releases.json"
@@ -206,6 +208,18 @@ def last_release(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
     if record.get("format") != FORMAT or not isinstance(record.get("round"), int) or not isinstance(record.get("user_level"), dict):
         raise CheckpointError(f"{path}: not a releases record of format {FORMAT} (round and user_level)")
     return record["round"], record["user_level"]
+
+
+def user_level_state(run_dir: Path, saved: Checkpoint | None) -> dict[str, Any] | None:
+    """Layer 2's accountant state to resume from: the checkpoint's, unless a later release was
+    persisted (a crash between sending that model and checkpointing its round: the round
+    runs again with fresh noise, and the lost release must stay counted)."""
+    state = saved.privacy.get("user_level") if saved is not None else None
+    released = last_release(run_dir)
+    if released is not None and released[0] > (saved.round if saved is not None else 0):
+        LOG.warning("fedinterest: round %d was released after the last checkpoint; that release stays counted", released[0])
+        state = released[1]
+    return state
 
 
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> str:

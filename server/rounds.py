@@ -339,19 +339,8 @@ def _cohort(grid: Grid, config: RunConfig) -> Cohort:
 
 
 def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None, run_dir: Path) -> UserLevelAccountant | None:
-    """Layer 2's accountant after the last release persisted (None when off or not started yet).
-
-    That is the checkpoint's, unless a release after it was persisted (a crash between
-    sending that model and checkpointing its round): the round is then run again and
-    released with fresh noise, and the lost release must stay counted.
-    """
-    if not config.user_private:
-        return None
-    state = saved.privacy.get("user_level") if saved is not None else None
-    released = ckpt.last_release(run_dir)
-    if released is not None and released[0] > (saved.round if saved is not None else 0):
-        LOG.warning("fedinterest: round %d was released after the last checkpoint; that release stays counted", released[0])
-        state = released[1]
+    """Layer 2's accountant after the last release persisted (checkpoint.user_level_state; None when off or not started yet)."""
+    state = ckpt.user_level_state(run_dir, saved) if config.user_private else None
     return UserLevelAccountant.from_json(settings_of(config), state) if state is not None else None
 
 
