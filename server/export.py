@@ -27,7 +27,7 @@ from fedinterest.server.superlink import SuperLinkNotReady, require_ready, super
 CARD_FORMAT = 1
 UNIT_OF_PROTECTION = (
     "one training example of one device: a window of up to max-len consecutive (input item, next item) "
-    "pairs of the user's history (layer 1, on-device DP-SGD with Opacus)"
+    "pairs of the user's history, added or removed (layer 1, on-device DP-SGD with Opacus; the window count stays on the device)"
 )
 USER_LEVEL = (
     "no server-side DP-FedAvg (layer 2) in this run: a user's whole history is protected only through the "
