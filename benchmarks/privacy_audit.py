@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from fedinterest.benchmarks.federated import VARIANTS
-from fedinterest.benchmarks.report import publish
+from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish
 from fedinterest.common.constants import PAD_ID
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
@@ -324,6 +324,7 @@ def summarize_audit(run_dir: Path, model_name: str) -> dict[str, Any]:
         "test": final["test"],
         "best_valid": final.get("best_valid"),
         "privacy": final["privacy"],
+        WINDOW_COUNT_HIDDEN: True,  # measured with the window count hidden (benchmarks/report.py)
         "user_level": level,
         # Layer 2 stops a run before a round that would pass its user-level budget.
         "stopped_early": final.get("stopped_early"),
@@ -409,13 +410,6 @@ def _chosen_ndcg(summary: dict[str, Any]) -> str:
     if best and best.get("test"):
         return f"{best['test']['ndcg@10']:.4f} (round {best['round']})"
     return f"{summary['test']['ndcg@10']:.4f} (last round)"
-
-
-def _layer1(summary: dict[str, Any]) -> str:
-    privacy = summary["privacy"]
-    if not privacy.get("dp"):
-        return "no DP"
-    return f"{_number(privacy.get('device_epsilon_max'), '.2f')} ({privacy['delta']:g})"
 
 
 def _user_epsilon(summary: dict[str, Any]) -> str:
@@ -527,11 +521,12 @@ def table(results: Sequence[dict[str, Any]] | None = None) -> str:
         lines.append(
             f"| {LABELS.get(s['model'], s['model'])} | {_auc(a['loss'])} | {_auc(a['calibrated'])} | {_auc(a['control_popularity'])} | "
             f"{a['members']} / {a['nonmembers']} | {_chosen_ndcg(s)} | {s['test']['ndcg@10']:.4f} | "
-            f"{a['test_ndcg@10']['members']:.4f} / {a['test_ndcg@10']['nonmembers']:.4f} | {_layer1(s)} | {_user_epsilon(s)} | "
+            f"{a['test_ndcg@10']['members']:.4f} / {a['test_ndcg@10']['nonmembers']:.4f} | {layer1_epsilon(s)} | {_user_epsilon(s)} | "
             f"{rounds} | {s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )
     if not results:
         lines.append("| (no stored results) | | | | | | | | | | | | |")
+    lines += old_relation_note(results)
     lines += ["", target_sentence(results, popularity=popularity_ndcg())]
     return "\n".join(lines)
 

@@ -4,6 +4,34 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
+
+# Results measured since issue 13 (defect 1) carry this key: their devices hid their window
+# count. Before, a device's layer-1 epsilon was accounted for adding or removing a window
+# while its replies revealed the count, so the figure is under the old relation (marked).
+WINDOW_COUNT_HIDDEN = "layer1_window_count_hidden"
+OLD_RELATION_MARK = "†"
+OLD_RELATION_NOTE = (
+    f"{OLD_RELATION_MARK} layer-1 ε computed under the old neighbour relation (add/remove one window while the "
+    "replies revealed the device's window count): not a valid guarantee for what those replies revealed; corrected "
+    "figures are in \"Layer-1 ε measured before issue 13\" (docs/benchmarks.md)."
+)
+
+
+def layer1_epsilon(summary: dict[str, Any]) -> str:
+    """A result's largest device epsilon with its delta, marked when measured under the old relation."""
+    privacy = summary["privacy"]
+    if not privacy.get("dp"):
+        return "no DP"
+    value = privacy.get("device_epsilon_max")
+    text = f"{'-' if value is None else format(value, '.2f')} ({privacy['delta']:g})"
+    return text if summary.get(WINDOW_COUNT_HIDDEN) else f"{text} {OLD_RELATION_MARK}"
+
+
+def old_relation_note(summaries: list[dict[str, Any]]) -> list[str]:
+    """The footnote for the marked figures of a table (empty when none is marked)."""
+    marked = any(layer1_epsilon(s).endswith(OLD_RELATION_MARK) for s in summaries)
+    return ["", OLD_RELATION_NOTE] if marked else []
 
 
 def replace_section(path: Path, name: str, content: str) -> None:

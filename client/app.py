@@ -4,7 +4,8 @@ A node stands for the users of its shard: one on a real device, several in simul
 (run-config users-per-node). Training lives in `client.shard_training` (each sampled user
 as its own device) and `client.local_training`, ranking in `client.local_evaluation`,
 the node's data in `client.data_source` and its privacy ledger in `client.ledger`. What
-a reply may hold is fixed by `common.wire` (docs/privacy.md lists it).
+a reply may hold is fixed by `common.wire` (docs/privacy.md lists it); what an error
+reply may say, by `client.device_errors`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from fedinterest.client.data_source import DeviceData, load_device_data
+from fedinterest.client.device_errors import MessageError, reported_errors
 from fedinterest.client.faults import act_out, requested_fault
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
@@ -48,13 +50,18 @@ class _Request:
 def _decode(msg: Message, context: Context) -> _Request:
     """Run config, the device's data, the global model and the message's config."""
     torch.set_num_threads(1)
-    run = RunConfig.from_flower(context.run_config)
+    run = _run_config(context)
     device = load_device_data(context.node_config, run)
+    if device.store_path is not None:  # a real device: its own privacy policy applies
+        run, _ = run_for_device(str(device.store_path), run)  # a refusal is the train handler's to act on
     arrays = msg.content.array_records.get(wire.ARRAYS)
     if arrays is None:
-        raise ValueError(f"the {msg.metadata.message_type} message carries no ArrayRecord under {wire.ARRAYS!r}")
+        raise MessageError(f"the {msg.metadata.message_type} message carries no ArrayRecord under {wire.ARRAYS!r}")
     model = InterestModel(run.model_config(device.num_items, device.item_ids))
-    model.load_state_dict(arrays.to_torch_state_dict())
+    try:
+        model.load_state_dict(arrays.to_torch_state_dict())
+    except RuntimeError as err:  # torch names only the arrays' and the model's shapes (the catalogue's size)
+        raise MessageError(f"the {msg.metadata.message_type} message's arrays do not fit the run's model: {err}") from None
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     if device.store_path is not None:
         # A real device keeps the global model it received, so it can rank offline later.
@@ -66,13 +73,22 @@ def _decode(msg: Message, context: Context) -> _Request:
     return _Request(run, device, model, config)
 
 
+def _run_config(context: Context) -> RunConfig:
+    """The run config the server sent, parsed (its errors name only its own keys and values)."""
+    try:
+        return RunConfig.from_flower(context.run_config)
+    except ValueError as err:
+        raise MessageError(str(err)) from None
+
+
 @app.train()
+@reported_errors
 def train(msg: Message, context: Context) -> Message:
     """One round for the node's sampled users; a refusal (privacy budget) is a normal reply without arrays."""
     req = _decode(msg, context)
     server_round = req.config.get(wire.SERVER_ROUND)
     if not isinstance(server_round, int):
-        raise ValueError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
+        raise MessageError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
     sampled = _sampled_users(req.config, len(req.device.users))
     fault = requested_fault(context.node_config, req.config)
     if fault is not None:
@@ -92,13 +108,15 @@ def train(msg: Message, context: Context) -> Message:
     content = RecordDict()
     if result.state_dict is not None:
         content[wire.ARRAYS] = ArrayRecord(result.state_dict)
-    content[wire.METRICS] = MetricRecord({
+    metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.NUM_USERS: result.num_users,
-        wire.TRAIN_LOSS: result.train_loss,
         wire.EPSILON: [float(e) for e in result.epsilons],
         wire.REFUSED: result.refused,
-    })
+    }
+    if run.share_metrics:  # a noiseless function of the training windows (docs/privacy.md)
+        metrics[wire.TRAIN_LOSS] = result.train_loss
+    content[wire.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 
 
@@ -106,22 +124,24 @@ def _sampled_users(config: ConfigRecord, shard_size: int) -> list[int]:
     """The shard indices the server sampled (absent: the first, a real device's only user)."""
     sampled = config.get(wire.SHARD_USERS, [0])
     if not isinstance(sampled, list) or not sampled or any(isinstance(i, bool) or not isinstance(i, int) for i in sampled):
-        raise ValueError(f"the train message's {wire.SHARD_USERS!r} must be a non-empty list of user indices, got {sampled!r}")
+        raise MessageError(f"the train message's {wire.SHARD_USERS!r} must be a non-empty list of user indices, got {sampled!r}")
     if any(not 0 <= i < shard_size for i in sampled) or len(set(sampled)) != len(sampled):
-        raise ValueError(f"{wire.SHARD_USERS!r} {sampled} names users outside this node's {shard_size}, or one twice")
+        raise MessageError(f"{wire.SHARD_USERS!r} {sampled} names users outside this node's {shard_size}, or one twice")
     return sorted(sampled)
 
 
 @app.query("shard")
+@reported_errors
 def shard(msg: Message, context: Context) -> Message:
     """Which users this node holds: the dataset index of its first user and how many."""
     torch.set_num_threads(1)
-    device = load_device_data(context.node_config, RunConfig.from_flower(context.run_config))
+    device = load_device_data(context.node_config, _run_config(context))
     metrics = MetricRecord({wire.SHARD_FIRST_USER: device.first_user, wire.SHARD_SIZE: len(device.users)})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
 
 
 @app.evaluate()
+@reported_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Rank the full catalogue for each user's held-out item of the requested stage; reply their mean."""
     req = _decode(msg, context)
@@ -129,9 +149,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     users = [u for u in req.device.users if u is not None]  # a user without a held-out item counts for none
     results = [evaluate_locally(model=req.model, user=user, stage=stage) for user in users]
     count = len(results)
-    metrics = MetricRecord({
-        wire.NUM_EXAMPLES: count,
-        wire.HIT_RATE_10: sum(r.hit_rate_10 for r in results) / count if count else 0.0,
-        wire.NDCG_10: sum(r.ndcg_10 for r in results) / count if count else 0.0,
-    })
-    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    metrics = {wire.NUM_EXAMPLES: count}
+    if req.run.share_metrics and count:  # the held-out item's rank, without noise (docs/privacy.md)
+        metrics[wire.HIT_RATE_10] = sum(r.hit_rate_10 for r in results) / count
+        metrics[wire.NDCG_10] = sum(r.ndcg_10 for r in results) / count
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -40,7 +40,7 @@ class DeviceData:
     """The users a node stands for, the catalogue size its model needs, and where its ledger lives.
 
     A real device holds one user (`users` = (its user,), or (None,) while its history is
-    too short to split: it then sends empty replies); a simulated node holds a shard.
+    too short to split: it then has no window and no held-out item); a simulated node holds a shard.
     """
 
     users: tuple[UserSplit | None, ...]
@@ -112,11 +112,12 @@ def load_store_data(path: object, run: RunConfig) -> DeviceData:
     dataset = SequenceDataset(name=str(store_path), user_ids=(user_id,), item_ids=catalogue.ids, sequences=(history.indices,))
     split = leave_one_out(dataset)
     if not split.users:
-        # A new device with too little history: it takes part with empty replies (nothing
-        # to train on, no held-out item to rank) rather than failing every message.
+        # A new device with too little history: it takes part (with DP-SGD a noise-only
+        # update, as any device without a window; no held-out item to rank) rather than
+        # failing every message.
         LOG.info(
             "%s: %d interactions with catalogue items (%d with unknown items); leave-one-out needs at least %d: "
-            "this device sends empty replies until more history is ingested",
+            "this device trains on no window and ranks nothing until more history is ingested",
             store_path, len(history.indices), history.unknown, MIN_INTERACTIONS_FOR_SPLIT,
         )
     return DeviceData(

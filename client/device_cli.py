@@ -90,21 +90,28 @@ def policy(
     directory: DirOpt,
     max_epsilon: Annotated[Optional[float], typer.Option("--max-epsilon", help="New maximum epsilon this device spends.")] = None,
     max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="New maximum delta this device accepts.")] = None,
+    share_metrics: Annotated[Optional[bool], typer.Option(
+        "--share-metrics/--no-share-metrics",
+        help="Whether to send the training loss and held-out HR@10/NDCG@10 when a run asks (share-metrics): noiseless, outside every guarantee.",
+    )] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Show or change the device's privacy floor: runs that turn DP off or ask for a larger delta are refused,
-    and no run spends more than the maximum epsilon, whatever the operator's run config says."""
+    no run spends more than the maximum epsilon, and noiseless metrics are sent only if allowed here,
+    whatever the operator's run config says."""
     with _clear_errors():
         with open_device_dir(directory).store() as store:
             current = load_policy(store)
-            if max_epsilon is not None or max_delta is not None:
+            if max_epsilon is not None or max_delta is not None or share_metrics is not None:
                 current = PrivacyPolicy(
                     max_epsilon=current.max_epsilon if max_epsilon is None else max_epsilon,
                     max_delta=current.max_delta if max_delta is None else max_delta,
+                    share_metrics=current.share_metrics if share_metrics is None else share_metrics,
                 )
                 save_policy(store, current)
     _emit(asdict(current), as_json, [
-        f"at most epsilon {current.max_epsilon:g} at delta {current.max_delta:g} (example-level, layer 1); DP required"
+        f"at most epsilon {current.max_epsilon:g} at delta {current.max_delta:g} (example-level, layer 1); DP required",
+        f"noiseless metrics (training loss, held-out rank): {'sent when a run asks' if current.share_metrics else 'never sent'}",
     ])
 
 

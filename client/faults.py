@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from fedinterest.client.data_source import HISTORY_DB, PARTITION_ID
+from fedinterest.client.device_errors import MessageError, ReportableError
 from fedinterest.common.run_config import FAULT_MODES
 from fedinterest.common.wire import SIMULATED_FAULT
 
@@ -20,8 +21,8 @@ LOG = logging.getLogger("flwr.fedinterest")
 STALL_MARGIN_SECONDS = 2.0
 
 
-class SimulatedFault(RuntimeError):
-    """Raised by a simulated device told to fail (Flower turns it into an error reply)."""
+class SimulatedFault(ReportableError, RuntimeError):
+    """Raised by a simulated device told to fail (Flower turns it into an error reply; its text is fixed)."""
 
 
 def requested_fault(node_config: Mapping[str, object], train_config: Mapping[str, object]) -> str | None:
@@ -33,7 +34,7 @@ def requested_fault(node_config: Mapping[str, object], train_config: Mapping[str
         LOG.warning("fedinterest device: ignoring the server's %s=%r: faults are acted out only in simulation", SIMULATED_FAULT, mode)
         return None
     if mode not in FAULT_MODES:
-        raise ValueError(f"train config {SIMULATED_FAULT!r} must be one of {', '.join(FAULT_MODES)}, got {mode!r}")
+        raise MessageError(f"train config {SIMULATED_FAULT!r} must be one of {', '.join(FAULT_MODES)}, got {mode!r}")
     return str(mode)
 
 

@@ -9,8 +9,8 @@ stored rows, never stored itself.
 
 Durability: WAL journal with `synchronous=FULL` and one transaction per write, so a
 crash mid-round leaves either the whole round's row or none of it (a lost charge would
-under-count the privacy spent). The caller records a round after training and before
-the reply leaves the device, so a crash can only over-charge, never under-charge.
+under-count the privacy spent). The caller charges a round before it trains (below),
+so a crash can only over-charge, never under-charge.
 
 Charged before training: `charge` checks the budget and writes the round's entry in
 one write transaction, before the device trains, so two overlapping rounds on one

@@ -7,6 +7,15 @@ user's training windows (`common.examples.training_windows`): one window of up t
 unit layer-1 DP protects (docs/privacy.md). The loss is the dense `sequence_loss`, the
 only one whose gradients Opacus can keep per example.
 
+The window count W stays on the device. Opacus's guarantee is for adding or removing
+one example at a fixed sample rate, number of steps and denominator; derived from W (as
+Opacus's `make_private` derives them from the dataset), all three would change with the
+window removed and reveal it, and so would a reply that reports W or sends no model
+when W = 0. With DP-SGD every device therefore samples at the rate and takes the steps
+Opacus would derive for the public run-config dp-windows N (q = 1 / ceil(N / B),
+ceil(N / B) steps an epoch), divides the noised sum by the fixed int(N q), trains (on
+noise alone) when it has no window, and reports weight 1 instead of W.
+
 Accounting: the device's ledger holds every round it was charged for. Before training,
 the round's entry (noise multiplier, Poisson sample rate, steps) is checked against the
 budget and recorded in one ledger transaction (`PrivacyLedger.charge`): if it would take
@@ -26,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from torch.utils.data import DataLoader, TensorDataset
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+from torch.utils.data import DataLoader, TensorDataset, default_collate
 
 from fedinterest.common.examples import training_windows
 from fedinterest.common.model import InterestModel, sequence_loss
@@ -41,7 +51,9 @@ class LocalTrainingResult:
     """What one round produced; `state_dict` is None when the device did not train."""
 
     state_dict: dict[str, torch.Tensor] | None
-    num_examples: int  # training windows (DP units) the round sampled from; 0 when not trained
+    # What the reply reports as NUM_EXAMPLES (FedAvg's weight; 0 when not trained): the
+    # training windows without DP-SGD, 1 with it (the window count is private).
+    num_examples: int
     train_loss: float  # mean over epochs of the example-weighted mean loss; 0.0 when no window was drawn
     epsilon: float  # the device's cumulative epsilon at the run's delta after this round (inf: DP off)
     refused: bool  # the privacy budget (or an already-charged round) kept the device from training
@@ -49,11 +61,12 @@ class LocalTrainingResult:
 
 @dataclass(frozen=True)
 class _Sampling:
-    """Poisson sample rate and optimizer steps of one round, as Opacus derives them."""
+    """Poisson sample rate, optimizer steps and the noised sum's denominator of one round, as Opacus derives them."""
 
     sample_rate: float
     steps_per_epoch: int
     steps: int
+    expected_batch_size: int
 
 
 @dataclass
@@ -74,18 +87,16 @@ def train_locally(
     ledger: PrivacyLedger,
     run_id: int,
     server_round: int,
-    poisson_sampling: bool = True,
     generator: torch.Generator | None = None,
     proximal_mu: float = 0.0,
 ) -> LocalTrainingResult:
     """Train `model` (updated in place) on one user's training windows for one round.
 
-    `run` gives epochs, learning rate, batch size (the expected batch under Poisson
+    `run` gives epochs, learning rate, batch size and dp-windows (which size the Poisson
     sampling), noise multiplier (0 turns DP off), clipping norm, delta and epsilon
-    budget. `ledger` is charged for (run_id, server_round). `poisson_sampling=False`
-    makes batches fixed (for tests only: the accounting then assumes a sampling that was
-    not done). `generator` seeds batch sampling and the DP noise; leave it None on a real
-    device, because noise the server can reproduce protects nothing. `proximal_mu` > 0
+    budget. `ledger` is charged for (run_id, server_round). `generator` seeds batch
+    sampling and the DP noise; leave it None on a real device, because noise the server
+    can reproduce protects nothing. `proximal_mu` > 0
     (FedProx) pulls the weights towards the global ones after every step.
     """
     if proximal_mu < 0:
@@ -95,9 +106,13 @@ def train_locally(
         raise ValueError(f"model max_len {model.config.max_len} differs from the run's max-len {run.max_len}")
     windows = _prepare_windows(train_history, run.max_len)
     epsilon_now = ledger.epsilon(run.delta)
-    if windows is None:
+    if run.private:
+        # Sized for the public dp-windows, never for this device's own count (module docstring).
+        sampling = _prepare_sampling(num_windows=run.dp_windows, batch_size=run.batch_size, local_epochs=run.local_epochs)
+    elif windows is None:
         return LocalTrainingResult(None, 0, 0.0, epsilon_now, refused=False)
-    sampling = _prepare_sampling(num_windows=len(windows), batch_size=run.batch_size, local_epochs=run.local_epochs)
+    else:
+        sampling = _prepare_sampling(num_windows=len(windows), batch_size=run.batch_size, local_epochs=run.local_epochs)
     entry = LedgerEntry(run_id, server_round, run.noise_multiplier, sampling.sample_rate, sampling.steps)
     history_before = ledger.history()
     # A retried round (already charged) is refused too: training again would be a second
@@ -108,9 +123,9 @@ def train_locally(
 
     if run.private:
         prepared = _prepare_private(
-            model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr, optimizer=run.local_optimizer,
-            noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm,
-            poisson_sampling=poisson_sampling, generator=generator,
+            model=model, loader=_poisson_loader(windows, sampling, max_len=run.max_len, generator=generator),
+            expected_batch_size=sampling.expected_batch_size, lr=run.local_lr, optimizer=run.local_optimizer,
+            noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm, generator=generator,
         )
         prepared.engine.accountant.history = list(history_before)
         _check_sampling(prepared, sampling)
@@ -126,7 +141,8 @@ def train_locally(
             prepared.module.cleanup()  # removes Opacus's hooks and per-sample attributes from `model`
     epsilon = ledger.epsilon(run.delta) if run.private else float("inf")
     state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    return LocalTrainingResult(state, len(windows), 0.0 if math.isnan(loss) else loss, epsilon, refused=False)
+    weight = 1 if run.private else len(windows)
+    return LocalTrainingResult(state, weight, 0.0 if math.isnan(loss) else loss, epsilon, refused=False)
 
 
 def _check_round(run_id: int, server_round: int) -> None:
@@ -147,11 +163,38 @@ def _prepare_windows(train_history: np.ndarray, max_len: int) -> TensorDataset |
 
 
 def _prepare_sampling(*, num_windows: int, batch_size: int, local_epochs: int) -> _Sampling:
-    """Opacus's own derivation: q = 1 / ceil(W / B) (= min(1, B / W) when B divides W), ceil(W / B) steps an epoch."""
+    """Opacus's own derivation for a dataset of `num_windows`: q = 1 / ceil(N / B) (= min(1, B / N)
+    when B divides N), ceil(N / B) steps an epoch, the sum divided by int(N q) (make_private's
+    expected batch size)."""
     if num_windows < 1 or batch_size < 1 or local_epochs < 1:
         raise ValueError(f"need at least one window, batch size and epoch; got {num_windows}, {batch_size}, {local_epochs}")
     batches = math.ceil(num_windows / batch_size)  # len(DataLoader(windows, batch_size))
-    return _Sampling(sample_rate=1 / batches, steps_per_epoch=batches, steps=batches * local_epochs)
+    rate = 1 / batches
+    # int(N q) in integers: the float product can fall just below a whole number.
+    return _Sampling(sample_rate=rate, steps_per_epoch=batches, steps=batches * local_epochs, expected_batch_size=num_windows // batches)
+
+
+def _poisson_loader(windows: TensorDataset | None, sampling: _Sampling, *, max_len: int, generator: torch.Generator | None) -> DataLoader:
+    """Poisson sampling at the round's fixed rate for exactly `steps_per_epoch` batches an epoch.
+
+    Opacus's own sampler, with the step count given: its default, int(1 / q), is one short
+    for some q = 1 / k (k = 93: int(1 / (1 / 93)) = 92), which would no longer be the
+    round charged. A device without windows draws an empty batch at every step, which is
+    what Poisson sampling of nothing draws: its round is noise alone, as the accountant counts it.
+    """
+    if windows is None:
+        batches: object = [[] for _ in range(sampling.steps_per_epoch)]
+        windows = TensorDataset(torch.zeros((0, max_len), dtype=torch.long), torch.zeros((0, max_len), dtype=torch.long))
+    else:
+        batches = UniformWithReplacementSampler(
+            num_samples=len(windows), sample_rate=sampling.sample_rate, generator=generator, steps=sampling.steps_per_epoch,
+        )
+    empty = tuple(tensor[:0] for tensor in windows.tensors)
+
+    def collate(batch: list) -> tuple[torch.Tensor, ...]:
+        return default_collate(batch) if batch else empty
+
+    return DataLoader(windows, batch_sampler=batches, collate_fn=collate)
 
 
 def _prepare_plain(
@@ -166,27 +209,34 @@ def _prepare_plain(
 def _prepare_private(
     *,
     model: InterestModel,
-    windows: TensorDataset,
-    batch_size: int,
+    loader: DataLoader,
+    expected_batch_size: int,
     lr: float,
     optimizer: str = "adam",
     noise_multiplier: float,
     max_grad_norm: float,
-    poisson_sampling: bool,
     generator: torch.Generator | None,
 ) -> _Prepared:
-    """DP-SGD via Opacus's make_private: per-window clipping to `max_grad_norm`, Gaussian noise, RDP accountant."""
+    """DP-SGD via Opacus's make_private over `loader`'s batches: per-window clipping to
+    `max_grad_norm`, Gaussian noise, the sum divided by `expected_batch_size`, RDP accountant
+    at sample rate 1 / len(loader)."""
     if noise_multiplier < 0 or not max_grad_norm > 0:
         raise ValueError(f"need noise_multiplier >= 0 and max_grad_norm > 0, got {noise_multiplier}, {max_grad_norm}")
+    if expected_batch_size < 1:
+        raise ValueError(f"expected_batch_size must be at least 1, got {expected_batch_size}")
     with warnings.catch_warnings():
         # Opacus warns that secure_mode (a CSPRNG for the noise) is off; docs/privacy.md says so.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant="rdp")
-    loader = DataLoader(windows, batch_size=batch_size, shuffle=False, generator=generator)
+    # poisson_sampling=False: `loader` already samples as the round was charged; Opacus's
+    # own DPDataLoader would size the rate and the denominator from this device's windows.
     module, dp_optimizer, dp_loader = engine.make_private(
         module=model, optimizer=_optimizer(model, optimizer, lr), data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=poisson_sampling, noise_generator=generator,
+        max_grad_norm=max_grad_norm, poisson_sampling=False, noise_generator=generator,
     )
+    # make_private divides by int(len(dataset) / len(loader)), a function of the private
+    # window count; the denominator must be the public one the round was sized for.
+    dp_optimizer.expected_batch_size = expected_batch_size
     return _Prepared(module, dp_optimizer, dp_loader, engine)
 
 
@@ -201,12 +251,14 @@ def _optimizer(model: InterestModel, name: str, lr: float) -> torch.optim.Optimi
 
 
 def _check_sampling(prepared: _Prepared, sampling: _Sampling) -> None:
-    """The entry charged before training must be what Opacus's accountant will count."""
-    if getattr(prepared.loader, "sample_rate", sampling.sample_rate) != sampling.sample_rate or len(prepared.loader) != sampling.steps_per_epoch:
+    """The entry charged before training must be what Opacus's accountant will count (it takes 1 / len(loader))."""
+    if len(prepared.loader) != sampling.steps_per_epoch or 1 / len(prepared.loader) != sampling.sample_rate:
         raise RuntimeError(
-            f"Opacus samples at rate {getattr(prepared.loader, 'sample_rate', None)} with {len(prepared.loader)} "
-            f"steps an epoch, not the charged {sampling.sample_rate} and {sampling.steps_per_epoch}"
+            f"Opacus accounts {len(prepared.loader)} steps an epoch at rate {1 / len(prepared.loader)}, "
+            f"not the charged {sampling.steps_per_epoch} at {sampling.sample_rate}"
         )
+    if prepared.optimizer.expected_batch_size != sampling.expected_batch_size:
+        raise RuntimeError(f"Opacus divides by {prepared.optimizer.expected_batch_size}, not the public {sampling.expected_batch_size}")
 
 
 def _proximal_step(model: InterestModel, *, lr: float, mu: float) -> Callable[[], None]:

@@ -8,7 +8,9 @@ set by its user (`fedinterest device init` / `device policy`), and before every 
 
 - refuses a run that turns DP off (noise-multiplier 0) or states epsilon at a larger
   delta than the device accepts (a larger delta is a weaker guarantee);
-- spends at most its own maximum epsilon, whatever budget the run asks for.
+- spends at most its own maximum epsilon, whatever budget the run asks for;
+- sends its noiseless metrics (training loss, held-out rank) only if the policy allows
+  it (`share_metrics`, off by default), whatever the run's share-metrics says.
 
 A refusal is a normal reply (REFUSED = 1), as for an exhausted budget: the round goes on.
 """
@@ -28,16 +30,20 @@ META_POLICY = "privacy-policy"
 
 @dataclass(frozen=True)
 class PrivacyPolicy:
-    """The weakest layer-1 guarantee this device accepts: epsilon at most `max_epsilon` at delta at most `max_delta`."""
+    """The weakest layer-1 guarantee this device accepts: epsilon at most `max_epsilon` at delta at most
+    `max_delta`; and whether it may send metrics no guarantee covers (`share_metrics`)."""
 
     max_epsilon: float = RunConfig.epsilon_budget
     max_delta: float = RunConfig.delta
+    share_metrics: bool = False
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
             raise ValueError(f"the device's max epsilon must be a positive number, got {self.max_epsilon}")
         if not 0 < self.max_delta < 1:
             raise ValueError(f"the device's max delta must be in (0, 1), got {self.max_delta}")
+        if not isinstance(self.share_metrics, bool):
+            raise ValueError(f"the device's share_metrics must be true or false, got {self.share_metrics!r}")
 
 
 def load_policy(store: DeviceStore) -> PrivacyPolicy:
@@ -57,7 +63,8 @@ def save_policy(store: DeviceStore, policy: PrivacyPolicy) -> None:
 
 
 def apply_policy(policy: PrivacyPolicy, run: RunConfig) -> tuple[RunConfig, str | None]:
-    """The run as this device will train it (budget capped), and the reason to refuse it, if any."""
+    """The run as this device will train it (budget capped, metrics shared only if both allow), and the reason to refuse it, if any."""
+    run = dataclasses.replace(run, share_metrics=run.share_metrics and policy.share_metrics)
     if not run.private:
         return run, "the run turns DP off (noise-multiplier 0); this device trains only with differential privacy"
     if run.delta > policy.max_delta:

@@ -44,7 +44,7 @@ class ShardRoundResult:
 
     state_dict: dict[str, torch.Tensor] | None  # global + combined update; None when no user trained
     num_users: int  # users whose updates the state combines
-    num_examples: int  # their training windows
+    num_examples: int  # their replies' weight: windows without DP-SGD, one a user with it (client/local_training.py)
     train_loss: float  # example-weighted mean of their losses (0.0 when none trained)
     epsilons: list[float]  # every sampled user's cumulative example-level epsilon after the round
     refused: int  # sampled users that declined (privacy budget or a round already charged)
@@ -161,9 +161,10 @@ def _seed_round(run: RunConfig, server_round: int, first_user: int) -> torch.Gen
     """Seed this round's randomness; the generator for on-device DP noise (None without DP-SGD).
 
     Without DP-SGD, dropout and batch order follow (seed, round, shard): reproducible. With
-    it, the noise must not be predictable: torch's global generator starts from the same
-    seed in every fresh process, so both it and Opacus's noise generator are seeded from
-    OS entropy, unless research-noise-seed makes the run reproducible on purpose.
+    it, the noise must not be predictable: torch's global generator is seeded by whatever
+    ran before in the process (older torch releases started every fresh process from one
+    fixed seed), so both it and Opacus's noise generator are seeded from OS entropy
+    (`secrets`), unless research-noise-seed makes the run reproducible on purpose.
     """
     if run.private and not run.noise_seeded:
         seed = secrets.randbits(63)

@@ -2,8 +2,12 @@
 
 One training example -- the unit that on-device DP-SGD protects -- is one window of
 up to `max_len` consecutive (input item, next item) pairs from a user's training
-history. A history is cut into such windows from its most recent end, without
-overlap, so every training interaction is the target of exactly one example.
+history, i.e. up to `max_len + 1` consecutive items. A history is cut into such
+windows from its most recent end so that every *pair* is in exactly one window, and
+every training interaction but the first is the target of exactly one example. The
+windows share their boundary items: the target of an older window's last pair is the
+input of the next window's first pair, so one interaction can touch two windows
+(docs/privacy.md, "What this does not protect": group privacy applies to it).
 """
 
 from __future__ import annotations

@@ -75,6 +75,11 @@ class RunConfig:
     local_lr: float = 1e-3
     local_optimizer: str = "adam"
     batch_size: int = 8  # expected batch size under Poisson sampling
+    # With DP-SGD, the window count the sampling is sized for, in place of each device's
+    # own (which a rate, step count or denominator derived from it would reveal):
+    # q = 1 / ceil(dp-windows / batch-size), as many steps an epoch, the noised sum divided
+    # by int(dp-windows * q). 1 (the default): one full-batch step an epoch at q = 1.
+    dp_windows: int = 1
     # Layer-1 DP (on device). noise_multiplier = 0 turns DP off (no clipping, no noise, epsilon = inf).
     noise_multiplier: float = 1.0
     max_grad_norm: float = 1.0
@@ -107,6 +112,10 @@ class RunConfig:
     num_blocks: int = 2
     num_heads: int = 1
     dropout: float = 0.2
+    # Devices add their training loss to train replies and their held-out item's HR@10 /
+    # NDCG@10 to evaluate replies: noiseless functions of their data, outside every DP
+    # guarantee (docs/privacy.md). A real device adds them only if its privacy policy allows.
+    share_metrics: bool = False
     # Evaluation and bookkeeping.
     eval_every: int = 5
     seed: int = 0
@@ -124,7 +133,7 @@ class RunConfig:
                 problems.append(f"{_key(f.name)} is out of range (|value| > {MAX_INT})")
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
-        positive_ints = ("synthetic_users", "synthetic_items", "num_server_rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every", "users_per_node")
+        positive_ints = ("synthetic_users", "synthetic_items", "num_server_rounds", "clients_per_round", "local_epochs", "batch_size", "dp_windows", "eval_every", "users_per_node")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 problems.append(f"{_key(name)} must be at least 1")

@@ -1,8 +1,11 @@
 """Names on the wire between the ServerApp and the ClientApp, defined once for both sides.
 
 A device's train reply carries at most one ArrayRecord (the model, under ARRAYS) and
-one MetricRecord (under METRICS) holding only TRAIN_REPLY_METRICS; an evaluate reply
-holds only EVAL_REPLY_METRICS. Nothing else leaves a device (docs/privacy.md).
+one MetricRecord (under METRICS) holding TRAIN_REPLY_METRICS; an evaluate reply holds
+EVAL_REPLY_METRICS. The SHARED_* metrics are noiseless functions of the device's data
+(its training loss, the rank of its held-out item): a device adds them only when the run
+config sets share-metrics and, on a real device, its own privacy policy allows it
+(docs/privacy.md, "What leaves the device"). Nothing else leaves a device.
 
 A node stands for the users of its shard: one on a real device, a contiguous range of
 the dataset's users in simulation (run-config users-per-node; docs/simulations.md,
@@ -37,9 +40,12 @@ SHARD_SIZE = "users"  # how many users the shard holds
 SHARD_REPLY_METRICS = (SHARD_FIRST_USER, SHARD_SIZE)
 
 # Device -> server metrics.
-NUM_EXAMPLES = "num-examples"  # FedAvg weights by this (its `weighted_by_key` default): windows of the users in ARRAYS
+# FedAvg weights by this (its `weighted_by_key` default): the users in ARRAYS with DP-SGD
+# (one each: a window count would reveal a window's removal), their windows without it;
+# in an evaluate reply, the users whose held-out item was ranked.
+NUM_EXAMPLES = "num-examples"
 NUM_USERS = "num-users"  # users whose updates ARRAYS combines (0: no ARRAYS)
-TRAIN_LOSS = "train-loss"  # example-weighted mean local training loss of those users this round
+TRAIN_LOSS = "train-loss"  # shared only: weighted mean local training loss of those users this round
 # One number per sampled user, in SHARD_USERS order: the user's cumulative example-level
 # epsilon after this round, at the run's delta (inf: trained without DP).
 EPSILON = "epsilon"
@@ -47,5 +53,7 @@ REFUSED = "refused"  # how many sampled users declined to train (privacy budget,
 HIT_RATE_10 = "hr@10"
 NDCG_10 = "ndcg@10"
 
-TRAIN_REPLY_METRICS = (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, EPSILON, REFUSED)
-EVAL_REPLY_METRICS = (NUM_EXAMPLES, HIT_RATE_10, NDCG_10)
+TRAIN_REPLY_METRICS = (NUM_EXAMPLES, NUM_USERS, EPSILON, REFUSED)
+SHARED_TRAIN_METRICS = (TRAIN_LOSS,)
+EVAL_REPLY_METRICS = (NUM_EXAMPLES,)
+SHARED_EVAL_METRICS = (HIT_RATE_10, NDCG_10)  # the mean over the node's evaluated users

@@ -17,12 +17,28 @@ Layout, in `{run_dir}/checkpoints/`:
 Every file is written to a temporary name, fsynced and renamed into place, and the
 manifest last: until the new manifest is in place, the old one still points at the
 old round's files, which are deleted only after the new manifest is committed.
+
+- `releases.json`                    layer 2's accountant right after the last release
+  {"format": 1, "round": N, "user_level": {the UserLevelAccountant's state}}, written
+  (`record_release`) before the released model leaves the server -- for federated
+  evaluation in a deployment, or the next round -- and before the checkpoint of that
+  round. A crash in between would otherwise resume from the previous checkpoint and
+  release round N again with fresh noise, one release uncounted; resume composes from
+  this file instead (`last_release`), so both releases are counted.
+
+Secrets: the manifest and releases.json hold layer 2's sampling seed (whoever has it can
+recompute every round's sample, and amplification by sampling is then void) and the
+per-user epsilons by user name (in a deployment, node ids: who was sampled). Every file
+here is written readable by its owner only; the directory must stay on the server
+(docs/privacy.md, "Assumptions and limits of layer 2").
+
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,8 +52,10 @@ from safetensors.numpy import save as save_safetensors
 
 from fedinterest.common.run_config import RunConfig
 
+LOG = logging.getLogger("flwr.fedinterest")
 CHECKPOINT_DIR = "checkpoints"
 MANIFEST = "manifest.json"
+RELEASES = "releases.json"
 FORMAT = 1
 # A resumed run may change only where it writes and how many rounds it runs in total.
 UNHASHED_KEYS = ("run-dir", "num-server-rounds")
@@ -170,6 +188,40 @@ def latest(run_dir: Path) -> Checkpoint | None:
     return checkpoint
 
 
+def record_release(run_dir: Path, server_round: int, user_level: dict[str, Any]) -> None:
+    """Persist layer 2's accountant state after the release of `server_round` (before that model leaves the server)."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"format": FORMAT, "round": server_round, "user_level": user_level}, indent=2, allow_nan=False) + "\n"
+    _atomic_write_bytes(directory / RELEASES, text.encode("utf-8"))
+
+
+def last_release(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
+    """(round, accountant state) of the last release `record_release` persisted, or None."""
+    path = Path(run_dir) / CHECKPOINT_DIR / RELEASES
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:  # written atomically: only possible if written by something else
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if record.get("format") != FORMAT or not isinstance(record.get("round"), int) or not isinstance(record.get("user_level"), dict):
+        raise CheckpointError(f"{path}: not a releases record of format {FORMAT} (round and user_level)")
+    return record["round"], record["user_level"]
+
+
+def user_level_state(run_dir: Path, saved: Checkpoint | None) -> dict[str, Any] | None:
+    """Layer 2's accountant state to resume from: the checkpoint's, unless a later release was
+    persisted (a crash between sending that model and checkpointing its round: the round
+    runs again with fresh noise, and the lost release must stay counted)."""
+    state = saved.privacy.get("user_level") if saved is not None else None
+    released = last_release(run_dir)
+    if released is not None and released[0] > (saved.round if saved is not None else 0):
+        LOG.warning("fedinterest: round %d was released after the last checkpoint; that release stays counted", released[0])
+        state = released[1]
+    return state
+
+
 def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> str:
     """Write named arrays as safetensors atomically; returns the file's sha256."""
     data = save_safetensors({k: np.ascontiguousarray(v) for k, v in arrays.items()})
@@ -194,7 +246,10 @@ def _commit_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
+    # Owner only: the manifest and releases.json hold layer 2's secret sampling seed.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when a stale temporary of another mode was left behind
+    with os.fdopen(fd, "wb") as handle:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())

@@ -4,8 +4,10 @@ Two paths give the same numbers:
 - `ServerEvaluator` -- the simulation shortcut: the server holds the split and ranks the
   full catalogue for every user itself (common.evaluation.model_ranks), in batches;
 - `federated_evaluate` -- the device path: every node ranks for its own user and
-  replies EVAL_REPLY_METRICS; the server averages them weighted by NUM_EXAMPLES (one per
-  evaluated user), i.e. the mean over users, as `summarize` does.
+  replies EVAL_REPLY_METRICS, with the SHARED_EVAL_METRICS only when it shares them
+  (run-config share-metrics and, on a real device, its privacy policy: they are the
+  held-out item's rank without noise); the server averages what was shared weighted by
+  NUM_EXAMPLES (one per evaluated user), i.e. the mean over users, as `summarize` does.
 The round loop uses the shortcut; a deployment, where the server holds no histories,
 uses the device path.
 """
@@ -25,7 +27,9 @@ from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel, ModelConfig
 from fedinterest.common.split import LeaveOneOut
-from fedinterest.common.wire import ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND, STAGE
+from fedinterest.common.wire import (
+    ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND, SHARED_EVAL_METRICS, STAGE,
+)
 
 # The held-out items an evaluation can rank (sent under STAGE).
 STAGES = ("valid", "test")
@@ -73,14 +77,18 @@ class ServerEvaluator:
 
 
 class FederatedEvaluator:
-    """Ranks through the devices' evaluate path (deployment: the server holds no histories)."""
+    """Ranks through the devices' evaluate path (deployment: the server holds no histories).
+
+    It sends the model to every device: with layer 2 the round loop persists the
+    release's accountant step before calling it (server/checkpoint.py, releases.json).
+    """
 
     def __init__(self, grid: Grid, *, timeout: float | None) -> None:
         self.grid = grid
         self.timeout = timeout
 
     def evaluate(self, arrays: ArrayRecord, stage: str) -> dict[str, Any]:
-        """HR@10, NDCG@10 (None when no device answered), users, replies and failed for `stage`."""
+        """HR@10, NDCG@10 (None when no device shared them), users, users_with_metrics, replies and failed for `stage`."""
         # Round 0: the devices' evaluate handler ranks whatever weights it is sent.
         return federated_evaluate(self.grid, arrays, stage, server_round=0, timeout=self.timeout)
 
@@ -96,9 +104,10 @@ def federated_evaluate(
 ) -> dict[str, Any]:
     """Ask every node (or `node_ids`) to evaluate `arrays` on `stage`; average what comes back.
 
-    Replies that are errors or do not carry exactly EVAL_REPLY_METRICS with finite values
-    are counted as failed and left out. Returns hr@10, ndcg@10 (None when no user was
-    evaluated), users (the summed NUM_EXAMPLES), replies and failed.
+    Replies that are errors or do not carry exactly EVAL_REPLY_METRICS (with or without
+    the SHARED_EVAL_METRICS) with finite values are counted as failed and left out.
+    Returns hr@10, ndcg@10 (the mean over the users whose devices shared them; None when
+    none did), users (the summed NUM_EXAMPLES), users_with_metrics, replies and failed.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
@@ -113,19 +122,22 @@ def federated_evaluate(
     ]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     sums = {HIT_RATE_10: 0.0, NDCG_10: 0.0}
-    users, used = 0.0, 0
+    users, shared, used = 0.0, 0.0, 0
     for reply in replies:
         values = _eval_metrics(reply)
         if values is None:
             continue
         used += 1
         users += values[NUM_EXAMPLES]
-        for key in sums:
-            sums[key] += values[NUM_EXAMPLES] * values[key]
+        if HIT_RATE_10 in values:
+            shared += values[NUM_EXAMPLES]
+            for key in sums:
+                sums[key] += values[NUM_EXAMPLES] * values[key]
     return {
-        HIT_RATE_10: sums[HIT_RATE_10] / users if users else None,
-        NDCG_10: sums[NDCG_10] / users if users else None,
+        HIT_RATE_10: sums[HIT_RATE_10] / shared if shared else None,
+        NDCG_10: sums[NDCG_10] / shared if shared else None,
         "users": int(users),
+        "users_with_metrics": int(shared),
         "replies": used,
         "failed": len(targets) - used,
     }
@@ -136,10 +148,10 @@ def _eval_metrics(reply: Message) -> dict[str, float] | None:
     if reply.has_error() or set(reply.content.metric_records) != {METRICS}:
         return None
     record = reply.content[METRICS]
-    if set(record.keys()) != set(EVAL_REPLY_METRICS):
+    if set(record.keys()) not in (set(EVAL_REPLY_METRICS), set(EVAL_REPLY_METRICS + SHARED_EVAL_METRICS)):
         return None
     values = {}
-    for key in EVAL_REPLY_METRICS:
+    for key in record.keys():
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             return None

@@ -3,7 +3,8 @@
 The weights are the run's last complete checkpoint (server/checkpoint.py), the model
 shape is the run's own RunConfig, the catalogue is the deployment's, and the model card
 says what the model was trained on, how, and what privacy guarantee holds, in numbers
-taken from the run's final.json. common/bundle.py writes the file and its checksum.
+taken from the run's final.json; its fields that no guarantee covers are listed in it
+(server/card_disclosure.py). common/bundle.py writes the file and its checksum.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.server import checkpoint as ckpt
+from fedinterest.server.card_disclosure import OUTSIDE_THE_GUARANTEE
 from fedinterest.server.deployment import Deployment
 from fedinterest.server.flower_processes import run_status
 from fedinterest.server.run_admin import FINAL_FILE, RunError, find_run, read_record
@@ -25,7 +27,7 @@ from fedinterest.server.superlink import SuperLinkNotReady, require_ready, super
 CARD_FORMAT = 1
 UNIT_OF_PROTECTION = (
     "one training example of one device: a window of up to max-len consecutive (input item, next item) "
-    "pairs of the user's history (layer 1, on-device DP-SGD with Opacus)"
+    "pairs of the user's history, added or removed (layer 1, on-device DP-SGD with Opacus; the window count stays on the device)"
 )
 USER_LEVEL = (
     "no server-side DP-FedAvg (layer 2) in this run: a user's whole history is protected only through the "
@@ -88,7 +90,10 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
             "noise_multiplier": config.noise_multiplier,
             "max_grad_norm": config.max_grad_norm,
             "expected_batch_size": config.batch_size,
+            "dp_windows": config.dp_windows,
             "note": None if config.private else "noise-multiplier = 0: trained without DP; epsilon is infinite",
+            # The card's fields no guarantee covers (server/card_disclosure.py; docs/privacy.md).
+            "outside_the_guarantee": dict(OUTSIDE_THE_GUARANTEE),
         },
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

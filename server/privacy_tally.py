@@ -45,7 +45,10 @@ class PrivacyTally:
         values = list(self.device_max.values())
         dp = None if not values and not self.without_dp else not self.without_dp
         return {
-            "unit": "per-device cumulative example-level (epsilon, delta)-DP of layer 1 (Opacus accountant on the device)",
+            "unit": (
+                "per-device cumulative example-level (epsilon, delta)-DP of layer 1 for adding or removing one training "
+                "window (the window count stays on the device); Opacus RDP accountant on the device, which trusts no one else"
+            ),
             "delta": delta,
             "dp": dp,
             "device_epsilon_max": max(values) if values and dp else None,

@@ -7,7 +7,8 @@ several on a simulated node holding a shard; server/cohort.py). A reply is exact
               round's timeout are counted as failed by the round loop;
 - rejected -- malformed: records other than one MetricRecord under METRICS (plus, for a
               trained update, one ArrayRecord under ARRAYS), metric keys other than
-              exactly TRAIN_REPLY_METRICS, non-numeric or out-of-range values (user
+              exactly TRAIN_REPLY_METRICS (plus SHARED_TRAIN_METRICS from a device
+              that shares them: run-config share-metrics), non-numeric or out-of-range values (user
               counts beyond the users sampled, an EPSILON list not one per sampled
               user), arrays whose keys, shapes or dtypes differ from the global model's,
               non-finite weights or loss, or -- with an UpdateBound (run-config
@@ -30,7 +31,7 @@ from enum import Enum
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, TRAIN_LOSS, TRAIN_REPLY_METRICS
+from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, SHARED_TRAIN_METRICS, TRAIN_LOSS, TRAIN_REPLY_METRICS
 
 
 class ReplyKind(str, Enum):
@@ -91,7 +92,7 @@ class CheckedReply:
     trained: int = 0  # users whose updates the arrays combine
     refused: int = 0  # users that declined
     num_examples: float | None = None
-    train_loss: float | None = None
+    train_loss: float | None = None  # only from a device that shares it (run-config share-metrics)
     epsilons: tuple[float, ...] = ()  # one per sampled user, in the order the server named them
     message: Message | None = None  # valid replies only: arrays in the global model's key order
 
@@ -119,7 +120,7 @@ def check_train_reply(msg: Message, spec: ArraySpec, bound: UpdateBound | None =
 def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound | None, users: int) -> CheckedReply:
     content = msg.content
     metrics, epsilons = _metrics(content, users)
-    num_examples, trained, loss, refused = (metrics[k] for k in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED))
+    num_examples, trained, loss, refused = (metrics.get(k) for k in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED))
     has_arrays = ARRAYS in content.array_records
     common = dict(users=users, trained=int(trained), refused=int(refused), num_examples=num_examples, epsilons=epsilons)
     if trained == 0:
@@ -132,7 +133,7 @@ def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound 
         raise MalformedReply(f"{NUM_USERS} is {int(trained)} but the reply carries no arrays")
     if num_examples < trained:
         raise MalformedReply(f"{NUM_EXAMPLES} {num_examples:g} is below {NUM_USERS} {int(trained)}: a trained user has a window")
-    if not math.isfinite(loss):
+    if loss is not None and not math.isfinite(loss):
         raise MalformedReply(f"{TRAIN_LOSS} is {loss} for a trained update")
     ordered = _checked_arrays(content[ARRAYS], spec)
     if bound is not None:
@@ -146,7 +147,7 @@ def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound 
 
 
 def _metrics(content: RecordDict, users: int) -> tuple[dict[str, float], tuple[float, ...]]:
-    """The reply's train metrics, checked: exactly TRAIN_REPLY_METRICS, in range; and the epsilons."""
+    """The reply's train metrics, checked: exactly TRAIN_REPLY_METRICS (and maybe the shared ones), in range; and the epsilons."""
     others = set(content.keys()) - {ARRAYS, METRICS}
     if others:
         raise MalformedReply(f"unexpected records {sorted(others)}")
@@ -155,10 +156,14 @@ def _metrics(content: RecordDict, users: int) -> tuple[dict[str, float], tuple[f
     if ARRAYS in content and ARRAYS not in content.array_records:
         raise MalformedReply(f"record {ARRAYS!r} is not an ArrayRecord")
     record: MetricRecord = content[METRICS]
-    if set(record.keys()) != set(TRAIN_REPLY_METRICS):
-        raise MalformedReply(f"metric keys {sorted(record.keys())} are not exactly {sorted(TRAIN_REPLY_METRICS)}")
+    if set(record.keys()) not in (set(TRAIN_REPLY_METRICS), set(TRAIN_REPLY_METRICS + SHARED_TRAIN_METRICS)):
+        raise MalformedReply(
+            f"metric keys {sorted(record.keys())} are not exactly {sorted(TRAIN_REPLY_METRICS)} (or with {sorted(SHARED_TRAIN_METRICS)})"
+        )
     values = {}
     for key in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED):
+        if key not in record:  # a shared metric the device did not send
+            continue
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MalformedReply(f"metric {key!r} must be a number, got {value!r}")
@@ -240,12 +245,12 @@ class RoundReplies:
 
     @property
     def train_loss(self) -> float | None:
-        """Example-weighted mean training loss over the valid replies (None without any)."""
-        valid = self.valid
-        total = sum(c.num_examples or 0.0 for c in valid)
-        if not valid or total <= 0:
+        """Weighted mean training loss over the valid replies that shared one (None without any)."""
+        shared = [c for c in self.valid if c.train_loss is not None]
+        total = sum(c.num_examples or 0.0 for c in shared)
+        if not shared or total <= 0:
             return None
-        return sum((c.num_examples or 0.0) * (c.train_loss or 0.0) for c in valid) / total
+        return sum((c.num_examples or 0.0) * c.train_loss for c in shared) / total
 
     @property
     def epsilons(self) -> dict[tuple[int, int], float]:

@@ -6,6 +6,7 @@ this loop drives the strategy's public steps itself, round by round:
     sample users (server/cohort.py) -> configure_train for the nodes that hold them
     -> (simulated faults marked) -> grid.send_and_receive -> reply checks (update norm
     bound included) -> aggregate_train (valid only, in the cohort's order)
+    -> (layer 2: the release's accountant step persisted, checkpoint.record_release)
     -> server-side evaluation (every eval_every rounds and at the last) -> checkpoint
     -> one row of metrics.jsonl and of timings.jsonl (server/run_rows.py)
 
@@ -145,7 +146,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
 
     last_valid: dict[str, float] | None = None
     best = dict(saved.best) if saved else {}
-    user_dp = _restore_user_accountant(config, saved)
+    user_dp = _restore_user_accountant(config, saved, run_dir)
     stopped_early = None
     if first <= config.num_server_rounds:
         (run_dir / FINAL_FILE).unlink(missing_ok=True)  # it described fewer rounds than this run will
@@ -176,6 +177,8 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         LOG.info("fedinterest: [ROUND %d/%d]", server_round, config.num_server_rounds)
         result = train_round(grid, strategy, arrays, server_round, config, spec, cohort, user_dp)
         arrays = result.arrays
+        if user_dp is not None:  # counted on disk before the release leaves the server (evaluation, next round)
+            ckpt.record_release(run_dir, server_round, user_dp.to_json())
         evaluation, evaluated_at = None, time.monotonic()
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
             evaluation = last_valid = evaluator.evaluate(arrays, "valid")
@@ -208,7 +211,9 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     test = evaluator.evaluate(arrays, "test")
     final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, user_dp, stopped_early, counts, prior_seconds + time.monotonic() - started)
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
-    LOG.info("fedinterest: done after round %d: test hr@10 %.4f ndcg@10 %.4f; %s", final_round, test["hr@10"], test["ndcg@10"], run_dir / FINAL_FILE)
+    # A deployment's devices may share no metrics (run-config share-metrics): then they are None.
+    shown = " ".join(f"{key} {test[key]:.4f}" for key in ("hr@10", "ndcg@10") if test.get(key) is not None) or "no metrics shared"
+    LOG.info("fedinterest: done after round %d: test %s; %s", final_round, shown, run_dir / FINAL_FILE)
     return final
 
 
@@ -241,9 +246,12 @@ def train_round(
     # Replies arrive in any order; combining them in the cohort's order makes the sum reproducible.
     replies.checked.sort(key=lambda c: cohort.rank(c.node_id) if c.node_id in sampled else -1)
     epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
-    for checked in replies.checked:
-        if checked.kind in (ReplyKind.REJECTED, ReplyKind.FAILED):
-            LOG.warning("fedinterest: round %d: node %d %s: %s (%d user(s))", server_round, checked.node_id, checked.kind.value, checked.reason, checked.users)
+    bad = [c for c in replies.checked if c.kind in (ReplyKind.REJECTED, ReplyKind.FAILED)]
+    if bad:
+        # Counts and reasons, never node ids: the log would name who was sampled, and layer 2's
+        # amplification by sampling assumes the sample stays hidden.
+        reasons = "; ".join(sorted({f"{c.kind.value}: {c.reason}" for c in bad}))
+        LOG.warning("fedinterest: round %d: %d repl(ies) for %d user(s) failed or were rejected: %s", server_round, len(bad), sum(c.users for c in bad), reasons)
     if replies.missing:
         LOG.warning("fedinterest: round %d: %d sampled user(s) got no reply within %g s", server_round, replies.missing, config.round_timeout)
     if user_dp is not None:
@@ -333,11 +341,10 @@ def _cohort(grid: Grid, config: RunConfig) -> Cohort:
     return Cohort.of_devices(node_ids) if config.deployed else survey(grid, node_ids, timeout=config.round_timeout)
 
 
-def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None) -> UserLevelAccountant | None:
-    """Layer 2's accountant as the checkpoint left it (None when off or not started yet)."""
-    if not config.user_private or saved is None or "user_level" not in saved.privacy:
-        return None
-    return UserLevelAccountant.from_json(settings_of(config), saved.privacy["user_level"])
+def _restore_user_accountant(config: RunConfig, saved: ckpt.Checkpoint | None, run_dir: Path) -> UserLevelAccountant | None:
+    """Layer 2's accountant after the last release persisted (checkpoint.user_level_state; None when off or not started yet)."""
+    state = ckpt.user_level_state(run_dir, saved) if config.user_private else None
+    return UserLevelAccountant.from_json(settings_of(config), state) if state is not None else None
 
 
 def _log_user_dp_plan(user_dp: UserLevelAccountant, nodes: int, rounds_left: int) -> None:

@@ -4,7 +4,8 @@ timings.jsonl (how long it took), written by the round loop.
 metrics.jsonl holds exactly ROW_FIELDS per round: round, sampled, answered (users of
 replies with content), refused, failed (users of error replies and of nodes silent at
 the timeout; sampled = answered + failed), rejected, empty -- all counts of users --
-train_loss (example-weighted mean over valid replies, null without any), epsilon_max /
+train_loss (weighted mean over the valid replies that shared one -- run-config share-metrics,
+docs/privacy.md -- null without any), epsilon_max /
 epsilon_mean (cumulative example-level epsilon at the run's delta reported for the users
 that replied in form this round; null when none did or when any reported inf), dp (false
 when a user reported inf, i.e. trained without DP; null when no epsilon was reported),

@@ -24,9 +24,12 @@ One round is one release of the Gaussian mechanism on a Poisson sample of device
   update, which is inside the same bound. Every sampled round is released and accounted,
   even with no valid reply (then the release is global + noise): skipping a release
   when too few replied would make the skip itself depend on the users' data.
-- Noise: from the OS's entropy (numpy's default_rng without a seed), never the run seed;
+- Noise: numpy's default_rng (PCG64) seeded from the OS's entropy, never the run seed;
   the research-only run-config research-noise-seed seeds it and the sampling (the run's
-  privacy report then says its figures do not hold).
+  privacy report then says its figures do not hold). PCG64 is not a cryptographically
+  secure generator, and the noise is drawn in float64 and cast to the model's float32:
+  neither is hardened against attacks on the generator's state or on floating-point
+  noise (Mironov 2012); docs/privacy.md says so.
 - Accountant: Opacus's PRV accountant (user-accountant "prv", the default: numerical
   composition of privacy-loss distributions, Gopi et al. 2021, reporting its upper
   bound) or its RDP accountant ("rdp"), one Poisson-subsampled Gaussian step (sigma, q)
@@ -166,7 +169,7 @@ class UserLevelAccountant:
         return np.flatnonzero(rng.random(population) < self.sample_rate(population)).tolist()
 
     def noise_rng(self, server_round: int) -> np.random.Generator:
-        """The round's noise source: OS entropy, or the research-only seed."""
+        """The round's noise source: PCG64 seeded from OS entropy (not a CSPRNG), or the research-only seed."""
         seed = self.settings.noise_seed
         return np.random.default_rng([seed, server_round]) if seed else np.random.default_rng()
 

@@ -103,7 +103,8 @@ _RUN_ID = re.compile(r"Successfully started run (\d+)")
 # What on-device DP-SGD protects (common/examples.py defines the training example).
 UNIT_OF_PROTECTION = (
     "one training example of one device: a window of up to max-len consecutive "
-    "(input item, next item) pairs of the user's training history (layer 1, on-device DP-SGD)"
+    "(input item, next item) pairs of the user's training history, added or removed "
+    "(layer 1, on-device DP-SGD; the window count stays on the device)"
 )
 SEEDED_NOISE_WARNING = (
     "research-noise-seed is set: every DP noise draw and the layer-2 sampling follow from it, so anyone "

@@ -49,6 +49,12 @@ def store_context(store_path: Path, run: RunConfig, run_id: int = 7) -> Context:
     return Context(run_id=run_id, node_id=100, node_config={HISTORY_DB: str(store_path)}, state=RecordDict(), run_config=run.to_flower())
 
 
+def partition_context(run: RunConfig, partition: int, num_partitions: int = 20) -> Context:
+    """The Context Flower's simulation engine gives the ClientApp of virtual node `partition`."""
+    node_config = {"partition-id": partition, "num-partitions": num_partitions}
+    return Context(run_id=7, node_id=100 + partition, node_config=node_config, state=RecordDict(), run_config=run.to_flower())
+
+
 def message(kind: str, model: InterestModel, config: dict, run_id: int = 7) -> Message:
     """A real Flower message of `kind` carrying `model`'s weights and `config`."""
     metadata = Metadata(

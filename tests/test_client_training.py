@@ -11,13 +11,13 @@ import pytest
 import torch
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from opacus.accountants import RDPAccountant
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
 from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_evaluation import evaluate_locally
-from fedinterest.client.local_training import _prepare_private, train_locally
+from fedinterest.client.local_training import _poisson_loader, _prepare_private, _prepare_sampling, train_locally
 from fedinterest.common import wire
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.evaluation import model_ranks
@@ -60,6 +60,11 @@ def _two_window_user(split) -> UserSplit:
     return user
 
 
+def _fixed(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> DataLoader:
+    """Fixed batches in order (unit tests of the DP step; training samples with Poisson)."""
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
 def _flat(tensors) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -74,8 +79,8 @@ def test_no_noise_no_clipping_equals_plain_training(split, windows) -> None:
     train_epoch(plain, [(x, y)], optimizer, LOSS)
 
     prepared = _prepare_private(
-        model=private, windows=TensorDataset(x, y), batch_size=len(x), lr=1e-3, noise_multiplier=0.0,
-        max_grad_norm=1e6, poisson_sampling=False, generator=None,
+        model=private, loader=_fixed(x, y, len(x)), expected_batch_size=len(x), lr=1e-3, noise_multiplier=0.0,
+        max_grad_norm=1e6, generator=None,
     )
     _, steps = train_epoch(prepared.module, prepared.loader, prepared.optimizer, LOSS)
     assert steps == 1
@@ -96,8 +101,8 @@ def test_per_window_gradients_are_clipped(split, windows) -> None:
 
     model = _model(split.num_items)
     prepared = _prepare_private(
-        model=model, windows=TensorDataset(x[:1], y[:1]), batch_size=1, lr=1e-3, noise_multiplier=0.0,
-        max_grad_norm=clip, poisson_sampling=False, generator=None,
+        model=model, loader=_fixed(x[:1], y[:1], 1), expected_batch_size=1, lr=1e-3, noise_multiplier=0.0,
+        max_grad_norm=clip, generator=None,
     )
     train_epoch(prepared.module, prepared.loader, prepared.optimizer, LOSS)
     clipped = _flat(p.grad for p in prepared.optimizer.params)
@@ -107,8 +112,8 @@ def test_per_window_gradients_are_clipped(split, windows) -> None:
     # A batch: every window contributes at most `clip`, so the mean update is at most `clip`.
     model = _model(split.num_items)
     prepared = _prepare_private(
-        model=model, windows=TensorDataset(x, y), batch_size=len(x), lr=1e-3, noise_multiplier=0.0,
-        max_grad_norm=clip, poisson_sampling=False, generator=None,
+        model=model, loader=_fixed(x, y, len(x)), expected_batch_size=len(x), lr=1e-3, noise_multiplier=0.0,
+        max_grad_norm=clip, generator=None,
     )
     train_epoch(prepared.module, prepared.loader, prepared.optimizer, LOSS)
     per_window = torch.stack([p.grad_sample.reshape(len(x), -1).norm(dim=1) for p in prepared.optimizer.params], 1).norm(dim=1)
@@ -124,8 +129,8 @@ def test_noise_has_the_configured_scale_on_every_parameter(split, windows) -> No
     sigma, clip = 2.0, 0.5
     model = _model(split.num_items)
     prepared = _prepare_private(
-        model=model, windows=TensorDataset(x, y), batch_size=len(x), lr=1e-3, noise_multiplier=sigma,
-        max_grad_norm=clip, poisson_sampling=False, generator=torch.Generator().manual_seed(0),
+        model=model, loader=_fixed(x, y, len(x)), expected_batch_size=len(x), lr=1e-3, noise_multiplier=sigma,
+        max_grad_norm=clip, generator=torch.Generator().manual_seed(0),
     )
     # Zero gradient signal: whatever reaches the optimizer is Opacus's noise, scaled by 1/B.
     train_epoch(prepared.module, prepared.loader, prepared.optimizer, lambda m, a, b: 0.0 * LOSS(m, a, b))
@@ -148,8 +153,8 @@ def test_sgd_steps_by_the_learning_rate_times_the_private_gradient(split, window
         model = _model(split.num_items)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         prepared = _prepare_private(
-            model=model, windows=TensorDataset(x, y), batch_size=len(x), lr=lr, optimizer=name, noise_multiplier=1.0,
-            max_grad_norm=1.0, poisson_sampling=False, generator=torch.Generator().manual_seed(0),
+            model=model, loader=_fixed(x, y, len(x)), expected_batch_size=len(x), lr=lr, optimizer=name, noise_multiplier=1.0,
+            max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
         )
         train_epoch(prepared.module, prepared.loader, prepared.optimizer, LOSS)
         step = _flat(p.detach() - before[n] for n, p in model.named_parameters())
@@ -170,15 +175,17 @@ def test_an_unknown_local_optimizer_is_refused() -> None:
 def test_an_empty_poisson_batch_is_a_noise_only_step(split, windows) -> None:
     x, y = windows
     model = _model(split.num_items)
+    sampling = _prepare_sampling(num_windows=len(x), batch_size=4, local_epochs=1)
     prepared = _prepare_private(
-        model=model, windows=TensorDataset(x, y), batch_size=4, lr=1e-3, noise_multiplier=1.0,
-        max_grad_norm=1.0, poisson_sampling=True, generator=torch.Generator().manual_seed(0),
+        model=model, loader=_poisson_loader(TensorDataset(x, y), sampling, max_len=10, generator=torch.Generator().manual_seed(0)),
+        expected_batch_size=sampling.expected_batch_size, lr=1e-3, noise_multiplier=1.0,
+        max_grad_norm=1.0, generator=torch.Generator().manual_seed(0),
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     empty = (x[:0], y[:0])
     loss, steps = train_epoch(prepared.module, [empty, (x[:2], y[:2]), empty], prepared.optimizer, LOSS)
     assert steps == 3 and math.isfinite(loss)
-    assert prepared.engine.accountant.history == [(1.0, prepared.loader.sample_rate, 3)]
+    assert prepared.engine.accountant.history == [(1.0, sampling.sample_rate, 3)]
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
@@ -186,14 +193,14 @@ def test_an_empty_poisson_batch_is_a_noise_only_step(split, windows) -> None:
 
 
 def test_epsilon_is_opacus_rdp_and_grows_with_rounds(split) -> None:
-    user = _two_window_user(split)  # 2 windows, batch 1: q = 0.5, 2 steps a round
-    run = _run(noise_multiplier=1.0, epsilon_budget=20.0)
+    user = _two_window_user(split)
+    run = _run(noise_multiplier=1.0, epsilon_budget=20.0, dp_windows=2)  # batch 1: q = 0.5, 2 steps a round
     ledger = PrivacyLedger(":memory:")
     model = _model(split.num_items)
     figures = []
     for server_round in (1, 2, 3):
         result = train_locally(model=model, train_history=user.train, run=run, ledger=ledger, run_id=1, server_round=server_round)
-        assert not result.refused and result.num_examples == 2 and result.state_dict is not None
+        assert not result.refused and result.num_examples == 1 and result.state_dict is not None  # weight 1: W stays private
         figures.append(result.epsilon)
     accountant = RDPAccountant()
     accountant.history = [(1.0, 0.5, 6)]
@@ -204,7 +211,7 @@ def test_epsilon_is_opacus_rdp_and_grows_with_rounds(split) -> None:
 
 def test_a_device_at_its_budget_refuses_without_training(split) -> None:
     user = _two_window_user(split)
-    run = _run(noise_multiplier=1.0, epsilon_budget=6.0)  # round 1: 5.38, round 2 would be 7.41
+    run = _run(noise_multiplier=1.0, epsilon_budget=6.0, dp_windows=2)  # round 1: 5.38, round 2 would be 7.41
     ledger = PrivacyLedger(":memory:")
     model = _model(split.num_items)
     first = train_locally(model=model, train_history=user.train, run=run, ledger=ledger, run_id=1, server_round=1)
@@ -228,9 +235,10 @@ def test_a_retried_round_is_not_trained_or_charged_twice(split) -> None:
     assert len(ledger.entries()) == 1
 
 
-def test_a_device_without_windows_replies_empty_but_not_refused(split) -> None:
+def test_a_device_without_windows_replies_empty_without_dp(split) -> None:
     user = UserSplit(user=0, train=np.array([5]), valid=6, test=7)
-    result = train_locally(model=_model(split.num_items), train_history=user.train, run=_run(), ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
+    run = _run(noise_multiplier=0.0)
+    result = train_locally(model=_model(split.num_items), train_history=user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
     assert (result.state_dict, result.num_examples, result.train_loss, result.epsilon, result.refused) == (None, 0, 0.0, 0.0, False)
 
 
@@ -322,7 +330,7 @@ def test_train_handler_refuses_at_budget_with_metrics_only() -> None:
     assert not reply.content.array_records
     metrics = reply.content.metric_records[wire.METRICS]
     assert tuple(metrics) == wire.TRAIN_REPLY_METRICS
-    assert dict(metrics) == {wire.NUM_EXAMPLES: 0, wire.NUM_USERS: 0, wire.TRAIN_LOSS: 0.0, wire.EPSILON: [0.0], wire.REFUSED: 1}
+    assert dict(metrics) == {wire.NUM_EXAMPLES: 0, wire.NUM_USERS: 0, wire.EPSILON: [0.0], wire.REFUSED: 1}
 
 
 def test_in_memory_ledger_survives_rounds_in_context_state() -> None:
@@ -338,13 +346,13 @@ def test_in_memory_ledger_survives_rounds_in_context_state() -> None:
 
 @pytest.mark.parametrize("stage", ["valid", "test", None])
 def test_evaluate_reply_equals_model_ranks(stage: str | None) -> None:
-    run = RunConfig(**HANDLER_RUN)
+    run = RunConfig(**HANDLER_RUN, share_metrics=True)
     model = _global_model(run)
     config = {} if stage is None else {wire.STAGE: stage}
     reply = app(_message("evaluate", model, config), _context(run, partition=2))
     assert not reply.content.array_records and not reply.content.config_records
     metrics = reply.content.metric_records[wire.METRICS]
-    assert tuple(metrics) == wire.EVAL_REPLY_METRICS
+    assert tuple(metrics) == wire.EVAL_REPLY_METRICS + wire.SHARED_EVAL_METRICS
     user = load_device_data({"partition-id": 2}, run).user
     ranks = model_ranks(model, [user], stage or "test")
     assert metrics[wire.NUM_EXAMPLES] == 1

@@ -88,14 +88,16 @@ def test_policy_command_shows_and_changes_the_policy(tmp_path: Path) -> None:
     catalogue.write_text("".join(f"m{i}\n" for i in range(1, NUM_ITEMS + 1)))
     made = runner.invoke(cli_app, ["device", "init", str(tmp_path / "d"), "--catalogue", str(catalogue), "--max-epsilon", "4", "--json"])
     assert made.exit_code == 0, made.output
-    assert json.loads(made.stdout)["privacy_policy"] == {"max_epsilon": 4.0, "max_delta": 1e-5}
+    assert json.loads(made.stdout)["privacy_policy"] == {"max_epsilon": 4.0, "max_delta": 1e-5, "share_metrics": False}
     changed = runner.invoke(cli_app, ["device", "policy", "--dir", str(tmp_path / "d"), "--max-delta", "1e-6", "--json"])
-    assert changed.exit_code == 0 and json.loads(changed.stdout) == {"max_epsilon": 4.0, "max_delta": 1e-6}
+    assert changed.exit_code == 0 and json.loads(changed.stdout) == {"max_epsilon": 4.0, "max_delta": 1e-6, "share_metrics": False}
+    shared = runner.invoke(cli_app, ["device", "policy", "--dir", str(tmp_path / "d"), "--share-metrics", "--json"])
+    assert shared.exit_code == 0 and json.loads(shared.stdout) == {"max_epsilon": 4.0, "max_delta": 1e-6, "share_metrics": True}
     bad = runner.invoke(cli_app, ["device", "policy", "--dir", str(tmp_path / "d"), "--max-epsilon", "-1"])
     assert bad.exit_code == 2 and "max epsilon must be a positive number" in bad.output
     from fedinterest.client.device_dir import open_device_dir
 
     with open_device_dir(tmp_path / "d").store() as store:
-        assert load_policy(store) == PrivacyPolicy(max_epsilon=4.0, max_delta=1e-6)  # the bad value changed nothing
+        assert load_policy(store) == PrivacyPolicy(max_epsilon=4.0, max_delta=1e-6, share_metrics=True)  # the bad value changed nothing
     refused = runner.invoke(cli_app, ["device", "init", str(tmp_path / "e"), "--catalogue", str(catalogue), "--max-delta", "2"])
     assert refused.exit_code == 2 and not (tmp_path / "e").exists()  # nothing written for a bad policy

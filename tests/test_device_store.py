@@ -209,7 +209,7 @@ def test_history_db_mode_refuses_a_catalogue_of_another_size(tmp_path: Path) -> 
         load_device_data({HISTORY_DB: str(device.store_path)}, tiny_run(11))
 
 
-def test_a_device_with_too_little_history_sends_empty_replies(tmp_path: Path) -> None:
+def test_a_device_with_too_little_history_trains_on_noise_and_evaluates_nothing(tmp_path: Path) -> None:
     device = make_device(tmp_path)
     with device.store() as store:
         ingest_file(store, write_csv(tmp_path / "h.csv", user_rows("u1", ["m1", "m2"])))
@@ -217,12 +217,14 @@ def test_a_device_with_too_little_history_sends_empty_replies(tmp_path: Path) ->
     assert load_device_data({HISTORY_DB: str(device.store_path)}, run).user is None
     model = InterestModel(run.model_config(40))
     trained = client_app(message("train", model, {wire.SERVER_ROUND: 1}), store_context(device.store_path, run))
-    assert not trained.has_error() and not trained.content.array_records
-    assert trained.content[wire.METRICS][wire.NUM_EXAMPLES] == 0 and trained.content[wire.METRICS][wire.REFUSED] == 0.0
+    # With DP-SGD a device without windows sends a noise-only update like any other
+    # (docs/privacy.md: a missing model would tell the server it has no window).
+    assert not trained.has_error() and wire.ARRAYS in trained.content.array_records
+    assert trained.content[wire.METRICS][wire.NUM_EXAMPLES] == 1 and trained.content[wire.METRICS][wire.REFUSED] == 0.0
     evaluated = client_app(message("evaluate", model, {wire.STAGE: "test"}), store_context(device.store_path, run))
     assert not evaluated.has_error() and evaluated.content[wire.METRICS][wire.NUM_EXAMPLES] == 0
     with PrivacyLedger(device.store_path) as ledger:
-        assert ledger.entries() == []  # nothing trained, nothing charged
+        assert [e.server_round for e in ledger.entries()] == [1]  # the noise-only round is charged like any other
 
 
 def test_history_db_mode_errors_name_the_store(tmp_path: Path) -> None:

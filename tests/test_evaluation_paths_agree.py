@@ -18,7 +18,8 @@ from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
 from fedinterest.server.evaluation import ServerEvaluator
 
-RUN = RunConfig(synthetic_users=25, synthetic_items=160, max_len=12, dim=8, num_blocks=1, dropout=0.0)
+# share-metrics: the devices send their HR@10 / NDCG@10 (docs/privacy.md: not by default).
+RUN = RunConfig(synthetic_users=25, synthetic_items=160, max_len=12, dim=8, num_blocks=1, dropout=0.0, share_metrics=True)
 
 
 def _device_reply(arrays: ArrayRecord, partition: int, stage: str) -> dict[str, float]:

@@ -34,7 +34,7 @@ def test_table_puts_runs_beside_popularity_and_centralized(tmp_path: Path, monke
     summary = {
         "dataset": "ml-100k", "variant": "dp-1.0", "test": {"ndcg@10": 0.06, "hr@10": 0.12},
         "privacy": {"dp": True, "device_epsilon_max": 7.5, "delta": 1e-5}, "rounds": 30, "clients_per_round": 100,
-        "wall_seconds": 120.0, "seconds_per_device_update": 0.04, "commit": "def",
+        "wall_seconds": 120.0, "seconds_per_device_update": 0.04, "commit": "def", "layer1_window_count_hidden": True,
     }
     (results / "ml-100k-dp-1.0.json").write_text(json.dumps(summary))
     rows = federated.table().splitlines()

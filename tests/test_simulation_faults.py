@@ -32,7 +32,7 @@ def _rows(run_dir: Path) -> list[dict]:
 def test_thirty_percent_of_devices_failing_still_completes_aggregated_rounds(tmp_path: Path) -> None:
     write_sequences(tmp_path / "tiny.seq", users=10)
     (tmp_path / "tiny.toml").write_text(TINY)
-    sets = ["num-supernodes=10", "clients-per-round=10", "fault-fraction=0.3", "fault-mode=fail", "min-replies=5", "eval-every=2"]
+    sets = ["num-supernodes=10", "clients-per-round=10", "fault-fraction=0.3", "fault-mode=fail", "min-replies=5", "eval-every=2", "share-metrics=true"]
     result = runner.invoke(app, [
         "simulate", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "runs"), "--json", "--timeout-minutes", TIMEOUT_MINUTES,
         *(x for item in sets for x in ("--set", item)),

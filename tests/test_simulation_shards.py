@@ -38,6 +38,7 @@ dropout = 0.3
 eval-every = 1
 round-timeout = 120.0
 seed = 4
+share-metrics = true  # the devices report their loss, so the two runs compare it too
 """
 
 

@@ -102,3 +102,17 @@ def test_bucketed_batches_keep_every_window_once_and_trim_padding() -> None:
 def test_sequence_dataset_report_lines_accumulate() -> None:
     ds = SequenceDataset("n", ("u",), ("i",), (np.array([1]),))
     assert ds.with_report("x").with_report("y").reports == ("x", "y")
+
+
+def test_neighbouring_windows_share_their_boundary_item() -> None:
+    # Issue 13, defect 7: windows partition the pairs, not the items. A window of max-len
+    # pairs spans max-len + 1 items, and the older window's last target is the newer
+    # window's first input, so that interaction is in two examples (group privacy, docs/privacy.md).
+    train = np.arange(1, 12)  # 11 items -> 10 pairs -> windows of 4, 4 and 2 pairs
+    inputs, targets = training_windows(train, max_len=4)
+    items = [set(i[i != PAD_ID].tolist()) | set(t[t != PAD_ID].tolist()) for i, t in zip(inputs, targets)]
+    assert [len(s) for s in items] == [5, 5, 3]  # max-len + 1 items in a full window
+    assert items[0] & items[1] == {7} and items[1] & items[2] == {3}
+    assert targets[1][-1] == inputs[0][0] == 7
+    pairs = [(a, b) for i, t in zip(inputs, targets) for a, b in zip(i.tolist(), t.tolist()) if b != PAD_ID]
+    assert sorted(pairs) == [(k, k + 1) for k in range(1, 11)]  # every pair in exactly one window
