@@ -25,7 +25,7 @@ from fedinterest.client.ingest import ingest_file
 from fedinterest.client.local_models import NoModelError
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
 from fedinterest.client.recommend import recommend as recommend_items
-from fedinterest.common.bundle import BundleError, load_bundle
+from fedinterest.common.bundle import BundleError
 from fedinterest.common.interactions import DataFormatError
 from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
 
@@ -163,19 +163,21 @@ def install_bundle(
     bundle: Annotated[Path, typer.Argument(help="A bundle file from `fedinterest server export`.", show_default=False)],
     directory: DirOpt,
     sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the bundle file (default: BUNDLE.sha256 beside it, if there).")] = None,
+    allow_other_catalogue: Annotated[bool, typer.Option("--allow-other-catalogue", help="Install a bundle whose catalogue shares no item with the device's.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a bundle's checksums and keep it in the store as the device's latest model."""
+    """Verify a bundle's checksums and keep it in the store as the device's latest model.
+
+    A bundle whose catalogue shares no item with the device's is refused (it belongs to another federation)."""
+    from fedinterest.client.bundle_install import install_bundle as install
+
     with _clear_errors():
-        device = open_device_dir(directory)
-        loaded = load_bundle(bundle, expected_sha256=sha256)
-        with device.store() as store:
-            model_id = store.save_model("bundle", bundle.read_bytes(), {"source": str(bundle.resolve()), "card": loaded.card})
-            known = sum(1 for item in loaded.catalogue.ids if item in store.catalogue())
-    payload = {"model_id": model_id, "sha256": loaded.sha256, "catalogue_items": len(loaded.catalogue), "card": loaded.card}
-    lines = [f"installed bundle {bundle} (SHA-256 {loaded.sha256}, {len(loaded.catalogue)} items) as the latest model"]
-    if known != len(loaded.catalogue):
-        lines.append(f"note: {len(loaded.catalogue) - known} of the bundle's items are not in the device's catalogue")
+        with open_device_dir(directory).store() as store:
+            installed = install(store, bundle, expected_sha256=sha256, allow_other_catalogue=allow_other_catalogue)
+    payload = asdict(installed)
+    lines = [f"installed bundle {bundle} (SHA-256 {installed.sha256}, {installed.catalogue_items} items) as the latest model"]
+    if installed.shared_items != installed.catalogue_items:
+        lines.append(f"note: {installed.catalogue_items - installed.shared_items} of the bundle's items are not in the device's catalogue")
     _emit(payload, as_json, lines)
 
 
