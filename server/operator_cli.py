@@ -71,13 +71,14 @@ def init(
         typer.Option("--san", help="An IP address or DNS name devices use to reach the server (repeatable); 127.0.0.1 and localhost are always added."),
     ] = None,
     catalogue: Annotated[Optional[Path], typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (0.0.0.0: every interface).")] = DEFAULT_HOST,
+    host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on. Default loopback only; "
+        "give the interface devices use (or 0.0.0.0) to expose it, Control API included.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port (devices, the operator's flwr commands).")] = DEFAULT_PORT,
     as_json: JsonOption = False,
 ) -> None:
     """Create a deployment directory: CA, server certificate with the SANs, config, empty enrolment list."""
     from fedinterest.server.certificates import certificate_sans, fingerprint, load_certificate
-    from fedinterest.server.deployment import init_deployment
+    from fedinterest.server.deployment import exposure_warning, init_deployment
 
     with _errors():
         deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
@@ -91,7 +92,11 @@ def init(
             "sans": certificate_sans(load_certificate(deployment.server_cert)),
             "listen": f"{deployment.server.host}:{deployment.server.port}",
             "catalogue": str(deployment.catalogue) if deployment.catalogue.is_file() else None,
+            "exposed": exposure_warning(deployment.server) is not None,
         }
+    warning = exposure_warning(deployment.server)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         _print_json(facts)
         return
@@ -100,7 +105,7 @@ def init(
     typer.echo(f"  CA:          {facts['ca_certificate']} (give this file to devices: --ca)")
     typer.echo(f"  CA SHA-256:  {facts['ca_sha256']}")
     typer.echo(f"  server cert: {facts['server_certificate']} for {', '.join(facts['sans'])}")
-    typer.echo(f"  listens on:  {facts['listen']}")
+    typer.echo(f"  listens on:  {facts['listen']}" + ("" if facts["exposed"] else " (loopback only: devices on this machine; `--host` to expose it)"))
     typer.echo(f"  catalogue:   {facts['catalogue'] or 'none yet (copy one to catalogue.txt before `server run`)'}")
     typer.echo(f"Next: fedinterest server start --dir {facts['dir']}")
 
@@ -108,10 +113,14 @@ def init(
 @app.command()
 def start(directory: DirOption = None) -> None:
     """Run the SuperLink (TLS, SuperNode authentication, SQLite database in DIR) in the foreground."""
+    from fedinterest.server.deployment import exposure_warning
     from fedinterest.server.superlink import run_superlink, superlink_command
 
     with _errors():
         deployment = _deployment(directory)
+        warning = exposure_warning(deployment.server)
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(f"Starting the SuperLink of {deployment.root} on {deployment.server.host}:{deployment.server.port} (Ctrl-C stops it)", err=True)
         typer.echo("$ " + " ".join(superlink_command(deployment)), err=True)
     code = run_superlink(deployment)

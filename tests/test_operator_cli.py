@@ -64,10 +64,23 @@ def test_init_writes_ca_server_certificate_config_and_empty_enrolment(tmp_path: 
     assert (root / "catalogue.txt").read_text() == catalogue.read_text()
     assert json.loads((root / "devices.json").read_text()) == []
     deployment = load_deployment(root)
-    assert deployment.server.port == 9555 and deployment.server.host == "0.0.0.0"
+    assert deployment.server.port == 9555 and deployment.server.host == "127.0.0.1"
     # Run defaults are RunConfig's (= pyproject's), without the keys `server run` sets.
     assert deployment.run_defaults["num-server-rounds"] == RunConfig().num_server_rounds
     assert "dataset" not in deployment.run_defaults and "run-dir" not in deployment.run_defaults
+
+
+def test_init_binds_loopback_by_default_and_warns_when_exposed(tmp_path: Path) -> None:
+    """Issue 16, item 3: the Control API shares the port, so nothing listens beyond loopback unless asked."""
+    quiet = invoke("init", str(tmp_path / "local"), "--port", "9555")
+    assert quiet.exit_code == 0, quiet.output
+    assert load_deployment(tmp_path / "local").server.host == "127.0.0.1"
+    assert "warning" not in quiet.output and "loopback only" in quiet.output
+    assert "--host" in superlink_command(load_deployment(tmp_path / "local")) and "127.0.0.1" in superlink_command(load_deployment(tmp_path / "local"))
+    exposed = invoke("init", str(tmp_path / "exposed"), "--host", "0.0.0.0", "--port", "9555")
+    assert exposed.exit_code == 0, exposed.output
+    assert "warning:" in exposed.output and "Control API" in exposed.output and "Firewall" in exposed.output
+    assert load_deployment(tmp_path / "exposed").server.host == "0.0.0.0"
 
 
 def test_flower_connection_trusts_the_ca(deployment_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
