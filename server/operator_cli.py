@@ -21,6 +21,7 @@ from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 if TYPE_CHECKING:
     from fedinterest.server.deployment import Deployment
+    from fedinterest.server.run_metrics import RoundRow
 
 app = typer.Typer(
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
@@ -135,14 +136,13 @@ def enroll(
     as_json: JsonOption = False,
 ) -> None:
     """Allow a device to join: register its public key with the running SuperLink under NAME."""
-    from dataclasses import asdict
-
+    from fedinterest.server.enrollment import device_json
     from fedinterest.server.enrollment import enroll as do_enroll
 
     with _errors():
         device = do_enroll(_deployment(directory), public_key, name)
     if as_json:
-        _print_json(asdict(device))
+        _print_json(device_json(device))
     else:
         typer.echo(f"Enrolled {device.name}: node {device.node_id}, key {device.key_sha256}")
 
@@ -154,14 +154,13 @@ def revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Remove a device from the federation (its key is never accepted again)."""
-    from dataclasses import asdict
-
+    from fedinterest.server.enrollment import device_json
     from fedinterest.server.enrollment import revoke as do_revoke
 
     with _errors():
         device = do_revoke(_deployment(directory), name)
     if as_json:
-        _print_json(asdict(device))
+        _print_json(device_json(device))
     else:
         typer.echo(f"Revoked {device.name} (node {device.node_id}) at {device.revoked_at}")
 
@@ -204,18 +203,25 @@ def run(
     timeout_minutes: Annotated[float, typer.Option("--timeout-minutes", help="With --wait: give up waiting after this long.")] = 600.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Submit a federated training run of this project's app to the SuperLink; prints the run id."""
-    from fedinterest.server.run_admin import submit_run, wait_finished
+    """Submit a federated training run of this project's app to the SuperLink; prints the run id.
+
+    Before submitting, warns when the enrolled devices' privacy budgets cannot cover the rounds.
+    With --wait, exits 1 unless the run completed and at least one device's update was aggregated."""
+    from fedinterest.server.run_admin import check_run, submit_run, wait_finished
 
     with _errors():
         deployment = _deployment(directory)
-        submitted = submit_run(deployment, list(set_ or []))
-    facts: dict[str, Any] = {"run_id": submitted.run_id, "run": submitted.run_dir.name, "run_dir": str(submitted.run_dir)}
+        _, warnings = check_run(deployment, list(set_ or []))
+        for warning in warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        submitted = submit_run(deployment, list(set_ or []), warnings)
+    facts: dict[str, Any] = {"run_id": str(submitted.run_id), "run": submitted.run_dir.name, "run_dir": str(submitted.run_dir), "warnings": list(warnings)}
     if not as_json:
         typer.echo(f"Submitted run {submitted.run_id} ({submitted.run_dir.name}); follow it with `fedinterest server status {submitted.run_id}`")
     if wait:
+        # Live progress goes to stderr, so --json keeps stdout one JSON document.
         with _errors():
-            state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60)
+            state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60, on_round=_echo_round)
         facts["state"] = state
         if not as_json:
             _echo_state(state)
@@ -223,6 +229,17 @@ def run(
         _print_json(facts)
     if wait and not facts["state"]["completed"]:
         raise typer.Exit(1)
+
+
+def _echo_round(row: RoundRow) -> None:
+    """One line per finished round, as `run --wait` follows the run."""
+    shown = ", ".join(f"{k} {row.number(k):.4g}" for k in ("train_loss", "epsilon_max", "ndcg@10") if row.number(k) is not None)
+    typer.echo(
+        f"round {row.round}: {row.get('answered')} of {row.get('sampled')} devices answered, {row.get('refused')} refused, "
+        f"{row.get('failed')} failed, {row.get('rejected')} rejected" + (f"; {shown}" if shown else "; no update aggregated")
+        + (f" ({row.number('seconds'):.0f} s)" if row.number("seconds") is not None else ""),
+        err=True,
+    )
 
 
 def _number(value: Any, missing: str) -> str:
@@ -235,6 +252,10 @@ def _number(value: Any, missing: str) -> str:
 def _echo_state(state: dict[str, Any]) -> None:
     flower = state["flower"]
     typer.echo(f"Run {state['run_id']} ({state['run']}): {state['status'] or 'state unknown'}")
+    if state.get("outcome_why"):
+        typer.echo(f"  warning: {state['outcome_why']}")
+    for warning in state.get("warnings") or []:
+        typer.echo(f"  warned at submission: {warning}")
     if flower.get("status-details") not in (None, "", "N/A"):
         typer.echo(f"  details: {flower['status-details']}")
     if flower.get("error"):

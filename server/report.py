@@ -13,6 +13,7 @@ from fedinterest.server.deployment import Deployment
 from fedinterest.server.plots import plot_epsilon, plot_ndcg
 from fedinterest.server.run_admin import FINAL_FILE, METRICS_FILE, find_run, read_record
 from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
+from fedinterest.server.run_outcome import outcome
 
 REPORT_MD = "report.md"
 NDCG_PNG = "ndcg.png"
@@ -32,13 +33,18 @@ def _fmt(value: Any) -> str:
 def summary(run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, config: RunConfig, record: dict[str, Any]) -> dict[str, Any]:
     """The numbers of the report (also its `--json`)."""
     privacy = (final or {}).get("privacy") or {}
+    devices = {key: int(sum(r.number(key) or 0 for r in rows)) for key in ("sampled", "answered", "refused", "failed", "rejected", "empty")}
+    verdict = outcome(final, rows, devices)
     return {
         "run": run_dir.name,
-        "run_id": record["run_id"],
+        "run_id": str(record["run_id"]),  # text: 64-bit ids survive every JSON reader
         "rounds_done": len(rows),
         "rounds_planned": config.num_server_rounds,
         "finished": final is not None,
-        "devices": {key: int(sum(r.number(key) or 0 for r in rows)) for key in ("sampled", "answered", "refused", "failed", "rejected")},
+        "trained": verdict["trained"],
+        "outcome": verdict["verdict"],
+        "outcome_why": verdict["why"],
+        "devices": devices,
         "valid": (final or {}).get("valid"),
         "test": (final or {}).get("test"),
         "best_valid": (final or {}).get("best_valid"),
@@ -66,6 +72,8 @@ def markdown(facts: dict[str, Any], rows: list[RoundRow]) -> str:
         + f" | {_fmt(facts['delta'])} | {_fmt(facts['epsilon_budget'])} |",
         "",
     ]
+    if facts.get("outcome_why"):
+        lines += [f"**Nothing trained.** {facts['outcome_why'][0].upper()}{facts['outcome_why'][1:]}.", ""]
     user = facts.get("user_level")
     if user:
         lines += [

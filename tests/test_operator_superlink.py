@@ -89,7 +89,7 @@ def test_run_without_devices_fails_and_status_says_so_from_flower(server: Deploy
     assert state["status"] == "finished:failed" and not state["completed"]
     assert "no node" in state["flower"]["status-details"]
     record = json.loads((Path(facts["run_dir"]) / "run.json").read_text())
-    assert record["run_id"] == facts["run_id"]
+    assert str(record["run_id"]) == facts["run_id"] and isinstance(facts["run_id"], str)
     assert record["run_config"]["dataset"] == "deployed" and record["run_config"]["num-items"] == 30
     assert record["run_config"]["run-dir"] == facts["run_dir"]
     status = invoke("status", str(facts["run_id"]), "--dir", root)
