@@ -148,14 +148,25 @@ def start(
     max_retries: Annotated[Optional[int], typer.Option(help="Give up after this many reconnection attempts (default: never).")] = None,
     max_wait_time: Annotated[Optional[float], typer.Option(help="Give up reconnecting after this many seconds (default: never).")] = None,
 ) -> None:
-    """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code."""
-    from fedinterest.client.supernode import run_supernode, supernode_launch
+    """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code.
+
+    Checks first that the CA file is a certificate and that the SuperLink answers through TLS
+    (waiting, with the reason, while nothing answers); one start per device directory. Exit codes:
+    2 bad input or already running, 3 the SuperLink cannot be reached, 4 the device is not enrolled."""
+    from fedinterest.client.device_session import AlreadyRunning
+    from fedinterest.client.device_start import start_device
+    from fedinterest.client.supernode import supernode_launch
 
     with _clear_errors():
         device = open_device_dir(directory)
         launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time)
-    typer.echo(f"starting flower-supernode for {device.root} -> {server}", err=True)
-    raise typer.Exit(code=run_supernode(launch))
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    try:
+        code = start_device(device, launch, server=server, ca=ca, max_retries=max_retries, max_wait_time=max_wait_time, say=say)
+    except AlreadyRunning as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
 
 
 @app.command("install-bundle")

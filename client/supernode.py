@@ -10,17 +10,24 @@ from the federation itself.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedinterest.client.data_source import HISTORY_DB
 from fedinterest.client.device_dir import DeviceDir
+from fedinterest.client.superlink_probe import check_ca_file, split_address
+
+# What Flower 1.41's SuperNode prints when the SuperLink refuses to activate it (exit code 305).
+ACTIVATION_REFUSED = "[code: 2004]"
 
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -41,12 +48,9 @@ def supernode_launch(
     device: DeviceDir, *, server: str, ca: Path, runtime_port: int | None = None,
     max_retries: int | None = None, max_wait_time: float | None = None,
 ) -> SuperNodeLaunch:
-    """The `flower-supernode` invocation for `device`; ValueError for a bad address or missing CA file."""
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--server must be HOST:PORT (the operator's SuperLink Fleet API), got {server!r}")
-    if not ca.is_file():
-        raise ValueError(f"{ca}: no CA certificate file here (the operator's ca.crt)")
+    """The `flower-supernode` invocation for `device`; ValueError for a bad address or a CA file that is no certificate."""
+    split_address(server)
+    check_ca_file(ca)
     store = str(device.store_path.resolve())
     if "'" in store:
         raise ValueError(f"{store}: the store path may not contain a single quote (it is passed as a TOML literal string)")
@@ -71,13 +75,31 @@ def supernode_launch(
     return SuperNodeLaunch(argv, env)
 
 
-def run_supernode(launch: SuperNodeLaunch) -> int:
-    """Run the SuperNode in the foreground until it exits; its exit code.
+@dataclass(frozen=True)
+class SuperNodeExit:
+    """How one SuperNode process ended."""
 
-    SIGTERM and SIGHUP are passed on to it (and Ctrl-C reaches it through the terminal's
-    process group), so stopping this command never leaves an orphaned SuperNode behind.
+    code: int
+    activation_refused: bool  # the SuperLink answered "[code: 2004] Failed to activate SuperNode."
+
+
+def run_supernode(launch: SuperNodeLaunch, on_start: Callable[[int], None] | None = None) -> SuperNodeExit:
+    """Run the SuperNode in the foreground until it exits; its exit code and whether activation was refused.
+
+    Its output is passed through line by line (and read for the activation refusal).
+    SIGTERM, SIGHUP and Ctrl-C (SIGINT) are passed on to it; if this process dies (even by SIGKILL) the kernel sends the SuperNode
+    SIGTERM, so it signs off instead of staying "online" at the SuperLink for a minute.
     """
-    process = subprocess.Popen(launch.argv, env=launch.env)
+    # Its own process group: once it has exited, what it started (its SuperExec, which would
+    # keep retrying the dead SuperNode for minutes, holding the output pipe) is ended with it.
+    process = subprocess.Popen(
+        launch.argv, env=launch.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=0,
+    )
+    if on_start is not None:
+        on_start(process.pid)
+    refused = threading.Event()
+    pump = threading.Thread(target=_pass_through, args=(process, refused), name="supernode-output", daemon=True)
+    pump.start()
 
     def forward(signum: int, _frame: object) -> None:
         process.send_signal(signum)
@@ -86,12 +108,37 @@ def run_supernode(launch: SuperNodeLaunch) -> int:
     try:
         while True:
             try:
-                return process.wait()
+                code = process.wait()
+                break
             except KeyboardInterrupt:
-                process.send_signal(signal.SIGINT)  # then wait for its graceful exit
+                process.send_signal(signal.SIGINT)  # a new process group: Ctrl-C is passed on; then wait for its exit
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    pump.join(timeout=10)
+    return SuperNodeExit(code, refused.is_set())
+
+
+def _pass_through(process: subprocess.Popen[bytes], refused: threading.Event) -> None:
+    """Copy the SuperNode's output to our stderr, noting an activation refusal."""
+    assert process.stdout is not None
+    for raw in process.stdout:
+        if ACTIVATION_REFUSED.encode() in raw:
+            refused.set()
+        sys.stderr.buffer.write(raw)
+        sys.stderr.buffer.flush()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the SuperNode then outlives a killed parent, as before
 
 
 def free_port() -> int:

@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from device_helpers import TINY_RUN, item_ids, user_rows, write_csv
+from tls_stub import HealthServer, write_ca_and_server
 from fedinterest.client.device_cli import app
 from fedinterest.client.device_dir import open_device_dir
 from fedinterest.client.ledger import LedgerEntry, PrivacyLedger
@@ -98,11 +99,7 @@ def test_serve_refuses_a_non_local_address(device_dir: Path) -> None:
 
 
 def test_start_runs_flowers_supernode_with_tls_the_key_and_the_store(device_dir: Path, tmp_path: Path) -> None:
-    ca = tmp_path / "ca.crt"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(tmp_path / "ca.key"),
-         "-out", str(ca), "-days", "1", "-subj", "/CN=test-ca"], check=True, capture_output=True,
-    )
+    ca, server_cert, server_key = write_ca_and_server(tmp_path)
     device = open_device_dir(device_dir)
     launch = supernode_launch(device, server="127.0.0.1:9092", ca=ca, runtime_port=50999)
     argv = launch.argv
@@ -116,34 +113,44 @@ def test_start_runs_flowers_supernode_with_tls_the_key_and_the_store(device_dir:
     from flwr.common.config import parse_config_args
 
     assert parse_config_args([argv[argv.index("--node-config") + 1]]) == {"history-db": str(device.store_path.resolve())}
-    # The real SuperNode, with nothing listening: it gives up and its exit code is passed through.
     env = {**os.environ, "PATH": os.defpath}
     script = (
         "import sys; from fedinterest.client.device_cli import app; "
-        "sys.argv = ['device', 'start', '--dir', sys.argv[1], '--server', '127.0.0.1:1', '--ca', sys.argv[2], "
+        "sys.argv = ['device', 'start', '--dir', sys.argv[1], '--server', sys.argv[3], '--ca', sys.argv[2], "
         "'--max-retries', '1', '--max-wait-time', '3']; app()"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(device_dir), str(ca)], env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode not in (0, 2), result.stderr[-2000:]
-    assert "Starting Flower SuperNode" in result.stderr
+    # Nothing listening: the address and the reason are named, and it gives up (issue 16, item 5).
+    result = subprocess.run([sys.executable, "-c", script, str(device_dir), str(ca), "127.0.0.1:1"], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "the SuperLink at 127.0.0.1:1 did not answer" in result.stderr and "connection refused" in result.stderr
+    assert "Traceback" not in result.stderr
 
-    # Stopped with SIGTERM while it retries forever: the SuperNode goes too, nothing is orphaned.
+    # A server that answers the check: the real SuperNode starts; stopped with SIGTERM while it
+    # retries the Fleet API forever, the SuperNode goes too, nothing is orphaned.
     forever = script.replace("'--max-retries', '1', '--max-wait-time', '3'", "'--max-wait-time', '600'")
-    process = subprocess.Popen([sys.executable, "-c", forever, str(device_dir), str(ca)], env=env, stderr=subprocess.PIPE, text=True)
-    for line in process.stderr:
-        if "Connection attempt failed" in line or "Starting Flower SuperExec" in line:
-            break
-    try:
-        assert _supernodes_of(device) and process.poll() is None
-        process.terminate()
-        process.wait(timeout=120)
-        deadline = time.monotonic() + 60
-        while _supernodes_of(device) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not _supernodes_of(device)
-    finally:
-        for pid in _supernodes_of(device):  # only when the assertion failed: leave nothing running
-            os.kill(pid, signal.SIGKILL)
+    with HealthServer(server_cert, server_key) as port:
+        process = subprocess.Popen([sys.executable, "-c", forever, str(device_dir), str(ca), f"127.0.0.1:{port}"], env=env, stderr=subprocess.PIPE, text=True)
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if "Starting Flower SuperNode" in line:
+                break
+        try:
+            deadline = time.monotonic() + 60
+            while not _supernodes_of(device) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _supernodes_of(device) and process.poll() is None, "".join(seen)
+            process.terminate()
+            process.wait(timeout=120)
+            deadline = time.monotonic() + 60
+            while _supernodes_of(device) and time.monotonic() < deadline:
+                time.sleep(0.5)
+            assert not _supernodes_of(device)
+        finally:
+            for pid in _supernodes_of(device):  # only when the assertion failed: leave nothing running
+                os.kill(pid, signal.SIGKILL)
+            if process.poll() is None:
+                process.kill()
 
 
 def _supernodes_of(device) -> list[int]:
