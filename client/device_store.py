@@ -28,6 +28,10 @@ from fedinterest.client.sqlite_transaction import write_transaction
 from fedinterest.common.catalogue import Catalogue
 
 SCHEMA_VERSION = 1
+# store_meta keys: the privacy settings of the last run the device trained in (written with
+# each global model it receives, client/local_models.py; read by `device budget`).
+META_DELTA = "privacy_delta"
+META_BUDGET = "privacy_epsilon_budget"
 MODEL_KINDS = ("bundle", "global")
 
 _SCHEMA = (

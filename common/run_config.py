@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 from fedinterest.common.datasets import DatasetSpec
-from fedinterest.common.model import ModelConfig
+from fedinterest.common.model_config import ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
 
 # Integers beyond this are typos or attacks, never settings (and would overflow numpy/torch).
