@@ -18,15 +18,12 @@ from typing import Annotated, Optional
 
 import typer
 
+# Only what every command needs is imported here; ranking, bundles and ingest (torch,
+# onnxruntime, pyarrow) are imported by their commands, so that `--help`, `policy`,
+# `budget` and `status` answer in a fraction of a second (issue 16).
 from fedinterest.client.budget import privacy_budget
-from fedinterest.client.device_dir import DeviceDirError, init_device_dir, open_device_dir
-from fedinterest.client.device_store import StoreError
-from fedinterest.client.ingest import ingest_file
-from fedinterest.client.local_models import NoModelError
+from fedinterest.client.device_dir import init_device_dir, open_device_dir
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
-from fedinterest.client.recommend import recommend as recommend_items
-from fedinterest.common.bundle import BundleError
-from fedinterest.common.interactions import DataFormatError
 from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
 
 app = typer.Typer(
@@ -43,15 +40,21 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.
 MaxEpsilonOpt = Annotated[float, typer.Option("--max-epsilon", help="The most (example-level) epsilon this device will ever spend.")]
 MaxDeltaOpt = Annotated[float, typer.Option("--max-delta", help="The largest delta this device accepts a run to state epsilon at.")]
 
-# What a command may fail with for a reason the user can fix: printed as one line, exit 2.
-_EXPECTED = (DeviceDirError, StoreError, DataFormatError, BundleError, NoModelError, ValueError, FileNotFoundError, OSError)
-
-
 @contextmanager
 def _clear_errors() -> Iterator[None]:
+    """What a command may fail with for a reason the user can fix: printed as one line, exit 2.
+
+    DeviceDirError, StoreError, DataFormatError and BundleError are ValueErrors."""
     try:
         yield
-    except _EXPECTED as err:
+    except (ValueError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from err
+    except LookupError as err:
+        from fedinterest.client.local_models import NoModelError  # imported already by any command that raises it
+
+        if not isinstance(err, NoModelError):
+            raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
 
@@ -121,6 +124,8 @@ def ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Import the user's interactions (validated; all or nothing; importing the same file again adds nothing)."""
+    from fedinterest.client.ingest import ingest_file
+
     with _clear_errors():
         if fmt is not None and fmt not in ALL_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
@@ -147,6 +152,7 @@ def start(
     runtime_port: Annotated[Optional[int], typer.Option(help="Loopback port of the SuperNode's runtime API (default: a free one).")] = None,
     max_retries: Annotated[Optional[int], typer.Option(help="Give up after this many reconnection attempts (default: never).")] = None,
     max_wait_time: Annotated[Optional[float], typer.Option(help="Give up reconnecting after this many seconds (default: never).")] = None,
+    resident: Annotated[bool, typer.Option("--resident/--process-per-message", help="Handle messages in a resident, warm ClientApp process (default), or let Flower start a new process for each message.")] = True,
 ) -> None:
     """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code.
 
@@ -159,7 +165,7 @@ def start(
 
     with _clear_errors():
         device = open_device_dir(directory)
-        launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time)
+        launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time, resident=resident)
     say = lambda line: typer.echo(line, err=True)  # noqa: E731
     try:
         code = start_device(device, launch, server=server, ca=ca, max_retries=max_retries, max_wait_time=max_wait_time, say=say)
@@ -199,6 +205,8 @@ def recommend(
     as_json: JsonOpt = False,
 ) -> None:
     """Rank the whole catalogue locally (no network) and print the k best items the user has not seen."""
+    from fedinterest.client.recommend import recommend as recommend_items
+
     with _clear_errors():
         with open_device_dir(directory).store() as store:
             result = recommend_items(store, k)

@@ -42,11 +42,14 @@ class SuperNodeLaunch:
 
     argv: list[str]
     env: dict[str, str]
+    # The resident ClientApp process (client/warm_executor.py) run beside the SuperNode, or
+    # None when the SuperNode starts a `flwr-clientapp` process per message itself.
+    executor_argv: list[str] | None = None
 
 
 def supernode_launch(
     device: DeviceDir, *, server: str, ca: Path, runtime_port: int | None = None,
-    max_retries: int | None = None, max_wait_time: float | None = None,
+    max_retries: int | None = None, max_wait_time: float | None = None, resident: bool = True,
 ) -> SuperNodeLaunch:
     """The `flower-supernode` invocation for `device`; ValueError for a bad address or a CA file that is no certificate."""
     split_address(server)
@@ -54,15 +57,17 @@ def supernode_launch(
     store = str(device.store_path.resolve())
     if "'" in store:
         raise ValueError(f"{store}: the store path may not contain a single quote (it is passed as a TOML literal string)")
+    runtime = f"127.0.0.1:{runtime_port or free_port()}"  # the SuperNode's own runtime API never leaves the device
     argv = [
         _flower_supernode(),
         "--superlink", server,
         "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(device.private_key.resolve()),
         "--node-config", f"{HISTORY_DB}='{store}'",
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1",  # the SuperNode's own runtime API never leaves the device
-        "--port", str(runtime_port or free_port()),
+        # process: the ClientApp executor is ours (resident); subprocess: Flower starts one per message.
+        "--isolation", "process" if resident else "subprocess",
+        "--host", runtime.rpartition(":")[0],
+        "--port", runtime.rpartition(":")[2],
     ]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
@@ -72,7 +77,8 @@ def supernode_launch(
     # The SuperNode starts `flower-superexec` (and it `flwr-clientapp`) from PATH: the ones beside this interpreter.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(device.flwr_home.resolve())  # per device: two devices on one machine never share it
-    return SuperNodeLaunch(argv, env)
+    executor = [sys.executable, "-m", "fedinterest.client.warm_executor", "--runtime-api-address", runtime] if resident else None
+    return SuperNodeLaunch(argv, env, executor)
 
 
 @dataclass(frozen=True)
@@ -98,8 +104,16 @@ def run_supernode(launch: SuperNodeLaunch, on_start: Callable[[int], None] | Non
     if on_start is not None:
         on_start(process.pid)
     refused = threading.Event()
-    pump = threading.Thread(target=_pass_through, args=(process, refused), name="supernode-output", daemon=True)
-    pump.start()
+    pumps = [threading.Thread(target=_pass_through, args=(process, refused), name="supernode-output", daemon=True)]
+    if launch.executor_argv is not None:
+        # In the SuperNode's process group (ended with it), and told when the SuperNode goes.
+        executor = subprocess.Popen(
+            [*launch.executor_argv, "--parent-pid", str(process.pid)], env=launch.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=process.pid,
+        )
+        pumps.append(threading.Thread(target=_pass_through, args=(executor, refused), name="executor-output", daemon=True))
+    for pump in pumps:
+        pump.start()
 
     def forward(signum: int, _frame: object) -> None:
         process.send_signal(signum)
@@ -119,7 +133,8 @@ def run_supernode(launch: SuperNodeLaunch, on_start: Callable[[int], None] | Non
             os.killpg(process.pid, signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
-    pump.join(timeout=10)
+    for pump in pumps:
+        pump.join(timeout=10)
     return SuperNodeExit(code, refused.is_set())
 
 

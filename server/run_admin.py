@@ -34,11 +34,7 @@ from fedinterest.server.flower_processes import (
     run_status,
     stop_run,
 )
-from fedinterest.server.rounds import (  # the files the ServerApp writes
-    FINAL_FILE,
-    METRICS_FILE,
-)
-from fedinterest.server.run_metrics import MetricsFollower, RoundRow, as_number, read_rows
+from fedinterest.server.run_metrics import FINAL_FILE, METRICS_FILE, MetricsFollower, RoundRow, as_number, read_rows
 from fedinterest.server.run_outcome import outcome
 from fedinterest.server.run_overrides import flat_toml, parse_set_items
 from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env

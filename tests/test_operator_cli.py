@@ -375,3 +375,9 @@ def test_submitting_warns_when_device_budgets_cannot_cover_the_rounds(deployment
     # `server run` prints the warning before it tries the SuperLink (down here).
     result = invoke("run", "--dir", str(deployment_dir))
     assert result.exit_code == 1 and "warning: the devices' privacy budgets cannot cover this run" in result.output
+
+
+def test_run_directory_file_names_agree_with_the_server_app() -> None:
+    from fedinterest.server import rounds, run_metrics
+
+    assert (run_metrics.METRICS_FILE, run_metrics.FINAL_FILE) == (rounds.METRICS_FILE, rounds.FINAL_FILE)
