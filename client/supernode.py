@@ -78,6 +78,9 @@ def supernode_launch(
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(device.flwr_home.resolve())  # per device: two devices on one machine never share it
     executor = [sys.executable, "-m", "fedinterest.client.warm_executor", "--runtime-api-address", runtime] if resident else None
+    # Flower's SuperExec asks the SuperNode for a task once a second by default; a resident
+    # executor is idle between messages, so it may ask more often (a loopback request).
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
     return SuperNodeLaunch(argv, env, executor)
 
 
