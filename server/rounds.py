@@ -243,6 +243,8 @@ def train_round(
     for checked in replies.checked:
         if checked.kind in (ReplyKind.REJECTED, ReplyKind.FAILED):
             LOG.warning("fedinterest: round %d: node %d %s: %s (%d user(s))", server_round, checked.node_id, checked.kind.value, checked.reason, checked.users)
+        elif checked.kind is ReplyKind.REFUSED:  # the device's own log says why; this line names the device (server status)
+            LOG.info("fedinterest: round %d: node %d refused: reported epsilon %s", server_round, checked.node_id, ", ".join(f"{e:.4g}" for e in checked.epsilons) or "-")
     if replies.missing:
         LOG.warning("fedinterest: round %d: %d sampled user(s) got no reply within %g s", server_round, replies.missing, config.round_timeout)
     if user_dp is not None:
