@@ -50,13 +50,6 @@ def _clear_errors() -> Iterator[None]:
     except (ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
-    except LookupError as err:
-        from fedinterest.client.local_models import NoModelError  # imported already by any command that raises it
-
-        if not isinstance(err, NoModelError):
-            raise
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
 
 
 def _emit(payload: dict, as_json: bool, lines: list[str]) -> None:
@@ -204,7 +197,9 @@ def recommend(
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rank the whole catalogue locally (no network) and print the k best items the user has not seen."""
+    """Rank the whole catalogue locally (no network) and print the k best items the user has not seen.
+
+    Before any model arrives, items are ranked by catalogue order (the catalogue's popularity order)."""
     from fedinterest.client.recommend import recommend as recommend_items
 
     with _clear_errors():
@@ -213,7 +208,10 @@ def recommend(
     payload = {"items": [{"item_id": item, "score": score} for item, score in result.items], "model": result.model,
                "history_used": result.history_used, "history_unknown": result.history_unknown}
     lines = [f"{rank:>3}. {item}  ({score:.4f})" for rank, (item, score) in enumerate(result.items, start=1)]
-    lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}")
+    if result.model["kind"] == "fallback":
+        lines.append(f"no model yet: ranked by {result.model['ranking']}")
+    else:
+        lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}")
     _emit(payload, as_json, lines)
 
 
@@ -238,11 +236,72 @@ def budget(
 
 
 @app.command()
+def status(directory: DirOpt, as_json: JsonOpt = False) -> None:
+    """History size, model, privacy budget, key and connection of this device."""
+    from fedinterest.client.device_lifecycle import device_status
+
+    with _clear_errors():
+        facts = device_status(open_device_dir(directory))
+    history, budget, connection, model = facts["history"], facts["budget"], facts["connection"], facts["model"]
+    eps = "inf" if budget["epsilon"] is None and budget["rounds"] else f"{budget['epsilon'] or 0:.4g}"
+    _emit(facts, as_json, [
+        f"device {facts['dir']} (user {facts['user_id'] or 'none yet'})",
+        f"history: {history['interactions']} interactions from {history['imports']} import(s), {history['in_catalogue']} in the catalogue of "
+        f"{facts['catalogue_items']}" + ("" if history["trainable"] else " (fewer than 3: the device sends empty replies)"),
+        "model: " + (f"{model['kind']} {model['sha256'][:12]} received {model['received_at']}" + (f" (run {model['run_id']}, round {model['server_round']})" if model["run_id"] else "") if model else "none yet; recommend ranks by catalogue order"),
+        f"privacy: epsilon {eps} spent of {budget['budget']:g} at delta {budget['delta']:g} over {budget['rounds']} round(s); "
+        f"policy: at most epsilon {facts['policy']['max_epsilon']:g} at delta {facts['policy']['max_delta']:g}",
+        f"key: {facts['key']['fingerprint']} ({facts['key']['public_key']}: what the operator enrolls)",
+        f"connection: {connection['state']}" + (f"; last accepted {connection['last_accepted_at']} by {connection['server']} as node {connection['node_id']}" if connection["last_accepted_at"] else ""),
+    ])
+
+
+@app.command("export")
+def export_(
+    directory: DirOpt,
+    out: Annotated[Path, typer.Option("--out", help="The JSON file to write (must not exist; written 0600).", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write everything this device holds about its user (history, imports, ledger, policy) to one JSON file."""
+    from fedinterest.client.device_lifecycle import export_device
+
+    with _clear_errors():
+        result = export_device(open_device_dir(directory), out)
+    _emit(result, as_json, [f"wrote {result['out']}: {result['interactions']} interactions, {result['imports']} import(s), {result['ledger_rounds']} ledger round(s)"])
+
+
+@app.command()
+def forget(
+    directory: DirOpt,
+    reset_ledger: Annotated[bool, typer.Option("--reset-ledger", help="Also clear the privacy ledger (only for a device handed to another person).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do it: without --yes nothing is deleted.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete the user's history, imports and models from this device; the privacy ledger stays unless --reset-ledger.
+
+    The epsilon already spent stays spent (the updates it paid for were released), so a device
+    that keeps its user keeps its ledger. The privacy policy, key and catalogue stay."""
+    from fedinterest.client.device_lifecycle import forget_device
+
+    with _clear_errors():
+        device = open_device_dir(directory)
+        if not yes:
+            raise ValueError(f"{device.root}: `device forget` deletes the history and models for good; run it again with --yes")
+        removed = forget_device(device, reset_ledger=reset_ledger)
+    _emit(removed, as_json, [
+        f"deleted {removed['store_events']} interactions, {removed['store_imports']} import(s), {removed['store_models']} model(s)"
+        + (f" and {removed['ledger_steps']} ledger round(s)" if reset_ledger else "; the privacy ledger is kept (--reset-ledger clears it)")
+    ])
+
+
+@app.command()
 def serve(
     directory: DirOpt,
     address: Annotated[str, typer.Option("--address", help="unix:/path.sock or 127.0.0.1:PORT (local only).")] = "127.0.0.1:50151",
 ) -> None:
-    """Serve ranked items over gRPC (common/ranking.proto) to apps on this device, until interrupted."""
+    """Serve ranked items over gRPC (common/ranking.proto) to apps on this device, until interrupted.
+
+    The service offers gRPC server reflection, so standard clients (grpcurl) need no .proto file."""
     from fedinterest.client.ranking_service import start_server
 
     with _clear_errors():

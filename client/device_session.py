@@ -81,11 +81,23 @@ class DeviceSession:
         self.previous = PreviousSession(old.get("pid"), old.get("alive_at"), old.get("stopped_at"))
         self._handle = handle
         now = time.time()
-        self.record = {"pid": os.getpid(), "started_at": now, "alive_at": now, "stopped_at": None, "supernode_pid": None}
+        # Kept from the previous session: where it was accepted, for `device status`.
+        accepted = {k: old[k] for k in ("server", "node_id", "activated_at") if k in old}
+        self.record = {**accepted, "pid": os.getpid(), "started_at": now, "alive_at": now, "stopped_at": None, "supernode_pid": None}
         self._write()
         self._thread = threading.Thread(target=self._keep_alive, name="device-session-alive", daemon=True)
         self._thread.start()
         return self
+
+    def set_server(self, server: str) -> None:
+        """Record the SuperLink address this session dials."""
+        self.record["server"] = server
+        self._write()
+
+    def set_activated(self, node_id: int) -> None:
+        """Record that the SuperLink accepted this device (Flower's node id, as text)."""
+        self.record.update(node_id=str(node_id), activated_at=time.time())
+        self._write()
 
     def set_supernode(self, pid: int | None) -> None:
         """Record the SuperNode child's pid (for `device status`)."""

@@ -71,6 +71,7 @@ def start_device(
 ) -> int:
     """Run the device's SuperNode until it stops; the exit code (AlreadyRunning raised before anything starts)."""
     with DeviceSession(device.root) as session:
+        session.set_server(server)
         problem = wait_for_superlink(server, ca, max_retries=max_retries, max_wait_time=max_wait_time, say=say, sleep=sleep)
         if problem is not None:
             say(f"error: {problem}")
@@ -78,7 +79,7 @@ def start_device(
         previous, attempt = session.previous, 0
         while True:
             say(f"starting flower-supernode for {device.root} -> {server}")
-            ended = run_supernode(launch, on_start=session.set_supernode)
+            ended = run_supernode(launch, on_start=session.set_supernode, on_activated=session.set_activated)
             session.set_supernode(None)
             if not ended.activation_refused:
                 return ended.code

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,6 +29,8 @@ from fedinterest.client.superlink_probe import check_ca_file, split_address
 
 # What Flower 1.41's SuperNode prints when the SuperLink refuses to activate it (exit code 305).
 ACTIVATION_REFUSED = "[code: 2004]"
+# ... and what it prints once the SuperLink accepted it.
+ACTIVATED = re.compile(rb"SuperNode ID: (\d+)")
 
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -92,7 +95,9 @@ class SuperNodeExit:
     activation_refused: bool  # the SuperLink answered "[code: 2004] Failed to activate SuperNode."
 
 
-def run_supernode(launch: SuperNodeLaunch, on_start: Callable[[int], None] | None = None) -> SuperNodeExit:
+def run_supernode(
+    launch: SuperNodeLaunch, on_start: Callable[[int], None] | None = None, on_activated: Callable[[int], None] | None = None
+) -> SuperNodeExit:
     """Run the SuperNode in the foreground until it exits; its exit code and whether activation was refused.
 
     Its output is passed through line by line (and read for the activation refusal).
@@ -107,14 +112,14 @@ def run_supernode(launch: SuperNodeLaunch, on_start: Callable[[int], None] | Non
     if on_start is not None:
         on_start(process.pid)
     refused = threading.Event()
-    pumps = [threading.Thread(target=_pass_through, args=(process, refused), name="supernode-output", daemon=True)]
+    pumps = [threading.Thread(target=_pass_through, args=(process, refused, on_activated), name="supernode-output", daemon=True)]
     if launch.executor_argv is not None:
         # In the SuperNode's process group (ended with it), and told when the SuperNode goes.
         executor = subprocess.Popen(
             [*launch.executor_argv, "--parent-pid", str(process.pid)], env=launch.env, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=process.pid,
         )
-        pumps.append(threading.Thread(target=_pass_through, args=(executor, refused), name="executor-output", daemon=True))
+        pumps.append(threading.Thread(target=_pass_through, args=(executor, refused, None), name="executor-output", daemon=True))
     for pump in pumps:
         pump.start()
 
@@ -141,12 +146,15 @@ def run_supernode(launch: SuperNodeLaunch, on_start: Callable[[int], None] | Non
     return SuperNodeExit(code, refused.is_set())
 
 
-def _pass_through(process: subprocess.Popen[bytes], refused: threading.Event) -> None:
-    """Copy the SuperNode's output to our stderr, noting an activation refusal."""
+def _pass_through(process: subprocess.Popen[bytes], refused: threading.Event, on_activated: Callable[[int], None] | None) -> None:
+    """Copy the SuperNode's output to our stderr, noting an activation refusal or acceptance."""
     assert process.stdout is not None
     for raw in process.stdout:
         if ACTIVATION_REFUSED.encode() in raw:
             refused.set()
+        accepted = ACTIVATED.search(raw)
+        if accepted and on_activated is not None:
+            on_activated(int(accepted.group(1)))
         sys.stderr.buffer.write(raw)
         sys.stderr.buffer.flush()
 

@@ -24,7 +24,7 @@ from fedinterest.common.bundle import write_bundle
 from fedinterest.common.catalogue import write_catalogue
 from fedinterest.common.model import InterestModel, ModelConfig
 
-COMMANDS = ["init", "ingest", "start", "install-bundle", "recommend", "budget", "serve"]
+COMMANDS = ["init", "ingest", "start", "install-bundle", "recommend", "budget", "serve", "status", "export", "forget", "policy"]
 
 
 def _invoke(*args: str, env: dict[str, str] | None = None):
@@ -62,8 +62,9 @@ def test_ingest_recommend_budget_install_bundle(device_dir: Path, tmp_path: Path
     again = _invoke("ingest", str(history), "--user", "u1", env=env)
     assert again.exit_code == 0 and "already imported" in again.output
 
-    no_model = _invoke("recommend", "--dir", str(device_dir))
-    assert no_model.exit_code == 2 and "no model yet" in no_model.output
+    no_model = json.loads(_invoke("recommend", "--dir", str(device_dir), "-k", "3", "--json").output)
+    assert no_model["model"]["kind"] == "fallback" and [i["item_id"] for i in no_model["items"]] == ["m2", "m3", "m4"]
+    assert "no model yet: ranked by catalogue order" in _invoke("recommend", "--dir", str(device_dir)).output
 
     torch.manual_seed(0)
     config = ModelConfig(num_items=30, **{k: v for k, v in TINY_RUN.items() if k != "batch_size"})
@@ -165,3 +166,51 @@ def _supernodes_of(device) -> list[int]:
         if state != "Z" and any(b"flower-supernode" in part for part in cmdline) and str(device.private_key.resolve()).encode() in cmdline:
             found.append(int(proc.name))
     return found
+
+
+def test_status_export_and_forget(device_dir: Path, tmp_path: Path) -> None:
+    """Issue 16, item 7: a device owner sees what the device holds, takes it out, and deletes it."""
+    from fedinterest.client.device_session import DeviceSession
+
+    fresh = json.loads(_invoke("status", "--dir", str(device_dir), "--json").output)
+    assert fresh["history"]["interactions"] == 0 and fresh["model"] is None and fresh["connection"]["state"].startswith("never started")
+    assert fresh["key"]["fingerprint"].startswith("SHA256:") and fresh["budget"]["rounds"] == 0
+    history = write_csv(tmp_path / "h.csv", user_rows("u1", ["m1", "m5", "m7", "zz"]))
+    _invoke("ingest", str(history), "--dir", str(device_dir))
+    torch.manual_seed(0)
+    config = ModelConfig(num_items=30, **{k: v for k, v in TINY_RUN.items() if k != "batch_size"})
+    bundle = write_bundle(tmp_path / "m.bundle", state_dict=InterestModel(config).state_dict(), model_config=config, catalogue_ids=item_ids(30), model_card={})
+    _invoke("install-bundle", str(bundle), "--dir", str(device_dir))
+    with PrivacyLedger(device_dir / "store.sqlite") as ledger:
+        ledger.record(LedgerEntry(3, 1, 1.0, 0.5, 4))
+    status = json.loads(_invoke("status", "--dir", str(device_dir), "--json").output)
+    assert status["user_id"] == "u1" and status["history"] == {"interactions": 4, "in_catalogue": 3, "outside_catalogue": 1, "imports": 1, "trainable": True}
+    assert status["model"]["kind"] == "bundle" and status["budget"]["rounds"] == 1
+    text = _invoke("status", "--dir", str(device_dir)).output
+    assert "history: 4 interactions" in text and "model: bundle" in text and "connection: never started" in text
+
+    out = tmp_path / "export.json"
+    exported = json.loads(_invoke("export", "--dir", str(device_dir), "--out", str(out), "--json").output)
+    assert exported["interactions"] == 4 and exported["ledger_rounds"] == 1
+    document = json.loads(out.read_text())
+    assert [e["item_id"] for e in document["history"]] == ["m1", "m5", "m7", "zz"] and document["ledger"][0]["run_id"] == "3"
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    again = _invoke("export", "--dir", str(device_dir), "--out", str(out))
+    assert again.exit_code == 2 and "never overwrites" in again.output
+
+    refused = _invoke("forget", "--dir", str(device_dir))
+    assert refused.exit_code == 2 and "--yes" in refused.output
+    with DeviceSession(device_dir):  # `device start` running: the store is not changed under it
+        busy = _invoke("forget", "--dir", str(device_dir), "--yes")
+        assert busy.exit_code == 2 and "is running" in busy.output
+    removed = json.loads(_invoke("forget", "--dir", str(device_dir), "--yes", "--json").output)
+    assert removed == {"store_events": 4, "store_imports": 1, "store_models": 1}
+    after = json.loads(_invoke("status", "--dir", str(device_dir), "--json").output)
+    assert after["history"]["interactions"] == 0 and after["model"] is None and after["user_id"] is None
+    assert after["budget"]["rounds"] == 1  # the ledger is kept: that epsilon stays spent
+    assert after["connection"]["state"] == "stopped"  # the session above ended cleanly
+    _invoke("ingest", str(history), "--dir", str(device_dir))  # the same file imports again after forget
+    assert json.loads(_invoke("status", "--dir", str(device_dir), "--json").output)["history"]["interactions"] == 4
+    reset = json.loads(_invoke("forget", "--dir", str(device_dir), "--yes", "--reset-ledger", "--json").output)
+    assert reset["ledger_steps"] == 1
+    assert json.loads(_invoke("budget", "--dir", str(device_dir), "--json").output)["rounds"] == 0
