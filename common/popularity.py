@@ -1,4 +1,4 @@
-"""The popularity baseline: every user gets the catalogue ranked by interaction count."""
+"""The popularity baseline: every user gets the catalogue ranked by interaction count (simulation, and the operator's catalogue)."""
 
 from __future__ import annotations
 

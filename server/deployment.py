@@ -208,6 +208,10 @@ def _write_tree(deployment: Deployment, sans: list[certs.San], catalogue: Path |
     if catalogue is not None:
         shutil.copyfile(catalogue, deployment.catalogue)
         count_catalogue(deployment.catalogue)  # raises on an unusable catalogue; init then leaves nothing
+        from fedinterest.server.catalogue_build import popularity_file
+
+        if popularity_file(Path(catalogue)).is_file():  # built by `server catalogue`: its baseline comes along
+            shutil.copyfile(popularity_file(Path(catalogue)), popularity_file(deployment.catalogue))
     atomic_write_text(deployment.devices_file, "[]\n")
     atomic_write_text(deployment.config_file, _config_text(deployment))
     write_flower_connection(deployment)

@@ -112,6 +112,37 @@ def init(
 
 
 @app.command()
+def catalogue(
+    source: Annotated[Path, typer.Argument(help="An interactions file listing every item (the operator's own log, a product export).")],
+    out: Annotated[Path, typer.Option("--out", help="The catalogue to write (give it to `server init --catalogue` and to devices).")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="csv, tsv, jsonl (also .json), parquet, ml-100k, ml-1m, sequences (default: from the suffix).")] = None,
+    user_col: Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")] = "user",
+    item_col: Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")] = "item",
+    time_col: Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")] = "timestamp",
+    as_json: JsonOption = False,
+) -> None:
+    """Build the item catalogue from an interactions file, most popular item first, with its popularity baseline beside it.
+
+    Devices without a model rank by this order; `status` and `report` show the baseline."""
+    from fedinterest.common.loaders import GENERIC_FORMATS, ColumnMap, suffix_format
+    from fedinterest.server.catalogue_build import build_catalogue
+
+    with _errors(ValueError, FileExistsError, FileNotFoundError):
+        chosen = fmt or suffix_format(source)
+        if chosen is None:
+            raise ValueError(f"{source}: cannot tell the format from the file name; pass --format")
+        columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col) if chosen in GENERIC_FORMATS else ColumnMap()
+        facts = build_catalogue(source, out, fmt=chosen, columns=columns)
+    if as_json:
+        _print_json(facts)
+        return
+    popular = facts["popularity_test"] or {}
+    typer.echo(f"Wrote {facts['catalogue']}: {facts['items']} items by popularity over {facts['interactions']} interactions")
+    typer.echo(f"  popularity baseline (test, {facts['users_evaluated']} users): " + (", ".join(f"{k} {v:.4g}" for k, v in popular.items()) or "-"))
+    typer.echo(f"  written beside it: {facts['popularity']}")
+
+
+@app.command()
 def start(directory: DirOption = None) -> None:
     """Run the SuperLink (TLS, SuperNode authentication, SQLite database in DIR) in the foreground."""
     from fedinterest.server.deployment import exposure_warning
@@ -281,6 +312,12 @@ def _echo_state(state: dict[str, Any]) -> None:
     final = state["final"]
     if final and final.get("test"):
         typer.echo("  final test: " + ", ".join(f"{k} {v:.4g}" for k, v in final["test"].items()))
+    popular = (state.get("popularity_baseline") or {}).get("popularity_test")
+    if popular:
+        typer.echo("  popularity baseline (test, on the catalogue's source data, not the devices'): "
+                   + ", ".join(f"{k} {popular[k]:.4g}" for k in ("hr@10", "ndcg@10") if k in popular))
+    for reason in state.get("device_reasons") or []:
+        typer.echo(f"  {reason}")
 
 
 @app.command()

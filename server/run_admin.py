@@ -35,6 +35,7 @@ from fedinterest.server.flower_processes import (
     stop_run,
 )
 from fedinterest.server.run_metrics import FINAL_FILE, METRICS_FILE, MetricsFollower, RoundRow, as_number, read_rows
+from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.run_outcome import outcome
 from fedinterest.server.run_overrides import flat_toml, parse_set_items
 from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
@@ -198,6 +199,15 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
     last = rows[-1].raw if rows else None
     devices = {key: _sum(rows, key) for key in ("sampled", "answered", "refused", "failed", "rejected", "empty")}
     verdict = outcome(final, rows, devices)
+    reasons: list[str] = []
+    # Read once the run has finished (one `flwr log` call), not on every poll of `run --wait`.
+    if str(status).startswith("finished") and devices["refused"] + devices["failed"] + devices["rejected"] > 0:
+        from fedinterest.server.run_reasons import device_reasons
+
+        try:
+            reasons = device_reasons(deployment, int(record["run_id"]))
+        except (RuntimeError, subprocess.SubprocessError) as err:
+            reasons = [f"the reasons per device are unknown: {err}"]
     completed = status == COMPLETED
     privacy = (final or {}).get("privacy") or {}
     eps_max = as_number(privacy.get("device_epsilon_max"))
@@ -235,6 +245,8 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
             "unit": privacy.get("unit") or "per-device cumulative example-level epsilon (on-device DP-SGD)",
         },
         "final": {"valid": final.get("valid"), "test": final.get("test"), "best_valid": final.get("best_valid")} if final else None,
+        "popularity_baseline": read_popularity(deployment.catalogue),
+        "device_reasons": reasons,  # one line per device that failed, was rejected or refused (server/run_reasons.py)
     }
 
 
