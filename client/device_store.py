@@ -251,9 +251,7 @@ class DeviceStore:
 
     def latest_model(self) -> StoredModel | None:
         """The most recently received model, bundle or global; None when the device has none."""
-        row = self._conn.execute(
-            "SELECT model_id, kind, received_at, sha256, payload, meta FROM store_models ORDER BY model_id DESC LIMIT 1"
-        ).fetchone()
+        row = self._newest_model("model_id, kind, received_at, sha256, payload, meta")
         if row is None:
             return None
         model_id, kind, received_at, digest, payload, meta = row
@@ -274,13 +272,14 @@ class DeviceStore:
 
     def latest_model_info(self) -> dict | None:
         """The newest model's kind, time, SHA-256 and metadata, without its bytes (for status output)."""
-        row = self._conn.execute(
-            "SELECT model_id, kind, received_at, sha256, meta, length(payload) FROM store_models ORDER BY model_id DESC LIMIT 1"
-        ).fetchone()
+        row = self._newest_model("model_id, kind, received_at, sha256, length(payload), meta")
         if row is None:
             return None
-        model_id, kind, received_at, digest, meta, size = row
-        return {"model_id": model_id, "kind": kind, "received_at": received_at, "sha256": digest, "bytes": size, "meta": json.loads(meta)}
+        info = dict(zip(("model_id", "kind", "received_at", "sha256", "bytes"), row[:5]))
+        return info | {"meta": json.loads(row[5])}
+
+    def _newest_model(self, columns: str) -> tuple | None:
+        return self._conn.execute(f"SELECT {columns} FROM store_models ORDER BY model_id DESC LIMIT 1").fetchone()
 
     def forget(self, *, reset_ledger: bool = False) -> dict[str, int]:
         """Delete the user's history, its imports and the models, in one transaction; rows removed per table.

@@ -109,10 +109,13 @@ def _device_with_history(tmp_path: Path, items: list[str]):
     return device
 
 
-def test_recommend_needs_a_model(tmp_path: Path) -> None:
+def test_recommend_without_a_model_ranks_by_catalogue_order(tmp_path: Path) -> None:
     device = _device_with_history(tmp_path, ["m1", "m2", "m3"])
-    with device.store() as store, pytest.raises(NoModelError, match="no model yet"):
-        recommend(store, 5)
+    with device.store() as store:
+        with pytest.raises(NoModelError, match="no model yet"):
+            load_latest(store)
+        result = recommend(store, 5)  # the fallback (issue 16, item 7): the user's items excluded
+    assert [item for item, _ in result.items] == ["m4", "m5", "m6", "m7", "m8"] and result.model["kind"] == "fallback"
 
 
 def test_recommend_from_a_bundle_excludes_history_and_returns_k(tmp_path: Path, bundle_path: Path) -> None:
