@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from fedinterest.benchmarks.report import publish
+from fedinterest.server.run_metrics import METRICS_FILE, read_rows
 from fedinterest.simulations.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,7 +221,7 @@ def measure(devices: int, rounds: int, resident: bool, work: Path) -> dict:
             raise RuntimeError(f"server run printed nothing (exit {done.returncode}): {done.stderr[-2000:]}")
         state = json.loads(done.stdout)["state"]
         run_dir = Path(state["run_dir"])
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        rows = [row.raw for row in read_rows(run_dir / METRICS_FILE)]  # joined with timings.jsonl's seconds
         ledgers = {d.name: _cli(["device", "budget", "--dir", str(d.directory)], env)["rounds"] for d in started}
     finally:
         for device in started:
