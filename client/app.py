@@ -55,7 +55,7 @@ def _decode(msg: Message, context: Context) -> _Request:
     arrays = msg.content.array_records.get(wire.ARRAYS)
     if arrays is None:
         raise ValueError(f"the {msg.metadata.message_type} message carries no ArrayRecord under {wire.ARRAYS!r}")
-    model = InterestModel(run.model_config(device.num_items))
+    model = InterestModel(run.model_config(device.num_items, device.item_ids))
     model.load_state_dict(arrays.to_torch_state_dict())
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     if device.store_path is not None:

@@ -49,6 +49,7 @@ class DeviceData:
     store_path: Path | None = None  # the device store (history-db mode), where received models are kept
     unknown_items: int = 0  # history rows whose item is not in the catalogue (kept in the store, not used)
     first_user: int = -1  # the dataset index of users[0] in simulation; -1 on a real device
+    item_ids: tuple[str, ...] = ()  # the catalogue's item ids, item index i = item_ids[i - 1]
 
     @property
     def user(self) -> UserSplit | None:
@@ -89,7 +90,7 @@ def load_device_data(node_config: Mapping[str, object], run: RunConfig) -> Devic
     first = partition * per_node
     return DeviceData(
         users=tuple(split.users[first : first + per_node]), num_items=split.num_items,
-        ledger_path=simulation_ledger_path(run.run_dir, partition), first_user=first,
+        ledger_path=simulation_ledger_path(run.run_dir, partition), first_user=first, item_ids=split.dataset.item_ids,
     )
 
 
@@ -120,7 +121,7 @@ def load_store_data(path: object, run: RunConfig) -> DeviceData:
         )
     return DeviceData(
         users=(split.users[0] if split.users else None,), num_items=len(catalogue), ledger_path=store_path, store_path=store_path,
-        unknown_items=history.unknown,
+        unknown_items=history.unknown, item_ids=tuple(catalogue.ids),
     )
 
 

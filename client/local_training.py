@@ -32,6 +32,7 @@ from fedinterest.common.examples import training_windows
 from fedinterest.common.model import InterestModel, sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
+from fedinterest.client import opacus_layers  # noqa: F401 -- registers ItemBias's per-sample gradient with Opacus
 from fedinterest.client.ledger import Charge, LedgerEntry, PrivacyLedger
 
 

@@ -21,11 +21,17 @@ backprops of every user. From them and the layer inputs captured in the forward 
   user, not the row);
 - the item embedding: a user's gradient touches only the rows of its items, so its
   norm is summed over (user, item) pairs -- O(positions x dim);
-- the output head (catalogue x dim): for a user with P scored positions its gradient
-  is `G^T A` (P x catalogue backprops, P x dim inputs); its squared norm is
-  `<A A^T, G G^T>` ("ghost" norm, Li et al. 2022), which costs P^2 (catalogue + dim)
-  instead of P x catalogue x dim, so it is used when P is below about `dim`, and the
-  gradient is formed explicitly otherwise.
+- the output head (table rows x dim): for a user with P scored positions its gradient
+  is `G^T A` (P x rows backprops, P x dim inputs); its squared norm is
+  `<A A^T, G G^T>` ("ghost" norm, Li et al. 2022), which costs P^2 (rows + dim)
+  instead of P x rows x dim, so it is used when P is below about `dim`, and the
+  gradient is formed explicitly otherwise;
+- the variants of common/model.py: with attribute item vectors the item table holds
+  attributes (a position looks up several rows) and the head scores attributes, mixed
+  into item scores by a fixed matrix (autograd hands the head its backprops through
+  it), and a per-item bias (`ItemBias`) takes the per-position sum; a tied head shares
+  the item table, so a user's gradient of it is the sum of both uses and its squared
+  norm adds twice their inner product.
 
 The clipped sum is then formed layer by layer from the same inputs and backprops,
 each user's positions weighted by its clipping factor -- no second backward pass
@@ -150,7 +156,7 @@ def _position_losses(model: InterestModel, chunk: _Chunk) -> tuple[torch.Tensor,
     """Weighted cross-entropy of every scored position (packed, as the centralized trainer) and its row."""
     hidden = model.encode(chunk.inputs)  # (R, L, D)
     has_target = chunk.targets != PAD_ID  # (R, L)
-    logits = model.head(hidden[has_target])  # (N, V)
+    logits = model.scores(hidden[has_target])  # (N, V)
     rows = has_target.nonzero()[:, 0]  # (N,) row of each scored position, grouped by user
     per_position = F.cross_entropy(logits, chunk.targets[has_target], reduction="none") * chunk.row_weight[rows]
     return per_position, rows
@@ -182,12 +188,12 @@ class _Capture:
     def __init__(self, model: InterestModel) -> None:
         self.inputs: dict[nn.Module, torch.Tensor] = {}
         self.grads: dict[nn.Module, torch.Tensor] = {}
+        self._frozen = {m for m in (model.item_emb, model.head, model.item_bias) if m is not None}
         self._handles = [
             module.register_forward_hook(self._hook)
             for module in model.modules()
-            if any(p.requires_grad for p in module.parameters(recurse=False)) or module is model.item_emb or module is model.head
+            if any(p.requires_grad for p in module.parameters(recurse=False)) or module in self._frozen
         ]
-        self._frozen = {model.item_emb, model.head}
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> torch.Tensor | None:
         if module in self.inputs:
@@ -209,7 +215,7 @@ def _clipped_sum(
     model: InterestModel, chunk: _Chunk, total: dict[str, torch.Tensor], names: dict[nn.Parameter, str], lr: float, clip_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add sum_u clip(-lr g_u, C) of the chunk's users to `total`; (losses, update norms)."""
-    big = (model.item_emb.weight, model.head.weight, model.head.bias)
+    big = [p for m in (model.item_emb, model.head, model.item_bias) if m is not None for p in m.parameters()]
     for param in big:
         param.requires_grad_(False)
     capture = _Capture(model)
@@ -227,19 +233,27 @@ def _clipped_sum(
     with torch.no_grad():
         small = _small_layer_grads(model, capture, chunk.row_user, users)
         sq_norms = sum((g.reshape(users, -1).square().sum(dim=1) for g in small.values()), torch.zeros(users))
-        emb_ids, emb_grads, emb_users = _embedding_positions(capture, model.item_emb, chunk.row_user)
-        sq_norms += _sparse_sq_norms(emb_ids, emb_grads, emb_users, users, model.item_emb.num_embeddings)
+        table = _sparse_rows(*_embedding_positions(capture, model.item_emb, chunk.row_user), users, model.item_emb.num_embeddings)
+        sq_norms += table.sq_norms
         head_in, head_grad = capture.inputs[model.head], capture.grads[model.head]
-        sq_norms += _head_sq_norms(head_in, head_grad, position_user, users)
+        sq_norms += _head_sq_norms(head_in, head_grad, position_user, users, with_bias=model.head.bias is not None)
+        if model.head.weight is model.item_emb.weight:
+            sq_norms += 2 * _tied_inner_products(table, head_in, head_grad, position_user, users)
+        if model.item_bias is not None:
+            item_grad = capture.grads[model.item_bias]  # (N, V+1): the bias's per-position gradient
+            sq_norms += torch.zeros(users, item_grad.shape[1]).index_add_(0, position_user, item_grad).square().sum(dim=1)
         norms = lr * sq_norms.sqrt()
         scale = (clip_norm / norms.clamp(min=1e-12)).clamp(max=1.0)  # min(1, C / ||update||)
         for param, per_user in small.items():
             total[names[param]] -= lr * torch.tensordot(scale, per_user, dims=1)
-        total[names[model.item_emb.weight]].index_add_(0, emb_ids, emb_grads * (-lr * scale[emb_users])[:, None])
-        # Weighting the (N, D) inputs rather than the (N, V) backprops: the same product, V / D times cheaper.
+        total[names[model.item_emb.weight]].index_add_(0, table.ids, table.grads * (-lr * scale[table.users])[:, None])
+        # Weighting the (N, D) inputs rather than the (N, rows) backprops: the same product, rows / D times cheaper.
         position_scale = -lr * scale[position_user]  # (N,)
         total[names[model.head.weight]] += head_grad.T @ (head_in * position_scale[:, None])
-        total[names[model.head.bias]] += head_grad.T @ position_scale
+        if model.head.bias is not None:
+            total[names[model.head.bias]] += head_grad.T @ position_scale
+        if model.item_bias is not None:
+            total[names[model.item_bias.bias]] += capture.grads[model.item_bias].T @ position_scale
     return _user_losses(per_position, rows, chunk), norms
 
 
@@ -248,7 +262,7 @@ def _small_layer_grads(model: InterestModel, capture: _Capture, row_user: torch.
     per-sample (per-row) gradients, summed over each user's rows."""
     grads: dict[nn.Parameter, torch.Tensor] = {}
     for module, inputs in capture.inputs.items():
-        if module is model.item_emb or module is model.head:
+        if module in (model.item_emb, model.head, model.item_bias):
             continue
         sampler = GradSampleModule.GRAD_SAMPLERS.get(type(module))
         if sampler is None:
@@ -260,25 +274,60 @@ def _small_layer_grads(model: InterestModel, capture: _Capture, row_user: torch.
 
 
 def _embedding_positions(capture: _Capture, embedding: nn.Embedding, row_user: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(item ids, output gradients, user) of every real position the embedding looked up."""
-    ids = capture.inputs[embedding]  # (R, L)
+    """(table row, output gradient, user) of every real lookup of the embedding (ids of any shape (R, ...))."""
+    ids = capture.inputs[embedding]  # (R, L) item ids, or (R, L, K) attribute ids
     real = ids != PAD_ID
     rows = real.nonzero()[:, 0]
     return ids[real], capture.grads[embedding][real], row_user[rows]
 
 
-def _sparse_sq_norms(ids: torch.Tensor, grads: torch.Tensor, users_of: torch.Tensor, users: int, rows: int) -> torch.Tensor:
-    """Each user's squared gradient norm of an embedding table: per (user, row) sums of the
-    looked-up positions' gradients, so only the rows a user touched are formed."""
+@dataclass(frozen=True)
+class _SparseRows:
+    """A table's per-user gradients, kept sparse: the summed gradient of each (user, row) touched."""
+
+    ids: torch.Tensor  # (M,) table row of each lookup
+    grads: torch.Tensor  # (M, D) its output gradient
+    users: torch.Tensor  # (M,) its user
+    key_users: torch.Tensor  # (K,) user of each (user, row) pair
+    key_rows: torch.Tensor  # (K,) row of each pair
+    sums: torch.Tensor  # (K, D) summed gradient of each pair
+    sq_norms: torch.Tensor  # (U,) each user's squared gradient norm of the table
+
+
+def _sparse_rows(ids: torch.Tensor, grads: torch.Tensor, users_of: torch.Tensor, users: int, rows: int) -> _SparseRows:
+    """Each user's gradient of an embedding table as per (user, row) sums: only the rows it touched are formed."""
     keys = users_of * rows + ids
     unique, inverse = torch.unique(keys, return_inverse=True)
     sums = torch.zeros(len(unique), grads.shape[1], dtype=grads.dtype).index_add_(0, inverse, grads)
-    return torch.zeros(users, dtype=grads.dtype).index_add_(0, unique // rows, sums.square().sum(dim=1))
+    key_users = unique // rows
+    sq = torch.zeros(users, dtype=grads.dtype).index_add_(0, key_users, sums.square().sum(dim=1))
+    return _SparseRows(ids, grads, users_of, key_users, unique % rows, sums, sq)
 
 
-def _head_sq_norms(inputs: torch.Tensor, grads: torch.Tensor, position_user: torch.Tensor, users: int) -> torch.Tensor:
-    """Each user's squared gradient norm of the head (weight and bias) from its positions'
-    inputs (N, D) and output gradients (N, V); positions are grouped by user."""
+def _tied_inner_products(table: _SparseRows, inputs: torch.Tensor, grads: torch.Tensor, position_user: torch.Tensor, users: int) -> torch.Tensor:
+    """Each user's <table gradient as embedding, table gradient as head> for a tied table.
+
+    The head part of row r is sum_p g_p[r] a_p over the user's positions, so the inner
+    product is sum over the user's (row r, position p) of g_p[r] (a_p . s_r), s_r the
+    row's summed embedding gradient -- formed user by user, rows x positions each.
+    """
+    counts = torch.bincount(position_user, minlength=users)
+    starts = torch.cumsum(counts, dim=0) - counts
+    order = torch.argsort(table.key_users, stable=True)
+    key_counts = torch.bincount(table.key_users, minlength=users)
+    key_starts = torch.cumsum(key_counts, dim=0) - key_counts
+    out = torch.zeros(users, dtype=grads.dtype)
+    for user in (key_counts * counts > 0).nonzero()[:, 0].tolist():
+        keys = order[int(key_starts[user]) : int(key_starts[user] + key_counts[user])]
+        positions = slice(int(starts[user]), int(starts[user] + counts[user]))
+        dots = inputs[positions] @ table.sums[keys].T  # (P, R): a_p . s_r
+        out[user] = (grads[positions][:, table.key_rows[keys]] * dots).sum()
+    return out
+
+
+def _head_sq_norms(inputs: torch.Tensor, grads: torch.Tensor, position_user: torch.Tensor, users: int, *, with_bias: bool) -> torch.Tensor:
+    """Each user's squared gradient norm of the head (weight, and bias when it has one) from
+    its positions' inputs (N, D) and output gradients (N, rows); positions are grouped by user."""
     counts = torch.bincount(position_user, minlength=users)
     starts = torch.cumsum(counts, dim=0) - counts
     dim, catalogue = inputs.shape[1], grads.shape[1]
@@ -300,9 +349,9 @@ def _head_sq_norms(inputs: torch.Tensor, grads: torch.Tensor, position_user: tor
                 a, g = inputs[index], grads[index]
             ggt = g @ g.transpose(1, 2)  # (n, P, P)
             # weight: <A A^T, G G^T>; bias: ||sum_p g_p||^2, the sum of G G^T
-            sq[group] = ((a @ a.transpose(1, 2)) * ggt).sum(dim=(1, 2)) + ggt.sum(dim=(1, 2))
+            sq[group] = ((a @ a.transpose(1, 2)) * ggt).sum(dim=(1, 2)) + (ggt.sum(dim=(1, 2)) if with_bias else 0.0)
     for user in (counts >= ghost_below).nonzero()[:, 0].tolist():
         start, end = int(starts[user]), int(starts[user] + counts[user])
         g = grads[start:end]
-        sq[user] = (g.T @ inputs[start:end]).square().sum() + g.sum(dim=0).square().sum()
+        sq[user] = (g.T @ inputs[start:end]).square().sum() + (g.sum(dim=0).square().sum() if with_bias else 0.0)
     return sq

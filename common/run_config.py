@@ -8,11 +8,12 @@ turns it into this frozen dataclass; nothing else reads `run_config[...]`.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 from fedinterest.common.datasets import DatasetSpec
-from fedinterest.common.model_config import ModelConfig
+from fedinterest.common.item_attributes import item_attribute_rows
+from fedinterest.common.model_config import ITEM_VECTORS, ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
 
 # Integers beyond this are typos or attacks, never settings (and would overflow numpy/torch).
@@ -27,6 +28,7 @@ FAULT_MODES = ("fail", "timeout")
 # plain SGD keeps DP noise proportional to the learning rate, where Adam's per-coordinate
 # scaling turns noise-dominated coordinates into steps of the full learning rate.
 LOCAL_OPTIMIZERS = ("adam", "sgd")
+USER_ACCOUNTANTS = ("prv", "rdp")  # Opacus accountants of layer 2
 
 
 @dataclass(frozen=True)
@@ -84,9 +86,21 @@ class RunConfig:
     # at user-delta (0 = 1 / number of nodes registered at the first round).
     user_noise_multiplier: float = 0.0
     user_clip_norm: float = 1.0
-    user_delta: float = 0.0
+    user_delta: float = 0.0  # 0 = N^-1.1, N the users at the first round
     user_epsilon_budget: float = 8.0
-    # Model.
+    # > 0 turns layer 2 on with sigma calibrated so that num-server-rounds releases spend
+    # this epsilon (user-noise-multiplier then stays 0); the budget still stops the run.
+    user_target_epsilon: float = 0.0
+    user_accountant: str = "prv"  # Opacus's PRV accountant (tighter) or "rdp"
+    # FedAdam under layer 2 (DP-AdamBC, server/noise_aware_adam.py): > 0 subtracts the known
+    # noise variance from Adam's second moment, floored at this multiple of it; 0 = off.
+    server_noise_correction: float = 0.0
+    # Model. item-vectors "attributes" builds item vectors from the public catalogue
+    # attributes in item-attributes (common/item_attributes.py); tie-item-vectors makes the
+    # head reuse the item table (common/model.py).
+    item_vectors: str = "free"
+    tie_item_vectors: bool = False
+    item_attributes: str = ""
     max_len: int = 200
     dim: int = 64
     num_blocks: int = 2
@@ -141,6 +155,8 @@ class RunConfig:
             problems.append("fault-fraction must be in [0, 1]")
         if self.fault_mode not in FAULT_MODES:
             problems.append(f"fault-mode must be one of {', '.join(FAULT_MODES)}")
+        if self.item_vectors not in ITEM_VECTORS:
+            problems.append(f"item-vectors must be one of {', '.join(ITEM_VECTORS)}")
         if self.local_optimizer not in LOCAL_OPTIMIZERS:
             problems.append(f"local-optimizer must be one of {', '.join(LOCAL_OPTIMIZERS)}")
         if self.strategy not in STRATEGIES:
@@ -159,7 +175,13 @@ class RunConfig:
             problems.append(f'num-items is only for dataset "{DEPLOYED}"; a simulation takes it from its dataset')
         if problems:
             raise ValueError("invalid run config: " + "; ".join(problems))
-        self.model_config(num_items=1)  # raises on a bad model shape
+        if self.item_vectors == "attributes" and not self.item_attributes:
+            raise ValueError('invalid run config: item-vectors "attributes" needs item-attributes (the catalogue\'s attribute file)')
+        if self.item_vectors != "attributes" and self.item_attributes:
+            raise ValueError('invalid run config: item-attributes is only read with item-vectors = "attributes"')
+        if self.deployed and self.item_vectors == "attributes":
+            raise ValueError(f'invalid run config: item-vectors "attributes" is a simulation option for now; devices of a "{DEPLOYED}" run hold no attribute file')
+        self._model_shape(num_items=1, item_attributes=((), (1,)) if self.item_vectors == "attributes" else ())  # raises on a bad model shape
         if not self.deployed:
             self.dataset_spec()  # raises on a bad dataset description
 
@@ -171,7 +193,19 @@ class RunConfig:
             if not getattr(self, name) > 0:
                 problems.append(f"{_key(name)} must be positive")
         if not 0 <= self.user_delta < 1:
-            problems.append("user-delta must be in [0, 1) (0 = 1 / number of devices)")
+            problems.append("user-delta must be in [0, 1) (0 = N^-1.1, N the users)")
+        if self.user_target_epsilon < 0:
+            problems.append("user-target-epsilon must be >= 0 (0 = use user-noise-multiplier)")
+        if self.user_target_epsilon > 0 and self.user_noise_multiplier > 0:
+            problems.append("give user-noise-multiplier or user-target-epsilon, not both (the target calibrates the noise)")
+        if self.user_target_epsilon > self.user_epsilon_budget:
+            problems.append(f"user-target-epsilon {self.user_target_epsilon:g} exceeds user-epsilon-budget {self.user_epsilon_budget:g}")
+        if self.user_accountant not in USER_ACCOUNTANTS:
+            problems.append(f"user-accountant must be one of {', '.join(USER_ACCOUNTANTS)}")
+        if self.server_noise_correction < 0:
+            problems.append("server-noise-correction must be >= 0 (0 = off)")
+        if self.server_noise_correction > 0 and (self.strategy != "fedadam" or not self.user_private):
+            problems.append("server-noise-correction corrects FedAdam for layer 2's noise: it needs strategy fedadam and user-level DP")
         if self.user_private:
             # DP-FedAvg bounds one user's influence on a mean; a median or Krum's pick has no
             # such bound, and a round skipped for too few replies would leak why it was skipped.
@@ -184,7 +218,7 @@ class RunConfig:
     @property
     def user_private(self) -> bool:
         """Whether the server runs DP-FedAvg (layer 2) on top of the devices' DP-SGD."""
-        return self.user_noise_multiplier > 0
+        return self.user_noise_multiplier > 0 or self.user_target_epsilon > 0
 
     @property
     def noise_seeded(self) -> bool:
@@ -215,11 +249,20 @@ class RunConfig:
         except ValueError as err:
             raise ValueError(f"invalid dataset / data-path: {err}") from err
 
-    def model_config(self, num_items: int) -> ModelConfig:
-        """The model for a catalogue of `num_items` items."""
+    def model_config(self, num_items: int, item_ids: Sequence[str] | None = None) -> ModelConfig:
+        """The model for a catalogue of `num_items` items (`item_ids`: their ids, needed for attribute vectors)."""
+        rows: tuple[tuple[int, ...], ...] = ()
+        if self.item_vectors == "attributes":
+            if item_ids is None or len(item_ids) != num_items:
+                raise ValueError("attribute item vectors need the ids of the catalogue's items")
+            rows = item_attribute_rows(self.item_attributes, item_ids)
+        return self._model_shape(num_items, rows)
+
+    def _model_shape(self, num_items: int, item_attributes: tuple[tuple[int, ...], ...]) -> ModelConfig:
         return ModelConfig(
             num_items=num_items, max_len=self.max_len, dim=self.dim, num_blocks=self.num_blocks,
-            num_heads=self.num_heads, dropout=self.dropout,
+            num_heads=self.num_heads, dropout=self.dropout, item_vectors=self.item_vectors,
+            tie_item_vectors=self.tie_item_vectors, item_attributes=item_attributes,
         )
 
     @classmethod

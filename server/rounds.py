@@ -79,6 +79,7 @@ from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.cohort import Cohort, addressed, survey
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
+from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.privacy_tally import PrivacyTally
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
 from fedinterest.server.run_rows import METRICS_FILE, ROW_FIELDS, append_round, metrics_row, read_metrics, reconcile, timing_row
@@ -121,9 +122,9 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     else:
         split = load_split(config.dataset_spec())
         num_items, expected_nodes = split.num_items, -(-len(split.users) // config.users_per_node)
-        evaluator = ServerEvaluator(split, config.model_config(num_items))
+        evaluator = ServerEvaluator(split, config.model_config(num_items, split.dataset.item_ids))
         LOG.info("fedinterest: %d users, %d items; run directory %s", len(split.users), num_items, run_dir)
-    model_config = config.model_config(num_items)
+    model_config = config.model_config(num_items, split.dataset.item_ids if split is not None else None)
 
     saved = ckpt.latest(run_dir)
     arrays = initial_arrays(model_config, config.seed)
@@ -298,7 +299,7 @@ def _user_level_round(
     global_arrays = arrays_to_numpy(arrays)
     noised, norms = noised_mean_update(
         global_arrays, [(arrays_to_numpy(c.message.content[ARRAYS]), c.trained) for c in replies.valid],
-        clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
+        clip_norm=settings.clip_norm, noise_multiplier=user_dp.noise_multiplier,
         expected_size=user_dp.sample_rate(population) * population, rng=user_dp.noise_rng(server_round),
     )
     user_dp.record_release(population)
@@ -310,6 +311,8 @@ def _user_level_round(
         server_round, replies.count(ReplyKind.VALID), len(norms), clipped, settings.clip_norm,
         f"{float(np.median(norms)):.3g}" if norms else "-", user_dp.epsilon(), user_dp.delta,
     )
+    if isinstance(strategy, NoiseAwareFedAdam):  # DP-AdamBC: the per-coordinate variance of the released noise
+        strategy.noise_variance = (user_dp.noise_multiplier * settings.clip_norm / (user_dp.sample_rate(population) * population)) ** 2
     new_arrays, _ = strategy.aggregate_train(server_round, [_released_reply(noised, server_round)])
     if new_arrays is None:  # no strategy drops its only reply; guard rather than lose the release
         new_arrays = arrays_from_numpy(noised)
@@ -344,7 +347,7 @@ def _log_user_dp_plan(user_dp: UserLevelAccountant, nodes: int, rounds_left: int
     planned = user_dp.epsilon_after(nodes, rounds_left)
     LOG.info(
         "fedinterest: user-level DP: sigma %g, clip %g, q %.4f of %d nodes; epsilon after %d rounds would be %.3f at delta %g (budget %g)",
-        settings.noise_multiplier, settings.clip_norm, user_dp.sample_rate(nodes), nodes, user_dp.rounds + rounds_left, planned, user_dp.delta, settings.epsilon_budget,
+        user_dp.noise_multiplier, settings.clip_norm, user_dp.sample_rate(nodes), nodes, user_dp.rounds + rounds_left, planned, user_dp.delta, settings.epsilon_budget,
     )
     if planned > settings.epsilon_budget:
         LOG.warning("fedinterest: the user-level budget %g will stop the run before its last round", settings.epsilon_budget)

@@ -3,7 +3,7 @@
 | strategy | Flower class | settings from RunConfig                                   |
 |----------|--------------|-----------------------------------------------------------|
 | fedavg   | FedAvg       | --                                                        |
-| fedadam  | FedAdam      | eta = server_lr, tau = server_tau, eta_l = local_lr (eta_l is informational) |
+| fedadam  | FedAdam      | eta = server_lr, tau = server_tau, eta_l = local_lr (eta_l is informational); with server_noise_correction > 0 NoiseAwareFedAdam (DP-AdamBC) |
 | fedyogi  | FedYogi      | eta = server_lr, tau = server_tau, eta_l = local_lr       |
 | fedprox  | FedProx      | proximal_mu, sent in the train config under PROXIMAL_MU    |
 | fedavgm  | FedAvgM      | server_momentum, server_learning_rate = server_lr          |
@@ -37,6 +37,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx
 from fedinterest.common import wire
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.wire import ARRAYS, CONFIG, NUM_EXAMPLES
+from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 
 # The train-config key under which Flower's FedProx sends mu to the device (set by
 # FedProx.configure_train itself); the device then pulls its weights towards the global ones.
@@ -56,6 +57,8 @@ def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     name = config.strategy
     if name == "fedavg":
         strategy: FedAvg = FedAvg(**common)
+    elif name == "fedadam" and config.server_noise_correction > 0:
+        strategy = NoiseAwareFedAdam(**common, **server_lr, eta_l=config.local_lr, noise_floor=config.server_noise_correction)
     elif name == "fedadam":
         strategy = FedAdam(**common, **server_lr, eta_l=config.local_lr)
     elif name == "fedyogi":

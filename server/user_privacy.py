@@ -27,10 +27,16 @@ One round is one release of the Gaussian mechanism on a Poisson sample of device
 - Noise: from the OS's entropy (numpy's default_rng without a seed), never the run seed;
   the research-only run-config research-noise-seed seeds it and the sampling (the run's
   privacy report then says its figures do not hold).
-- Accountant: Opacus's RDPAccountant, one Poisson-subsampled Gaussian step
-  (sigma, q) per round, under add/remove-one-user adjacency; epsilon is reported at
-  delta = user-delta (0 = 1 / nodes registered at the first round, then fixed). Its
-  history is saved with every checkpoint, so a resume continues the same composition.
+- Accountant: Opacus's PRV accountant (user-accountant "prv", the default: numerical
+  composition of privacy-loss distributions, Gopi et al. 2021, reporting its upper
+  bound) or its RDP accountant ("rdp"), one Poisson-subsampled Gaussian step (sigma, q)
+  per round, under add/remove-one-user adjacency; epsilon is reported at delta =
+  user-delta (0 = N^-1.1, N the users at the first round, then fixed). Its history is
+  saved with every checkpoint, so a resume continues the same composition.
+- Noise multiplier: user-noise-multiplier, or -- with user-target-epsilon > 0 -- the
+  smallest sigma (Opacus's get_noise_multiplier, same accountant) for which
+  num-server-rounds releases at the first round's q spend that epsilon at delta; fixed
+  for the run and kept in the checkpoint.
 - Budget: before a round the loop asks `would_exceed`; if one more release would pass
   user-epsilon-budget, the run stops there with the rounds done so far.
 
@@ -54,53 +60,76 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from opacus.accountants import RDPAccountant
+from opacus.accountants import create_accountant
+from opacus.accountants.accountant import IAccountant
+from opacus.accountants.utils import get_noise_multiplier
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.server.reply_checks import l2_norm
 
 # The accountant's unit and adjacency, stated wherever the figure is reported.
 UNIT = "user-level (epsilon, delta)-DP of the sequence of global models (DP-FedAvg, add/remove one user's whole history)"
+# delta = N^-1.1 unless user-delta is set: below 1/N, as a delta that allows leaking one user must be.
+DELTA_EXPONENT = 1.1
+ACCOUNTANTS = ("prv", "rdp")
 
 
 @dataclass(frozen=True)
 class UserDPSettings:
     """The run-config part of layer 2."""
 
-    noise_multiplier: float
+    noise_multiplier: float  # 0 with target_epsilon: calibrated at the start
     clip_norm: float
-    delta: float  # 0 = 1 / population at the first round
+    delta: float  # 0 = population ** -DELTA_EXPONENT at the first round
     epsilon_budget: float
     clients_per_round: int
     noise_seed: int = 0  # research only (research-noise-seed); 0 = OS entropy
+    accountant: str = "prv"
+    target_epsilon: float = 0.0  # > 0: calibrate sigma so that `rounds` releases spend this
+    rounds: int = 0
 
 
 class UserLevelAccountant:
-    """The composed privacy loss of the rounds released so far (one RDP step per round)."""
+    """The composed privacy loss of the rounds released so far (one Gaussian step per round)."""
 
-    def __init__(self, settings: UserDPSettings, *, delta: float, sampling_seed: int, history: list[tuple[float, float, int]] | None = None) -> None:
+    def __init__(
+        self, settings: UserDPSettings, *, delta: float, sampling_seed: int, noise_multiplier: float,
+        history: list[tuple[float, float, int]] | None = None,
+    ) -> None:
+        if settings.accountant not in ACCOUNTANTS:
+            raise ValueError(f"user-level accountant must be one of {ACCOUNTANTS}, got {settings.accountant!r}")
+        if not noise_multiplier > 0:
+            raise ValueError(f"the user-level noise multiplier must be positive, got {noise_multiplier}")
         self.settings = settings
         self.delta = delta
         self.sampling_seed = sampling_seed
-        self._accountant = RDPAccountant()
+        self.noise_multiplier = noise_multiplier
+        self._accountant = create_accountant(settings.accountant)
         self._accountant.history = [tuple(step) for step in (history or [])]
 
     @classmethod
     def start(cls, settings: UserDPSettings, population: int) -> UserLevelAccountant:
-        """A fresh accountant for a run whose first round sees `population` registered nodes."""
-        delta = settings.delta if settings.delta > 0 else 1.0 / max(population, 1)
+        """A fresh accountant for a run whose first round sees `population` users."""
+        delta = settings.delta if settings.delta > 0 else max(population, 1) ** -DELTA_EXPONENT
         seed = settings.noise_seed * 2 + 1 if settings.noise_seed else secrets.randbits(63)
-        return cls(settings, delta=delta, sampling_seed=seed)
+        sigma = settings.noise_multiplier
+        if settings.target_epsilon > 0:
+            sigma = calibrated_noise(settings, delta, min(1.0, settings.clients_per_round / max(population, 1)))
+        return cls(settings, delta=delta, sampling_seed=seed, noise_multiplier=sigma)
 
     @classmethod
     def from_json(cls, settings: UserDPSettings, state: dict[str, Any]) -> UserLevelAccountant:
         """Inverse of `to_json` (the checkpoint's privacy["user_level"])."""
         history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
-        return cls(settings, delta=float(state["delta"]), sampling_seed=int(state["sampling_seed"]), history=history)
+        sigma = float(state.get("noise_multiplier", settings.noise_multiplier))  # older checkpoints: the run config's
+        return cls(settings, delta=float(state["delta"]), sampling_seed=int(state["sampling_seed"]), noise_multiplier=sigma, history=history)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe state for the checkpoint manifest (the seed stays server-side, like the weights)."""
-        return {"delta": self.delta, "sampling_seed": self.sampling_seed, "history": [list(step) for step in self._accountant.history]}
+        return {
+            "delta": self.delta, "sampling_seed": self.sampling_seed, "noise_multiplier": self.noise_multiplier,
+            "history": [list(step) for step in self._accountant.history],
+        }
 
     @property
     def rounds(self) -> int:
@@ -117,10 +146,10 @@ class UserLevelAccountant:
 
     def epsilon_after(self, population: int, more_rounds: int) -> float:
         """Epsilon if `more_rounds` releases at this population's q followed (nothing is recorded)."""
-        projected = RDPAccountant()
+        projected = create_accountant(self.settings.accountant)
         projected.history = list(self._accountant.history)
         for _ in range(more_rounds):
-            projected.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
+            projected.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate(population))
         return _epsilon(projected, self.delta) if projected.history else 0.0
 
     def would_exceed(self, population: int) -> bool:
@@ -129,7 +158,7 @@ class UserLevelAccountant:
 
     def record_release(self, population: int) -> None:
         """Compose one round's release."""
-        self._accountant.step(noise_multiplier=self.settings.noise_multiplier, sample_rate=self.sample_rate(population))
+        self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate(population))
 
     def sample(self, population: int, server_round: int) -> list[int]:
         """The round's Poisson sample of the users 0..population-1 (reproducible from the secret seed and the round)."""
@@ -148,15 +177,28 @@ class UserLevelAccountant:
             "epsilon": self.epsilon(),
             "delta": self.delta,
             "epsilon_budget": self.settings.epsilon_budget,
-            "noise_multiplier": self.settings.noise_multiplier,
+            "noise_multiplier": self.noise_multiplier,
+            "noise_calibrated_to": self.settings.target_epsilon or None,
             "clip_norm": self.settings.clip_norm,
             "rounds_accounted": self.rounds,
             "sampling": "poisson",
-            "accountant": "opacus rdp",
+            "accountant": f"opacus {self.settings.accountant}",
         }
 
 
-def _epsilon(accountant: RDPAccountant, delta: float) -> float:
+def calibrated_noise(settings: UserDPSettings, delta: float, sample_rate: float) -> float:
+    """The noise multiplier for which settings.rounds releases at `sample_rate` spend target_epsilon at `delta`."""
+    if settings.rounds < 1:
+        raise ValueError("calibrating the user-level noise needs the number of rounds")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(
+            target_epsilon=settings.target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=settings.rounds,
+            accountant=settings.accountant, epsilon_tolerance=0.005,
+        ))
+
+
+def _epsilon(accountant: IAccountant, delta: float) -> float:
     with warnings.catch_warnings():
         # "Optimal order is the largest alpha": the bound stays valid, only looser.
         warnings.simplefilter("ignore", UserWarning)
@@ -210,4 +252,7 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         epsilon_budget=config.user_epsilon_budget,
         clients_per_round=config.clients_per_round,
         noise_seed=config.research_noise_seed,
+        accountant=config.user_accountant,
+        target_epsilon=config.user_target_epsilon,
+        rounds=config.num_server_rounds,
     )

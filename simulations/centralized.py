@@ -13,6 +13,7 @@ import torch
 
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.evaluation import model_ranks
+from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel, ModelConfig, packed_sequence_loss, sampled_sequence_loss
@@ -153,15 +154,18 @@ def run_centralized(
     out: Path,
     on_epoch: Callable[[EpochReport], None] | None = None,
     on_data: Callable[[LeaveOneOut], None] | None = None,
+    item_attributes: Path | None = None,
 ) -> tuple[Path, dict[str, object]]:
     """Load, train, evaluate beside popularity, and write a run directory (results.json, model).
 
-    `model_options` are ModelConfig fields other than num_items, which the data decides.
+    `model_options` are ModelConfig fields other than num_items and item_attributes,
+    which the data and the `item_attributes` file decide.
     """
     commit = git_commit()  # taken before training: the code that runs, not what HEAD is later
     torch.set_num_threads(threads)
     split = load_split(spec)
-    model_config = ModelConfig(num_items=split.num_items, **model_options)
+    rows = item_attribute_rows(item_attributes, split.dataset.item_ids) if item_attributes is not None else ()
+    model_config = ModelConfig(num_items=split.num_items, **model_options, item_attributes=rows)
     if on_data is not None:
         on_data(split)
     result = train_centralized(split, model_config, config, on_epoch)
@@ -179,7 +183,7 @@ def run_centralized(
             "reports": list(split.dataset.reports),
             "users_left_out": split.users_left_out,
         },
-        "model": asdict(model_config),
+        "model": {k: v for k, v in asdict(model_config).items() if k != "item_attributes"} | {"item_attributes_file": str(item_attributes) if item_attributes else None},
         "training": asdict(config),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

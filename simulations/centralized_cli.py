@@ -39,6 +39,9 @@ def centralized(
     blocks: Annotated[int, typer.Option(help="Transformer blocks.")] = 2,
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 1,
     dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.2,
+    item_vectors: Annotated[str, typer.Option(help="'free' item vectors, or 'attributes': the mean of the items' public attributes' vectors.")] = "free",
+    item_attributes: Annotated[Optional[Path], typer.Option(help="The catalogue's attribute file (S3-Rec item2attributes JSON, ML-1M movies.dat, ML-100K u.item).")] = None,
+    tie_item_vectors: Annotated[bool, typer.Option("--tie-item-vectors", help="The head reuses the item table.")] = False,
     loss: Annotated[str, typer.Option(help="'full' softmax over the catalogue, or 'sampled' negatives.")] = "full",
     negatives: Annotated[int, typer.Option(help="Uniform negatives per batch with --loss sampled.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
@@ -59,8 +62,12 @@ def centralized(
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, max_minutes=max_minutes, seed=seed,
             loss=loss, negatives=negatives,
         )
-        model_options = dict(max_len=max_len, dim=dim, num_blocks=blocks, num_heads=heads, dropout=dropout)
-        ModelConfig(num_items=1, **model_options)  # checked now, before any data is read
+        model_options = dict(
+            max_len=max_len, dim=dim, num_blocks=blocks, num_heads=heads, dropout=dropout, item_vectors=item_vectors, tie_item_vectors=tie_item_vectors,
+        )
+        if (item_vectors == "attributes") != (item_attributes is not None):
+            raise ValueError("--item-vectors attributes and --item-attributes go together")
+        ModelConfig(num_items=1, **model_options, item_attributes=((), (1,)) if item_vectors == "attributes" else ())  # checked before any data is read
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
 
@@ -89,7 +96,8 @@ def centralized(
 
     try:
         run_dir, payload = run_centralized(
-            spec, model_options, train_config, threads=threads, out=out, on_epoch=on_epoch, on_data=on_data
+            spec, model_options, train_config, threads=threads, out=out, on_epoch=on_epoch, on_data=on_data,
+            item_attributes=item_attributes
         )
     except (DataFormatError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)

@@ -88,6 +88,8 @@ NDCG_PNG = "ndcg.png"
 EPSILON_PNG = "epsilon.png"
 
 RUN_TABLE = "run"
+# Run keys naming files: relative to the config file (in it) or to the current directory (--set).
+PATH_KEYS = ("data-path", "item-attributes")
 FEDERATION_TABLE = "federation"
 NUM_SUPERNODES = "num-supernodes"
 CLIENT_CPUS = "client-cpus"
@@ -212,13 +214,14 @@ def resolve_config(path: Path, overrides: Sequence[str] = (), *, cwd: Path | Non
         raise SimulationConfigError(f"{path}: unknown [federation] keys {bad}; known: {list(FEDERATION_KEYS)}")
 
     run_values = dict(run_table)
-    if run_values.get("data-path"):
-        run_values["data-path"] = _resolve_path(run_values["data-path"], path.resolve().parent)
+    for key in PATH_KEYS:
+        if run_values.get(key):
+            run_values[key] = _resolve_path(run_values[key], path.resolve().parent)
     set_values = parse_overrides(overrides)
     for key, value in set_values.items():
         if key in FEDERATION_KEYS:
             federation_table[key] = value
-        elif key == "data-path" and value:
+        elif key in PATH_KEYS and value:
             run_values[key] = _resolve_path(value, cwd)
         else:
             run_values[key] = value

@@ -99,3 +99,73 @@ def test_padding_contributes_nothing() -> None:
             torch.testing.assert_close(param.grad_sample[0], grads["_module." + short_name][0], rtol=1e-4, atol=1e-7)
     # The padding row of the item table never receives gradient.
     assert torch.count_nonzero(grads["_module.item_emb.weight"][0, PAD_ID]) == 0
+
+
+# --- the item-vector variants: tied head, attribute vectors (common/model.py) --------------
+
+import fedinterest.client.opacus_layers  # noqa: E402,F401 -- registers ItemBias with Opacus
+
+# Every item has 1-3 of 7 attributes; items 29 and 30 share item 28's attributes.
+ATTRIBUTES = ((),) + tuple(tuple(sorted({1 + i % 7, 1 + (i * 3) % 7, 1 + (i // 5) % 7}))[: 1 + i % 3] for i in range(1, 28)) + ((2, 5),) * 3
+VARIANTS = {
+    "tied": dict(tie_item_vectors=True),
+    "attributes": dict(item_vectors="attributes", item_attributes=ATTRIBUTES),
+    "attributes-tied": dict(item_vectors="attributes", item_attributes=ATTRIBUTES, tie_item_vectors=True),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_item_vector_variants_get_exact_per_sample_gradients(variant: str) -> None:
+    config = ModelConfig(**{**CONFIG.__dict__, **VARIANTS[variant]})
+    torch.manual_seed(0)
+    reference, model = InterestModel(config), InterestModel(config)
+    model.load_state_dict(reference.state_dict())
+    assert ModuleValidator.validate(model, strict=False) == []
+    items, targets = _batch()
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean")
+    sequence_loss(gsm(items), targets).backward()
+    per_sample = {n.removeprefix("_module."): p.grad_sample.clone() for n, p in gsm.named_parameters()}
+    assert set(per_sample) == {n for n, _ in reference.named_parameters()}
+    for b in range(items.shape[0]):
+        reference.zero_grad()
+        sequence_loss(reference(items[b : b + 1]), targets[b : b + 1]).backward()
+        for name, param in reference.named_parameters():
+            # A tied table's gradient is the sum of its uses as embedding and as head: Opacus adds both up.
+            torch.testing.assert_close(per_sample[name][b], param.grad, rtol=1e-4, atol=1e-6, msg=f"{variant} {name}, example {b}")
+
+
+def test_a_tied_head_is_one_parameter_kept_once_in_the_state_dict() -> None:
+    model = InterestModel(ModelConfig(**{**CONFIG.__dict__, "tie_item_vectors": True}))
+    assert model.head.weight is model.item_emb.weight
+    state = model.state_dict()
+    assert "head.weight" not in state and "item_emb.weight" in state and "head.bias" in state
+    other = InterestModel(ModelConfig(**{**CONFIG.__dict__, "tie_item_vectors": True}))
+    other.load_state_dict(state)
+    assert torch.equal(other.head.weight, state["item_emb.weight"]) and other.head.weight is other.item_emb.weight
+
+
+def test_attribute_vectors_score_items_by_their_attributes_mean() -> None:
+    config = ModelConfig(**{**CONFIG.__dict__, **VARIANTS["attributes"]})
+    model = InterestModel(config).eval()
+    with torch.no_grad():
+        model.item_bias.bias.normal_()
+        hidden = torch.randn(3, config.dim)
+        scores = model.scores(hidden)
+        for item in (1, 17, 30):
+            attrs = list(ATTRIBUTES[item])
+            expected = (hidden @ model.head.weight[attrs].T).mean(dim=1) + model.item_bias.bias[item]
+            torch.testing.assert_close(scores[:, item], expected, rtol=1e-5, atol=1e-6)
+        # Items 29 and 30 share their attributes: only the per-item bias tells them apart.
+        torch.testing.assert_close(scores[:, 29] - model.item_bias.bias[29], scores[:, 30] - model.item_bias.bias[30])
+    params = sum(p.numel() for p in model.parameters())
+    free = sum(p.numel() for p in InterestModel(CONFIG).parameters())
+    assert params < free  # 8 attribute rows instead of 31 item rows, in and out
+
+
+def test_attribute_configs_are_checked() -> None:
+    with pytest.raises(ValueError, match="one row per item"):
+        ModelConfig(**{**CONFIG.__dict__, "item_vectors": "attributes", "item_attributes": ATTRIBUTES[:-1]})
+    with pytest.raises(ValueError, match="items \\[3\\] have none"):
+        ModelConfig(**{**CONFIG.__dict__, "item_vectors": "attributes", "item_attributes": ATTRIBUTES[:3] + ((),) + ATTRIBUTES[4:]})
+    with pytest.raises(ValueError, match="only for item_vectors"):
+        ModelConfig(**{**CONFIG.__dict__, "item_attributes": ATTRIBUTES})

@@ -13,9 +13,23 @@ from fedinterest.common.model import InterestModel, ModelConfig, sequence_loss
 ITEMS, MAX_LEN = 30, 5
 
 
-def _model(seed: int = 0) -> InterestModel:
+# Every item has 1-3 of 7 public attributes (common/model.py, item_vectors "attributes").
+ATTRIBUTES = ((),) + tuple(tuple(sorted({1 + i % 7, 1 + (i * 3) % 7, 1 + (i // 5) % 7}))[: 1 + i % 3] for i in range(1, ITEMS + 1))
+VARIANTS = {
+    "free": {},
+    "tied": dict(tie_item_vectors=True),
+    "attributes": dict(item_vectors="attributes", item_attributes=ATTRIBUTES),
+    "attributes-tied": dict(item_vectors="attributes", item_attributes=ATTRIBUTES, tie_item_vectors=True),
+}
+
+
+def _model(seed: int = 0, variant: str = "free") -> InterestModel:
     torch.manual_seed(seed)
-    return InterestModel(ModelConfig(num_items=ITEMS, max_len=MAX_LEN, dim=8, num_blocks=2, num_heads=2, dropout=0.0))
+    model = InterestModel(ModelConfig(num_items=ITEMS, max_len=MAX_LEN, dim=8, num_blocks=2, num_heads=2, dropout=0.0, **VARIANTS[variant]))
+    if model.item_bias is not None:
+        with torch.no_grad():
+            model.item_bias.bias.normal_(0, 0.5)  # a bias that matters, so its gradient is tested
+    return model
 
 
 def _histories(seed: int = 0) -> list[np.ndarray]:
@@ -46,9 +60,10 @@ def _norm(update: dict[str, torch.Tensor]) -> float:
     return float(torch.sqrt(sum(v.double().square().sum() for v in update.values())))
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize("clip", [0.05, 0.5, 100.0])
-def test_clipped_sum_equals_clipping_each_user_alone(clip: float) -> None:
-    model, histories, lr = _model(), _histories(), 0.7
+def test_clipped_sum_equals_clipping_each_user_alone(clip: float, variant: str) -> None:
+    model, histories, lr = _model(variant=variant), _histories(), 0.7
     updates, _ = _loop(model, histories, lr)
     result = fedsgd_user_updates(model, histories, lr=lr, clip_norm=clip, chunk_rows=4)
     norms = [_norm(u) for u in updates]
@@ -60,8 +75,9 @@ def test_clipped_sum_equals_clipping_each_user_alone(clip: float) -> None:
     assert clip > 1 or sum(n > clip for n in norms) >= 3
 
 
-def test_weighted_sum_equals_example_weighted_updates() -> None:
-    model, histories, lr = _model(1), _histories(1), 1.0
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_weighted_sum_equals_example_weighted_updates(variant: str) -> None:
+    model, histories, lr = _model(1, variant), _histories(1), 1.0
     updates, windows = _loop(model, histories, lr)
     result = fedsgd_user_updates(model, histories, lr=lr, chunk_rows=3)
     assert result.windows.tolist() == windows

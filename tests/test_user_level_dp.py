@@ -32,7 +32,7 @@ torch.set_num_threads(1)
 BASE = RunConfig(
     synthetic_users=6, synthetic_items=160, max_len=8, dim=8, num_blocks=1, dropout=0.0,
     num_server_rounds=3, clients_per_round=3, eval_every=3, round_timeout=5.0, seed=3,
-    user_noise_multiplier=1.0, user_clip_norm=0.5, user_epsilon_budget=1000.0,
+    user_noise_multiplier=1.0, user_clip_norm=0.5, user_epsilon_budget=1000.0, user_accountant="rdp",
 )
 NODES = (1, 2, 3, 4, 5, 6)
 
@@ -114,20 +114,20 @@ def test_one_user_moves_the_mean_by_at_most_clip_over_expected_size():
 
 
 def test_accountant_matches_opacus_and_survives_json():
-    settings = UserDPSettings(noise_multiplier=1.1, clip_norm=1.0, delta=0.0, epsilon_budget=5.0, clients_per_round=30)
+    settings = UserDPSettings(noise_multiplier=1.1, clip_norm=1.0, delta=0.0, epsilon_budget=5.0, clients_per_round=30, accountant="rdp")
     accountant = UserLevelAccountant.start(settings, population=300)
-    assert accountant.delta == pytest.approx(1 / 300) and accountant.epsilon() == 0.0
+    assert accountant.delta == pytest.approx(300 ** -1.1) and accountant.epsilon() == 0.0
     epsilons = []
     for _ in range(4):
         accountant.record_release(300)
         epsilons.append(accountant.epsilon())
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
-    assert epsilons[-1] == pytest.approx(opacus_epsilon(1.1, 0.1, 4, 1 / 300))
+    assert epsilons[-1] == pytest.approx(opacus_epsilon(1.1, 0.1, 4, 300 ** -1.1))
     restored = UserLevelAccountant.from_json(settings, json.loads(json.dumps(accountant.to_json())))
     assert restored.epsilon() == epsilons[-1] and restored.rounds == 4
     assert restored.sample(300, 9) == accountant.sample(300, 9)
     # The budget check looks one release ahead.
-    assert restored.would_exceed(300) == (opacus_epsilon(1.1, 0.1, 5, 1 / 300) > 5.0)
+    assert restored.would_exceed(300) == (opacus_epsilon(1.1, 0.1, 5, 300 ** -1.1) > 5.0)
 
 
 def test_poisson_sample_has_rate_q_and_varies_in_size():
@@ -166,10 +166,10 @@ def test_rounds_report_growing_user_epsilon_and_noise_reaches_the_model(fixed_sa
     final = run(ScriptedGrid({n: shifter(0.0) for n in NODES}), cfg)
     rows = read_metrics(tmp_path / METRICS_FILE)
     q = 3 / 6
-    expected = [opacus_epsilon(1.0, q, r, 1 / 6) for r in (1, 2)]
+    expected = [opacus_epsilon(1.0, q, r, 6 ** -1.1) for r in (1, 2)]
     assert [r["user_epsilon"] for r in rows] == pytest.approx(expected)
     user = final["privacy"]["user_level"]
-    assert user["epsilon"] == pytest.approx(expected[-1]) and user["delta"] == pytest.approx(1 / 6)
+    assert user["epsilon"] == pytest.approx(expected[-1]) and user["delta"] == pytest.approx(6 ** -1.1)
     assert user["rounds_accounted"] == 2 and user["sampling"] == "poisson" and final["stopped_early"] is None
 
     start = initial_arrays(cfg.model_config(load_split(cfg.dataset_spec()).num_items), cfg.seed)
@@ -188,12 +188,12 @@ def test_failed_and_refusing_devices_still_give_an_accounted_release(tmp_path):
     cfg = config(tmp_path, num_server_rounds=2, clients_per_round=6)  # q = 1: everyone sampled
     final = run(ScriptedGrid({1: broken, 2: refuser, 3: broken, 4: refuser, 5: broken, 6: refuser}), cfg)
     assert final["rounds"] == 2 and final["counts"]["rounds_without_update"] == 0
-    assert final["privacy"]["user_level"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, 1.0, 2, 1 / 6))
+    assert final["privacy"]["user_level"]["epsilon"] == pytest.approx(opacus_epsilon(1.0, 1.0, 2, 6 ** -1.1))
 
 
 def test_run_stops_before_the_round_that_would_exceed_the_user_budget(fixed_sampling_seed, tmp_path):
     q = 3 / 6
-    budget = (opacus_epsilon(1.0, q, 2, 1 / 6) + opacus_epsilon(1.0, q, 3, 1 / 6)) / 2
+    budget = (opacus_epsilon(1.0, q, 2, 6 ** -1.1) + opacus_epsilon(1.0, q, 3, 6 ** -1.1)) / 2
     grid = ScriptedGrid({n: shifter(0.001) for n in NODES})
     final = run(grid, config(tmp_path, num_server_rounds=5, user_epsilon_budget=budget))
     assert final["rounds"] == 2 and final["stopped_early"] == STOPPED_AT_USER_BUDGET
@@ -240,7 +240,7 @@ def test_without_layer_two_nothing_changes(tmp_path):
 def test_simulation_with_both_layers_reports_user_and_device_epsilon(tmp_path: Path) -> None:
     write_sequences(tmp_path / "tiny.seq")
     (tmp_path / "tiny.toml").write_text(TINY)
-    sets = ["user-noise-multiplier=1.0", "user-clip-norm=0.5", "user-delta=0.01", "user-epsilon-budget=50.0"]
+    sets = ["user-noise-multiplier=1.0", "user-clip-norm=0.5", "user-delta=0.01", "user-epsilon-budget=50.0", "user-accountant=rdp"]
     result = CliRunner().invoke(app, [
         "simulate", str(tmp_path / "tiny.toml"), "--out", str(tmp_path / "runs"), "--json", "--timeout-minutes", TIMEOUT_MINUTES,
         *(x for item in sets for x in ("--set", item)),
@@ -254,3 +254,34 @@ def test_simulation_with_both_layers_reports_user_and_device_epsilon(tmp_path: P
     assert device["dp"] is True and device["device_epsilon_max"] > 0  # layer 1 still on the devices
     rows = read_metrics(run_dir / METRICS_FILE)
     assert rows[0]["user_epsilon"] < rows[1]["user_epsilon"]
+
+
+def test_the_default_prv_accountant_is_opacus_prv_and_tighter_than_rdp():
+    from opacus.accountants import PRVAccountant
+
+    settings = UserDPSettings(noise_multiplier=0.9, clip_norm=1.0, delta=0.0, epsilon_budget=50.0, clients_per_round=100)
+    prv = UserLevelAccountant.start(settings, population=1000)
+    rdp = UserLevelAccountant.start(UserDPSettings(**{**settings.__dict__, "accountant": "rdp"}), population=1000)
+    for _ in range(50):
+        prv.record_release(1000)
+        rdp.record_release(1000)
+    reference = PRVAccountant()
+    reference.history = [(0.9, 0.1, 50)]
+    assert prv.delta == pytest.approx(1000 ** -1.1)
+    assert prv.epsilon() == pytest.approx(reference.get_epsilon(delta=1000 ** -1.1))
+    assert prv.epsilon() < rdp.epsilon() == pytest.approx(opacus_epsilon(0.9, 0.1, 50, 1000 ** -1.1))
+    assert prv.summary()["accountant"] == "opacus prv"
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_a_target_epsilon_calibrates_the_noise_to_spend_it_over_the_rounds(accountant):
+    settings = UserDPSettings(
+        noise_multiplier=0.0, clip_norm=1.0, delta=0.0, epsilon_budget=8.0, clients_per_round=300,
+        accountant=accountant, target_epsilon=8.0, rounds=40,
+    )
+    user_dp = UserLevelAccountant.start(settings, population=3000)
+    assert 0.5 < user_dp.noise_multiplier < 5
+    assert user_dp.epsilon_after(3000, 40) == pytest.approx(8.0, abs=0.02) and user_dp.epsilon_after(3000, 40) <= 8.0
+    assert user_dp.epsilon_after(3000, 41) > 8.0  # the budget stop ends the run after the planned rounds
+    restored = UserLevelAccountant.from_json(settings, json.loads(json.dumps(user_dp.to_json())))
+    assert restored.noise_multiplier == user_dp.noise_multiplier  # a resume keeps the calibrated sigma
