@@ -33,7 +33,7 @@ def overrides(target_epsilon: float, extra: list[str]) -> list[str]:
     return [f"user-target-epsilon={target_epsilon:g}", f"user-epsilon-budget={target_epsilon:g}", *extra]
 
 
-def summarize(run_dir: Path, config: str, target_epsilon: float, label: str, extra: list[str]) -> dict:
+def summarize(run_dir: Path, config: str, target_epsilon: float, label: str, extra: list[str], private_popularity: dict | None = None) -> dict:
     """The federated benchmark's summary plus the user-level figures."""
     summary = federated.summarize_run_dir(run_dir)
     resolved = json.loads((run_dir / "config.resolved.json").read_text())["run"]
@@ -43,6 +43,7 @@ def summarize(run_dir: Path, config: str, target_epsilon: float, label: str, ext
         "dataset": config, "label": label, "sets": extra, "target_epsilon": target_epsilon,
         "user_level": user, "stopped_early": final.get("stopped_early"),
         "user_noise_multiplier": user["noise_multiplier"], "user_clip_norm": resolved["user-clip-norm"],
+        "private_popularity_test": private_popularity,
         "item_vectors": resolved["item-vectors"], "tie_item_vectors": resolved["tie-item-vectors"], "dim": resolved["dim"],
     })
     return summary
@@ -64,14 +65,15 @@ def run(configs: list[str], epsilons: list[float], label: str, extra: list[str],
             print(f"simulating {name} ({label}) at user-level epsilon {epsilon:g}: {' '.join(sets)}", file=sys.stderr)
             config = resolve_config(config_path, sets)
             result = run_simulation(config, out, argv=federated.simulate_argv(config_path, sets, out), on_round=federated.print_progress)
-            print(f"  stored {_store(summarize(result.run_dir, name, epsilon, label, extra))}", file=sys.stderr)
+            summary = summarize(result.run_dir, name, epsilon, label, extra, result.summary.get("private_popularity_test"))
+            print(f"  stored {_store(summary)}", file=sys.stderr)
 
 
 def table() -> str:
     """Markdown table of every stored result beside popularity and the centralized model."""
     lines = [
-        "| dataset | recipe (label: --set) | target user epsilon | epsilon spent (delta, accountant) | sigma, clip | NDCG@10 (best valid round) | vs centralized | vs popularity | last round NDCG@10 | rounds x users/round | wall time | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset (users) | recipe (label: --set) | target user epsilon | epsilon spent (delta, accountant) | sigma, clip | NDCG@10 (best valid round) | HR@10 | vs centralized | vs popularity | vs private popularity | rounds x users/round | wall time | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     stored = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))]
     for s in stored:  # results of the earlier benchmark: sigma calibrated outside the run, RDP, delta 1/N
@@ -84,10 +86,13 @@ def table() -> str:
         ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
         popularity = f"{chosen['ndcg@10'] / central['popularity_test']['ndcg@10']:.2f}x" if central else "-"
         stopped = " (stopped at budget)" if s.get("stopped_early") else ""
+        private = s.get("private_popularity_test")
+        versus_private = f"{chosen['ndcg@10'] / private['ndcg@10']:.2f}x ({private['ndcg@10']:.4f})" if private and private["ndcg@10"] > 0 else "-"
+        users = f" ({chosen['users']:,})" if "users" in chosen else ""
         lines.append(
-            f"| {LABELS.get(s['dataset'], s['dataset'])} | {s['label']}: {' '.join(s['sets']) or '(config as shipped)'} | {s['target_epsilon']:g} | "
+            f"| {LABELS.get(s['dataset'], s['dataset'])}{users} | {s['label']}: {' '.join(s['sets']) or '(config as shipped)'} | {s['target_epsilon']:g} | "
             f"{user['epsilon']:.3f} ({user['delta']:.2g}, {user['accountant']}){stopped} | {s['user_noise_multiplier']:.3g}, {s['user_clip_norm']:g} | "
-            f"{chosen['ndcg@10']:.4f}{name} | {ratio} | {popularity} | {s['test']['ndcg@10']:.4f} | {s['rounds']} x {s['clients_per_round']} (Poisson, expected) | "
+            f"{chosen['ndcg@10']:.4f}{name} | {chosen['hr@10']:.4f} | {ratio} | {popularity} | {versus_private} | {s['rounds']} x {s['clients_per_round']} (Poisson, expected) | "
             f"{s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.device_errors import MessageError, reported_errors
+from fedinterest.client.device_logging import drop_opacus_root_handler, refusal_reason
 from fedinterest.client.faults import act_out, requested_fault
 from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
@@ -37,6 +38,7 @@ from flwr.clientapp import ClientApp
 
 app = ClientApp()
 LOG = logging.getLogger("flwr.fedinterest")
+drop_opacus_root_handler()  # else every log line is printed twice, spacers as blank lines (client/device_logging.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,8 @@ def train(msg: Message, context: Context) -> Message:
                 model=req.model, device=req.device, sampled=sampled, run=run, ledger=ledger, run_id=context.run_id,
                 server_round=server_round, proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
             )
+            if result.refused and req.device.store_path is not None:  # a real device's one user: its log says why
+                LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal_reason(ledger, run, context.run_id, server_round, result.epsilons[0]))
     content = RecordDict()
     if result.state_dict is not None:
         content[wire.ARRAYS] = ArrayRecord(result.state_dict)

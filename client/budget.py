@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedinterest.client.device_store import DeviceStore
+from fedinterest.client.device_store import META_BUDGET, META_DELTA, DeviceStore
 from fedinterest.client.ledger import PrivacyLedger
-from fedinterest.client.local_models import META_BUDGET, META_DELTA
 from fedinterest.client.privacy_policy import load_policy
 from fedinterest.common.run_config import RunConfig
 

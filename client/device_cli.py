@@ -18,15 +18,12 @@ from typing import Annotated, Optional
 
 import typer
 
+# Only what every command needs is imported here; ranking, bundles and ingest (torch,
+# onnxruntime, pyarrow) are imported by their commands, so that `--help`, `policy`,
+# `budget` and `status` answer in a fraction of a second (issue 16).
 from fedinterest.client.budget import privacy_budget
-from fedinterest.client.device_dir import DeviceDirError, init_device_dir, open_device_dir
-from fedinterest.client.device_store import StoreError
-from fedinterest.client.ingest import ingest_file
-from fedinterest.client.local_models import NoModelError
+from fedinterest.client.device_dir import init_device_dir, open_device_dir
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
-from fedinterest.client.recommend import recommend as recommend_items
-from fedinterest.common.bundle import BundleError, load_bundle
-from fedinterest.common.interactions import DataFormatError
 from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
 
 app = typer.Typer(
@@ -43,15 +40,14 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.
 MaxEpsilonOpt = Annotated[float, typer.Option("--max-epsilon", help="The most (example-level) epsilon this device will ever spend.")]
 MaxDeltaOpt = Annotated[float, typer.Option("--max-delta", help="The largest delta this device accepts a run to state epsilon at.")]
 
-# What a command may fail with for a reason the user can fix: printed as one line, exit 2.
-_EXPECTED = (DeviceDirError, StoreError, DataFormatError, BundleError, NoModelError, ValueError, FileNotFoundError, OSError)
-
-
 @contextmanager
 def _clear_errors() -> Iterator[None]:
+    """What a command may fail with for a reason the user can fix: printed as one line, exit 2.
+
+    DeviceDirError, StoreError, DataFormatError and BundleError are ValueErrors."""
     try:
         yield
-    except _EXPECTED as err:
+    except (ValueError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(code=2) from err
 
@@ -128,6 +124,8 @@ def ingest(
     as_json: JsonOpt = False,
 ) -> None:
     """Import the user's interactions (validated; all or nothing; importing the same file again adds nothing)."""
+    from fedinterest.client.ingest import ingest_file
+
     with _clear_errors():
         if fmt is not None and fmt not in ALL_FORMATS:
             raise ValueError(f"--format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
@@ -154,15 +152,27 @@ def start(
     runtime_port: Annotated[Optional[int], typer.Option(help="Loopback port of the SuperNode's runtime API (default: a free one).")] = None,
     max_retries: Annotated[Optional[int], typer.Option(help="Give up after this many reconnection attempts (default: never).")] = None,
     max_wait_time: Annotated[Optional[float], typer.Option(help="Give up reconnecting after this many seconds (default: never).")] = None,
+    resident: Annotated[bool, typer.Option("--resident/--process-per-message", help="Handle messages in a resident, warm ClientApp process (default), or let Flower start a new process for each message.")] = True,
 ) -> None:
-    """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code."""
-    from fedinterest.client.supernode import run_supernode, supernode_launch
+    """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code.
+
+    Checks first that the CA file is a certificate and that the SuperLink answers through TLS
+    (waiting, with the reason, while nothing answers); one start per device directory. Exit codes:
+    2 bad input or already running, 3 the SuperLink cannot be reached, 4 the device is not enrolled."""
+    from fedinterest.client.device_session import AlreadyRunning
+    from fedinterest.client.device_start import start_device
+    from fedinterest.client.supernode import supernode_launch
 
     with _clear_errors():
         device = open_device_dir(directory)
-        launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time)
-    typer.echo(f"starting flower-supernode for {device.root} -> {server}", err=True)
-    raise typer.Exit(code=run_supernode(launch))
+        launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time, resident=resident)
+    say = lambda line: typer.echo(line, err=True)  # noqa: E731
+    try:
+        code = start_device(device, launch, server=server, ca=ca, max_retries=max_retries, max_wait_time=max_wait_time, say=say)
+    except AlreadyRunning as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
 
 
 @app.command("install-bundle")
@@ -170,19 +180,21 @@ def install_bundle(
     bundle: Annotated[Path, typer.Argument(help="A bundle file from `fedinterest server export`.", show_default=False)],
     directory: DirOpt,
     sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the bundle file (default: BUNDLE.sha256 beside it, if there).")] = None,
+    allow_other_catalogue: Annotated[bool, typer.Option("--allow-other-catalogue", help="Install a bundle whose catalogue shares no item with the device's.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Verify a bundle's checksums and keep it in the store as the device's latest model."""
+    """Verify a bundle's checksums and keep it in the store as the device's latest model.
+
+    A bundle whose catalogue shares no item with the device's is refused (it belongs to another federation)."""
+    from fedinterest.client.bundle_install import install_bundle as install
+
     with _clear_errors():
-        device = open_device_dir(directory)
-        loaded = load_bundle(bundle, expected_sha256=sha256)
-        with device.store() as store:
-            model_id = store.save_model("bundle", bundle.read_bytes(), {"source": str(bundle.resolve()), "card": loaded.card})
-            known = sum(1 for item in loaded.catalogue.ids if item in store.catalogue())
-    payload = {"model_id": model_id, "sha256": loaded.sha256, "catalogue_items": len(loaded.catalogue), "card": loaded.card}
-    lines = [f"installed bundle {bundle} (SHA-256 {loaded.sha256}, {len(loaded.catalogue)} items) as the latest model"]
-    if known != len(loaded.catalogue):
-        lines.append(f"note: {len(loaded.catalogue) - known} of the bundle's items are not in the device's catalogue")
+        with open_device_dir(directory).store() as store:
+            installed = install(store, bundle, expected_sha256=sha256, allow_other_catalogue=allow_other_catalogue)
+    payload = asdict(installed)
+    lines = [f"installed bundle {bundle} (SHA-256 {installed.sha256}, {installed.catalogue_items} items) as the latest model"]
+    if installed.shared_items != installed.catalogue_items:
+        lines.append(f"note: {installed.catalogue_items - installed.shared_items} of the bundle's items are not in the device's catalogue")
     _emit(payload, as_json, lines)
 
 
@@ -192,14 +204,21 @@ def recommend(
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
     as_json: JsonOpt = False,
 ) -> None:
-    """Rank the whole catalogue locally (no network) and print the k best items the user has not seen."""
+    """Rank the whole catalogue locally (no network) and print the k best items the user has not seen.
+
+    Before any model arrives, items are ranked by catalogue order (the catalogue's popularity order)."""
+    from fedinterest.client.recommend import recommend as recommend_items
+
     with _clear_errors():
         with open_device_dir(directory).store() as store:
             result = recommend_items(store, k)
     payload = {"items": [{"item_id": item, "score": score} for item, score in result.items], "model": result.model,
                "history_used": result.history_used, "history_unknown": result.history_unknown}
     lines = [f"{rank:>3}. {item}  ({score:.4f})" for rank, (item, score) in enumerate(result.items, start=1)]
-    lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}")
+    if result.model["kind"] == "fallback":
+        lines.append(f"no model yet: ranked by {result.model['ranking']}")
+    else:
+        lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}")
     _emit(payload, as_json, lines)
 
 
@@ -224,11 +243,72 @@ def budget(
 
 
 @app.command()
+def status(directory: DirOpt, as_json: JsonOpt = False) -> None:
+    """History size, model, privacy budget, key and connection of this device."""
+    from fedinterest.client.device_lifecycle import device_status
+
+    with _clear_errors():
+        facts = device_status(open_device_dir(directory))
+    history, budget, connection, model = facts["history"], facts["budget"], facts["connection"], facts["model"]
+    eps = "inf" if budget["epsilon"] is None and budget["rounds"] else f"{budget['epsilon'] or 0:.4g}"
+    _emit(facts, as_json, [
+        f"device {facts['dir']} (user {facts['user_id'] or 'none yet'})",
+        f"history: {history['interactions']} interactions from {history['imports']} import(s), {history['in_catalogue']} in the catalogue of "
+        f"{facts['catalogue_items']}" + ("" if history["trainable"] else " (fewer than 3: the device sends empty replies)"),
+        "model: " + (f"{model['kind']} {model['sha256'][:12]} received {model['received_at']}" + (f" (run {model['run_id']}, round {model['server_round']})" if model["run_id"] else "") if model else "none yet; recommend ranks by catalogue order"),
+        f"privacy: epsilon {eps} spent of {budget['budget']:g} at delta {budget['delta']:g} over {budget['rounds']} round(s); "
+        f"policy: at most epsilon {facts['policy']['max_epsilon']:g} at delta {facts['policy']['max_delta']:g}",
+        f"key: {facts['key']['fingerprint']} ({facts['key']['public_key']}: what the operator enrolls)",
+        f"connection: {connection['state']}" + (f"; last accepted {connection['last_accepted_at']} by {connection['server']} as node {connection['node_id']}" if connection["last_accepted_at"] else ""),
+    ])
+
+
+@app.command("export")
+def export_(
+    directory: DirOpt,
+    out: Annotated[Path, typer.Option("--out", help="The JSON file to write (must not exist; written 0600).", show_default=False)],
+    as_json: JsonOpt = False,
+) -> None:
+    """Write everything this device holds about its user (history, imports, ledger, policy) to one JSON file."""
+    from fedinterest.client.device_lifecycle import export_device
+
+    with _clear_errors():
+        result = export_device(open_device_dir(directory), out)
+    _emit(result, as_json, [f"wrote {result['out']}: {result['interactions']} interactions, {result['imports']} import(s), {result['ledger_rounds']} ledger round(s)"])
+
+
+@app.command()
+def forget(
+    directory: DirOpt,
+    reset_ledger: Annotated[bool, typer.Option("--reset-ledger", help="Also clear the privacy ledger (only for a device handed to another person).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="Do it: without --yes nothing is deleted.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete the user's history, imports and models from this device; the privacy ledger stays unless --reset-ledger.
+
+    The epsilon already spent stays spent (the updates it paid for were released), so a device
+    that keeps its user keeps its ledger. The privacy policy, key and catalogue stay."""
+    from fedinterest.client.device_lifecycle import forget_device
+
+    with _clear_errors():
+        device = open_device_dir(directory)
+        if not yes:
+            raise ValueError(f"{device.root}: `device forget` deletes the history and models for good; run it again with --yes")
+        removed = forget_device(device, reset_ledger=reset_ledger)
+    _emit(removed, as_json, [
+        f"deleted {removed['store_events']} interactions, {removed['store_imports']} import(s), {removed['store_models']} model(s)"
+        + (f" and {removed['ledger_steps']} ledger round(s)" if reset_ledger else "; the privacy ledger is kept (--reset-ledger clears it)")
+    ])
+
+
+@app.command()
 def serve(
     directory: DirOpt,
     address: Annotated[str, typer.Option("--address", help="unix:/path.sock or 127.0.0.1:PORT (local only).")] = "127.0.0.1:50151",
 ) -> None:
-    """Serve ranked items over gRPC (common/ranking.proto) to apps on this device, until interrupted."""
+    """Serve ranked items over gRPC (common/ranking.proto) to apps on this device, until interrupted.
+
+    The service offers gRPC server reflection, so standard clients (grpcurl) need no .proto file."""
     from fedinterest.client.ranking_service import start_server
 
     with _clear_errors():

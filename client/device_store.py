@@ -28,6 +28,10 @@ from fedinterest.client.sqlite_transaction import write_transaction
 from fedinterest.common.catalogue import Catalogue
 
 SCHEMA_VERSION = 1
+# store_meta keys: the privacy settings of the last run the device trained in (written with
+# each global model it receives, client/local_models.py; read by `device budget`).
+META_DELTA = "privacy_delta"
+META_BUDGET = "privacy_epsilon_budget"
 MODEL_KINDS = ("bundle", "global")
 
 _SCHEMA = (
@@ -247,15 +251,52 @@ class DeviceStore:
 
     def latest_model(self) -> StoredModel | None:
         """The most recently received model, bundle or global; None when the device has none."""
-        row = self._conn.execute(
-            "SELECT model_id, kind, received_at, sha256, payload, meta FROM store_models ORDER BY model_id DESC LIMIT 1"
-        ).fetchone()
+        row = self._newest_model("model_id, kind, received_at, sha256, payload, meta")
         if row is None:
             return None
         model_id, kind, received_at, digest, payload, meta = row
         if hashlib.sha256(payload).hexdigest() != digest:
             raise StoreError(f"{self.path}: stored {kind} model {model_id} does not match its SHA-256 {digest}")
         return StoredModel(model_id, kind, received_at, digest, bytes(payload), json.loads(meta))
+
+    def export_rows(self) -> tuple[list[dict], list[dict]]:
+        """The history as stored (by time) and the imports, as plain rows (for `device export`)."""
+        events = [
+            {"item_id": item, "timestamp": ts, "rating": rating, "import_id": imp, "source_line": line}
+            for item, ts, rating, imp, line in self._conn.execute(
+                "SELECT item_id, timestamp, rating, import_id, source_line FROM store_events ORDER BY timestamp, seq")
+        ]
+        columns = ("import_id", "sha256", "source", "format", "user_id", "rows_read", "rows_added", "imported_at")
+        imports = [dict(zip(columns, row)) for row in self._conn.execute(f"SELECT {', '.join(columns)} FROM store_imports ORDER BY import_id")]
+        return events, imports
+
+    def latest_model_info(self) -> dict | None:
+        """The newest model's kind, time, SHA-256 and metadata, without its bytes (for status output)."""
+        row = self._newest_model("model_id, kind, received_at, sha256, length(payload), meta")
+        if row is None:
+            return None
+        info = dict(zip(("model_id", "kind", "received_at", "sha256", "bytes"), row[:5]))
+        return info | {"meta": json.loads(row[5])}
+
+    def _newest_model(self, columns: str) -> tuple | None:
+        return self._conn.execute(f"SELECT {columns} FROM store_models ORDER BY model_id DESC LIMIT 1").fetchone()
+
+    def forget(self, *, reset_ledger: bool = False) -> dict[str, int]:
+        """Delete the user's history, its imports and the models, in one transaction; rows removed per table.
+
+        The privacy policy stays. The ledger stays unless `reset_ledger`: the epsilon already
+        spent was spent on releases that are out there, whatever happens to the history here.
+        """
+        removed = {}
+        with self.transaction() as cur:
+            for table in ("store_events", "store_imports", "store_models"):
+                removed[table] = cur.execute(f"DELETE FROM {table}").rowcount
+            cur.execute("DELETE FROM store_meta WHERE key IN ('user_id', ?, ?)", (META_DELTA, META_BUDGET))
+            if reset_ledger:
+                # client/ledger.py's table of charged rounds (same file, same transaction).
+                removed["ledger_steps"] = cur.execute("DELETE FROM ledger_steps").rowcount if self._has_table(cur, "ledger_steps") else 0
+        self._conn.execute("VACUUM")  # the deleted rows' bytes leave the file too
+        return removed
 
     # ------------------------------------------------------------------ lifecycle
 

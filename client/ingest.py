@@ -14,15 +14,13 @@ import numpy as np
 
 from fedinterest.client.device_store import DeviceStore, ImportResult, file_sha256
 from fedinterest.common.interactions import DataFormatError
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions
+from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions, suffix_format
 
-# Suffixes that name a format, so `--format` can be left out for them.
-_SUFFIX_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 
 
 def infer_format(path: str | Path) -> str:
     """The format a file's suffix names; ValueError asking for --format otherwise."""
-    fmt = _SUFFIX_FORMATS.get(Path(path).suffix.lower())
+    fmt = suffix_format(path)
     if fmt is None:
         raise ValueError(f"{path}: cannot tell the format from the file name; pass --format (one of {', '.join(ALL_FORMATS)})")
     return fmt

@@ -46,8 +46,10 @@ from enum import Enum
 from pathlib import Path
 
 from fedinterest.client.sqlite_transaction import write_transaction
-from flwr.app import ConfigRecord, RecordDict
-from opacus.accountants import RDPAccountant
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # Flower and Opacus (with torch) only where used: `device budget` of a fresh device needs neither
+    from flwr.app import RecordDict
 
 SCHEMA_VERSION = 2  # 2: accounts per user (a `user` column); version 1 files are migrated on open
 
@@ -100,6 +102,10 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
     """Epsilon at `delta` of an RDP accountant history; inf once any step had no noise."""
     if any(sigma == 0 for sigma, _, _ in history):
         return float("inf")  # no noise means no guarantee; Opacus would warn and return inf
+    if not history:
+        return 0.0
+    from opacus.accountants import RDPAccountant
+
     accountant = RDPAccountant()
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta))
@@ -256,6 +262,8 @@ def open_device_ledger(path: Path | None, state: RecordDict) -> Iterator[Privacy
     try:
         yield ledger
     finally:
+        from flwr.app import ConfigRecord
+
         state[STATE_KEY] = ConfigRecord({_IMAGE: ledger.snapshot()})
         ledger.close()
 

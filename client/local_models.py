@@ -17,16 +17,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from fedinterest.client.device_store import DeviceStore, StoredModel
+from fedinterest.client.device_store import META_BUDGET, META_DELTA, DeviceStore, StoredModel
 from fedinterest.common.bundle import read_bundle_bytes
 from fedinterest.common.catalogue import Catalogue
 from fedinterest.common.constants import PAD_ID
 from fedinterest.common.examples import history_batch
 from fedinterest.common.model import InterestModel, ModelConfig
 
-# store_meta keys: the privacy settings of the last run the device trained in.
-META_DELTA = "privacy_delta"
-META_BUDGET = "privacy_epsilon_budget"
 
 
 class NoModelError(LookupError):

@@ -16,8 +16,8 @@ from pathlib import Path
 import grpc
 
 from fedinterest.client.device_store import DeviceStore
-from fedinterest.client.local_models import LoadedModel, NoModelError, load_latest
-from fedinterest.client.recommend import recommend
+from fedinterest.client.local_models import LoadedModel
+from fedinterest.client.recommend import FALLBACK, load_or_fallback, recommend
 from fedinterest.common import ranking_pb2, ranking_pb2_grpc
 
 DEFAULT_K = 10
@@ -66,8 +66,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
     def _model(self, store: DeviceStore) -> LoadedModel:
         latest = store.latest_model_id()
         with self._lock:
-            if self._loaded is None or self._loaded.model_id != latest:
-                self._loaded = load_latest(store)
+            if self._loaded is None or self._loaded.model_id != (latest or 0):
+                self._loaded = load_or_fallback(store)  # model_id 0: the catalogue-order fallback
             return self._loaded
 
     def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext) -> ranking_pb2.RecommendReply:
@@ -75,11 +75,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         if k > MAX_K:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be at most {MAX_K}, got {k}")
         store = self._store()
-        try:
-            loaded = self._model(store)
-        except NoModelError as e:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        result = recommend(store, k, loaded=loaded)
+        result = recommend(store, k, loaded=self._model(store))
         return ranking_pb2.RecommendReply(
             items=[ranking_pb2.RankedItem(item_id=item, score=score) for item, score in result.items],
             model_kind=result.model["kind"], model_sha256=result.model["sha256"], history_used=result.history_used,
@@ -88,12 +84,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
     def Status(self, request: ranking_pb2.StatusRequest, context: grpc.ServicerContext) -> ranking_pb2.StatusReply:
         store = self._store()
         history = store.history()
-        try:
-            loaded = self._model(store)
-        except NoModelError:
-            return ranking_pb2.StatusReply(has_model=False, catalogue_items=len(store.catalogue()), history_items=history.total)
+        loaded = self._model(store)
         return ranking_pb2.StatusReply(
-            has_model=True, model_kind=loaded.description["kind"], model_sha256=loaded.description["sha256"],
+            has_model=loaded.description["kind"] != FALLBACK, model_kind=loaded.description["kind"], model_sha256=loaded.description["sha256"],
             catalogue_items=len(loaded.catalogue), history_items=history.total,
         )
 
@@ -104,6 +97,12 @@ def start_server(store_path: Path, address: str, *, max_workers: int = 2) -> tup
     DeviceStore(store_path).close()  # a missing or foreign store fails here, not on the first request
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(store_path), server)
+    # Server reflection: standard gRPC clients (grpcurl, Postman, ...) list and call the service
+    # without a copy of common/ranking.proto.
+    from grpc_reflection.v1alpha import reflection
+
+    service = ranking_pb2.DESCRIPTOR.services_by_name["Ranking"].full_name
+    reflection.enable_server_reflection((service, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)  # local only (checked above): no TLS needed
     if port == 0:
         raise OSError(f"could not bind the ranking service to {address}")

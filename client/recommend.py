@@ -3,6 +3,12 @@
 The user's history (by raw item id) is mapped to the model's catalogue; items the
 model does not know are left out of the input. Every item already in the history is
 excluded from the result. Nothing here touches the network.
+
+Before the device has any model (no bundle installed, no round taken part in), it ranks
+by catalogue order: the operator's catalogue lists the most popular items first when it
+is built with `fedinterest server catalogue` (docs/operator.md), so this is the
+popularity ranking, computed from nothing on the device. The result says so
+(`model.kind = "fallback"`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,39 @@ from dataclasses import dataclass
 import numpy as np
 
 from fedinterest.client.device_store import DeviceStore
-from fedinterest.client.local_models import LoadedModel, load_latest
+from fedinterest.client.local_models import LoadedModel, NoModelError, load_latest
+from fedinterest.common.catalogue import Catalogue
+from fedinterest.common.constants import PAD_ID
+
+FALLBACK = "fallback"
+
+
+class CatalogueOrderRanker:
+    """Scores items by catalogue position: item 1 highest (PAD column -inf); the history is not used."""
+
+    def __init__(self, num_items: int) -> None:
+        self._scores = -np.arange(num_items + 1, dtype=np.float32)
+        self._scores[PAD_ID] = -np.inf
+
+    def scores(self, history: np.ndarray) -> np.ndarray:
+        return self._scores.copy()
+
+
+def fallback_model(catalogue: Catalogue) -> LoadedModel:
+    """The ranking of a device without a model: catalogue order (the catalogue's popularity order)."""
+    description = {
+        "kind": FALLBACK, "sha256": "", "ranking": "catalogue order (the most popular items first, when the operator built "
+        "the catalogue with `fedinterest server catalogue`); no model has reached this device yet",
+    }
+    return LoadedModel(CatalogueOrderRanker(len(catalogue)), catalogue, model_id=0, description=description)
+
+
+def load_or_fallback(store: DeviceStore) -> LoadedModel:
+    """The latest model, or the catalogue-order fallback when the device has none."""
+    try:
+        return load_latest(store)
+    except NoModelError:
+        return fallback_model(store.catalogue())
 
 
 @dataclass(frozen=True)
@@ -29,7 +67,7 @@ def recommend(store: DeviceStore, k: int = 10, loaded: LoadedModel | None = None
     """The k best unseen catalogue items for the device's user; `loaded` reuses an already loaded model."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    loaded = loaded or load_latest(store)
+    loaded = loaded or load_or_fallback(store)
     history = store.history(loaded.catalogue)
     return rank_unseen(loaded, history.indices, k, history_unknown=history.unknown)
 

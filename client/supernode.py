@@ -10,17 +10,27 @@ from the federation itself.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedinterest.client.data_source import HISTORY_DB
 from fedinterest.client.device_dir import DeviceDir
+from fedinterest.client.superlink_probe import check_ca_file, split_address
+
+# What Flower 1.41's SuperNode prints when the SuperLink refuses to activate it (exit code 305).
+ACTIVATION_REFUSED = "[code: 2004]"
+# ... and what it prints once the SuperLink accepted it.
+ACTIVATED = re.compile(rb"SuperNode ID: (\d+)")
 
 OFFLINE_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -35,30 +45,32 @@ class SuperNodeLaunch:
 
     argv: list[str]
     env: dict[str, str]
+    # The resident ClientApp process (client/warm_executor.py) run beside the SuperNode, or
+    # None when the SuperNode starts a `flwr-clientapp` process per message itself.
+    executor_argv: list[str] | None = None
 
 
 def supernode_launch(
     device: DeviceDir, *, server: str, ca: Path, runtime_port: int | None = None,
-    max_retries: int | None = None, max_wait_time: float | None = None,
+    max_retries: int | None = None, max_wait_time: float | None = None, resident: bool = True,
 ) -> SuperNodeLaunch:
-    """The `flower-supernode` invocation for `device`; ValueError for a bad address or missing CA file."""
-    host, _, port = server.rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"--server must be HOST:PORT (the operator's SuperLink Fleet API), got {server!r}")
-    if not ca.is_file():
-        raise ValueError(f"{ca}: no CA certificate file here (the operator's ca.crt)")
+    """The `flower-supernode` invocation for `device`; ValueError for a bad address or a CA file that is no certificate."""
+    split_address(server)
+    check_ca_file(ca)
     store = str(device.store_path.resolve())
     if "'" in store:
         raise ValueError(f"{store}: the store path may not contain a single quote (it is passed as a TOML literal string)")
+    runtime = f"127.0.0.1:{runtime_port or free_port()}"  # the SuperNode's own runtime API never leaves the device
     argv = [
         _flower_supernode(),
         "--superlink", server,
         "--root-certificates", str(ca.resolve()),
         "--auth-supernode-private-key", str(device.private_key.resolve()),
         "--node-config", f"{HISTORY_DB}='{store}'",
-        "--isolation", "subprocess",
-        "--host", "127.0.0.1",  # the SuperNode's own runtime API never leaves the device
-        "--port", str(runtime_port or free_port()),
+        # process: the ClientApp executor is ours (resident); subprocess: Flower starts one per message.
+        "--isolation", "process" if resident else "subprocess",
+        "--host", runtime.rpartition(":")[0],
+        "--port", runtime.rpartition(":")[2],
     ]
     if max_retries is not None:
         argv += ["--max-retries", str(max_retries)]
@@ -68,16 +80,48 @@ def supernode_launch(
     # The SuperNode starts `flower-superexec` (and it `flwr-clientapp`) from PATH: the ones beside this interpreter.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["FLWR_HOME"] = str(device.flwr_home.resolve())  # per device: two devices on one machine never share it
-    return SuperNodeLaunch(argv, env)
+    executor = [sys.executable, "-m", "fedinterest.client.warm_executor", "--runtime-api-address", runtime] if resident else None
+    # Flower's SuperExec asks the SuperNode for a task once a second by default; a resident
+    # executor is idle between messages, so it may ask more often (a loopback request).
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2")
+    return SuperNodeLaunch(argv, env, executor)
 
 
-def run_supernode(launch: SuperNodeLaunch) -> int:
-    """Run the SuperNode in the foreground until it exits; its exit code.
+@dataclass(frozen=True)
+class SuperNodeExit:
+    """How one SuperNode process ended."""
 
-    SIGTERM and SIGHUP are passed on to it (and Ctrl-C reaches it through the terminal's
-    process group), so stopping this command never leaves an orphaned SuperNode behind.
+    code: int
+    activation_refused: bool  # the SuperLink answered "[code: 2004] Failed to activate SuperNode."
+
+
+def run_supernode(
+    launch: SuperNodeLaunch, on_start: Callable[[int], None] | None = None, on_activated: Callable[[int], None] | None = None
+) -> SuperNodeExit:
+    """Run the SuperNode in the foreground until it exits; its exit code and whether activation was refused.
+
+    Its output is passed through line by line (and read for the activation refusal).
+    SIGTERM, SIGHUP and Ctrl-C (SIGINT) are passed on to it; if this process dies (even by SIGKILL) the kernel sends the SuperNode
+    SIGTERM, so it signs off instead of staying "online" at the SuperLink for a minute.
     """
-    process = subprocess.Popen(launch.argv, env=launch.env)
+    # Its own process group: once it has exited, what it started (its SuperExec, which would
+    # keep retrying the dead SuperNode for minutes, holding the output pipe) is ended with it.
+    process = subprocess.Popen(
+        launch.argv, env=launch.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=0,
+    )
+    if on_start is not None:
+        on_start(process.pid)
+    refused = threading.Event()
+    pumps = [threading.Thread(target=_pass_through, args=(process, refused, on_activated), name="supernode-output", daemon=True)]
+    if launch.executor_argv is not None:
+        # In the SuperNode's process group (ended with it), and told when the SuperNode goes.
+        executor = subprocess.Popen(
+            [*launch.executor_argv, "--parent-pid", str(process.pid)], env=launch.env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=process.pid,
+        )
+        pumps.append(threading.Thread(target=_pass_through, args=(executor, refused, None), name="executor-output", daemon=True))
+    for pump in pumps:
+        pump.start()
 
     def forward(signum: int, _frame: object) -> None:
         process.send_signal(signum)
@@ -86,12 +130,41 @@ def run_supernode(launch: SuperNodeLaunch) -> int:
     try:
         while True:
             try:
-                return process.wait()
+                code = process.wait()
+                break
             except KeyboardInterrupt:
-                process.send_signal(signal.SIGINT)  # then wait for its graceful exit
+                process.send_signal(signal.SIGINT)  # a new process group: Ctrl-C is passed on; then wait for its exit
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pump in pumps:
+        pump.join(timeout=10)
+    return SuperNodeExit(code, refused.is_set())
+
+
+def _pass_through(process: subprocess.Popen[bytes], refused: threading.Event, on_activated: Callable[[int], None] | None) -> None:
+    """Copy the SuperNode's output to our stderr, noting an activation refusal or acceptance."""
+    assert process.stdout is not None
+    for raw in process.stdout:
+        if ACTIVATION_REFUSED.encode() in raw:
+            refused.set()
+        accepted = ACTIVATED.search(raw)
+        if accepted and on_activated is not None:
+            on_activated(int(accepted.group(1)))
+        sys.stderr.buffer.write(raw)
+        sys.stderr.buffer.flush()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the SuperNode then outlives a killed parent, as before
 
 
 def free_port() -> int:

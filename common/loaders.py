@@ -39,8 +39,17 @@ _SUFFIX_FORMATS = {
     ".tab": "tsv",
     ".jsonl": "jsonl",
     ".ndjson": "jsonl",
+    # Exports named .json are often JSON lines; read as such (a JSON array is named as such, below).
+    ".json": "jsonl",
     ".parquet": "parquet",
 }
+
+
+
+def suffix_format(path: str | Path) -> str | None:
+    """The generic format a file's suffix names (`.json` is JSON lines), None when it names none."""
+    return _SUFFIX_FORMATS.get(Path(path).suffix.lower())
+
 
 # MovieLens ratings are whole stars; a dict lookup validates and converts in one step.
 _ML_RATINGS = {"1": 1.0, "2": 2.0, "3": 3.0, "4": 4.0, "5": 5.0}
@@ -432,6 +441,8 @@ def _load_jsonl(path: str | Path, columns: ColumnMap) -> InteractionTable:
         try:
             obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
+            if i == 0 and line.lstrip().startswith("["):
+                raise DataFormatError(src, 1, "a JSON array; interactions are read as JSON lines (one object per line, no enclosing [ ])") from None
             raise DataFormatError(src, i + 1, f"invalid JSON: {e.msg} (column {e.colno})") from None
         except _Bad as e:
             raise DataFormatError(src, i + 1, e.reason) from None

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, fields
 
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.item_attributes import item_attribute_rows
-from fedinterest.common.model import ModelConfig
+from fedinterest.common.model_config import ITEM_VECTORS, ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
 
 # Integers beyond this are typos or attacks, never settings (and would overflow numpy/torch).
@@ -28,7 +28,6 @@ FAULT_MODES = ("fail", "timeout")
 # plain SGD keeps DP noise proportional to the learning rate, where Adam's per-coordinate
 # scaling turns noise-dominated coordinates into steps of the full learning rate.
 LOCAL_OPTIMIZERS = ("adam", "sgd")
-ITEM_VECTORS = ("free", "attributes")
 USER_ACCOUNTANTS = ("prv", "rdp")  # Opacus accountants of layer 2
 
 

@@ -11,9 +11,10 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
-from fedinterest.common.model import InterestModel, ModelConfig
+if TYPE_CHECKING:  # torch is imported where weights are written or read, not by atomic_write_text's users
+    from fedinterest.common.model import InterestModel
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -28,6 +29,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(model: InterestModel, directory: Path, name: str = "model") -> Path:
     """`name.safetensors` plus `name.json` (the ModelConfig) in `directory`."""
+    from safetensors.torch import save_file
+
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / f"{name}.safetensors"
     tmp = weights.with_name(weights.name + ".tmp")
@@ -39,6 +42,10 @@ def save_model(model: InterestModel, directory: Path, name: str = "model") -> Pa
 
 def load_model(directory: Path, name: str = "model") -> InterestModel:
     """The model saved by `save_model`, in eval mode."""
+    from safetensors.torch import load_file
+
+    from fedinterest.common.model import InterestModel, ModelConfig
+
     config_path = directory / f"{name}.json"
     weights_path = directory / f"{name}.safetensors"
     for path in (config_path, weights_path):

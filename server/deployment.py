@@ -35,7 +35,9 @@ STATE_DIR = "state"
 RUNS_DIR = "runs"
 CONNECTION = "fedinterest"  # the SuperLink connection's name in flwr-home/config.toml
 DEFAULT_PORT = 9092
-DEFAULT_HOST = "0.0.0.0"
+# Loopback by default: the one HTTPS port also serves Flower's Control API (submit, stop,
+# register and unregister), which authenticates nothing beyond reaching the port (issue 16).
+DEFAULT_HOST = "127.0.0.1"
 ENV_DIR = "FEDINTEREST_SERVER_DIR"
 # Run-config keys `fedinterest server run` sets itself, so they are no run defaults.
 RUN_MANAGED_KEYS = ("dataset", "data-path", "synthetic-users", "synthetic-items", "synthetic-seed", "num-items", "run-dir")
@@ -118,6 +120,28 @@ def run_defaults() -> dict[str, Any]:
     return {k: v for k, v in RunConfig().to_flower().items() if k not in RUN_MANAGED_KEYS}
 
 
+def is_exposed(host: str) -> bool:
+    """Whether the SuperLink listening on `host` can be reached from other machines."""
+    if host in _BIND_ALL:
+        return True
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"  # a DNS name: whatever interface it resolves to
+
+
+def exposure_warning(settings: ServerSettings) -> str | None:
+    """What listening on a non-loopback address means, or None on loopback."""
+    if not is_exposed(settings.host):
+        return None
+    return (
+        f"the SuperLink will listen on {settings.host}:{settings.port}. That one port also serves Flower's Control API "
+        "(submit and stop runs, register and unregister devices), which has no authentication beyond reaching the port "
+        "over TLS: anyone who can connect to it can run code on every enrolled device through a submitted app. "
+        "Firewall the port so that only the devices' network reaches it, and run the operator's commands on this machine"
+    )
+
+
 def _check_port(port: int) -> int:
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
         raise DeploymentError(f"port must be an integer in 1..65535, got {port!r}")
@@ -184,6 +208,10 @@ def _write_tree(deployment: Deployment, sans: list[certs.San], catalogue: Path |
     if catalogue is not None:
         shutil.copyfile(catalogue, deployment.catalogue)
         count_catalogue(deployment.catalogue)  # raises on an unusable catalogue; init then leaves nothing
+        from fedinterest.server.catalogue_build import popularity_file
+
+        if popularity_file(Path(catalogue)).is_file():  # built by `server catalogue`: its baseline comes along
+            shutil.copyfile(popularity_file(Path(catalogue)), popularity_file(deployment.catalogue))
     atomic_write_text(deployment.devices_file, "[]\n")
     atomic_write_text(deployment.config_file, _config_text(deployment))
     write_flower_connection(deployment)

@@ -153,6 +153,11 @@ def revoke(deployment: Deployment, name: str) -> Device:
     return revoked
 
 
+def device_json(device: Device) -> dict[str, Any]:
+    """A device row for JSON output: the node id as text (64-bit ids are corrupted by JSON readers that use doubles)."""
+    return {**asdict(device), "node_id": str(device.node_id)}
+
+
 def node_statuses(deployment: Deployment) -> dict[int, str]:
     """Flower's status of every node it knows (registered, online, offline, unregistered)."""
     reply = flwr_json(["supernode", "list", "--verbose"], superlink_env(deployment))
@@ -170,7 +175,7 @@ def device_rows(deployment: Deployment, *, include_revoked: bool = False) -> tup
         statuses, problem = None, f"no live status: {err}"
     rows = []
     for device in devices:
-        row = asdict(device)
+        row = device_json(device)
         row["status"] = statuses.get(device.node_id, "unknown to the SuperLink") if statuses is not None else None
         rows.append(row)
     return rows, problem

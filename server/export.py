@@ -49,7 +49,7 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
         },
         "run": {
             "name": run_dir.name,
-            "flower_run_id": record["run_id"],
+            "flower_run_id": str(record["run_id"]),
             "flower_status": flower_status,
             "submitted_at": record.get("submitted_at"),
             "rounds": final.get("rounds"),
@@ -128,4 +128,4 @@ def export_run(deployment: Deployment, ref: str | None, out: Path) -> dict[str, 
     state_dict = {key: torch.from_numpy(array.copy()) for key, array in checkpoint.arrays.items()}
     path = write_bundle(Path(out), state_dict=state_dict, model_config=config.model_config(config.num_items), catalogue_ids=list(catalogue.ids), model_card=card)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return {"bundle": str(path), "sha256": digest, "bytes": path.stat().st_size, "run": run_dir.name, "run_id": record["run_id"], "round": checkpoint.round, "card": card}
+    return {"bundle": str(path), "sha256": digest, "bytes": path.stat().st_size, "run": run_dir.name, "run_id": str(record["run_id"]), "round": checkpoint.round, "card": card}

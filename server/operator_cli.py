@@ -21,6 +21,7 @@ from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 if TYPE_CHECKING:
     from fedinterest.server.deployment import Deployment
+    from fedinterest.server.run_metrics import RoundRow
 
 app = typer.Typer(
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
@@ -71,13 +72,14 @@ def init(
         typer.Option("--san", help="An IP address or DNS name devices use to reach the server (repeatable); 127.0.0.1 and localhost are always added."),
     ] = None,
     catalogue: Annotated[Optional[Path], typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
-    host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on (0.0.0.0: every interface).")] = DEFAULT_HOST,
+    host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on. Default loopback only; "
+        "give the interface devices use (or 0.0.0.0) to expose it, Control API included.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port (devices, the operator's flwr commands).")] = DEFAULT_PORT,
     as_json: JsonOption = False,
 ) -> None:
     """Create a deployment directory: CA, server certificate with the SANs, config, empty enrolment list."""
     from fedinterest.server.certificates import certificate_sans, fingerprint, load_certificate
-    from fedinterest.server.deployment import init_deployment
+    from fedinterest.server.deployment import exposure_warning, init_deployment
 
     with _errors():
         deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
@@ -91,7 +93,11 @@ def init(
             "sans": certificate_sans(load_certificate(deployment.server_cert)),
             "listen": f"{deployment.server.host}:{deployment.server.port}",
             "catalogue": str(deployment.catalogue) if deployment.catalogue.is_file() else None,
+            "exposed": exposure_warning(deployment.server) is not None,
         }
+    warning = exposure_warning(deployment.server)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
     if as_json:
         _print_json(facts)
         return
@@ -100,18 +106,53 @@ def init(
     typer.echo(f"  CA:          {facts['ca_certificate']} (give this file to devices: --ca)")
     typer.echo(f"  CA SHA-256:  {facts['ca_sha256']}")
     typer.echo(f"  server cert: {facts['server_certificate']} for {', '.join(facts['sans'])}")
-    typer.echo(f"  listens on:  {facts['listen']}")
+    typer.echo(f"  listens on:  {facts['listen']}" + ("" if facts["exposed"] else " (loopback only: devices on this machine; `--host` to expose it)"))
     typer.echo(f"  catalogue:   {facts['catalogue'] or 'none yet (copy one to catalogue.txt before `server run`)'}")
     typer.echo(f"Next: fedinterest server start --dir {facts['dir']}")
 
 
 @app.command()
+def catalogue(
+    source: Annotated[Path, typer.Argument(help="An interactions file listing every item (the operator's own log, a product export).")],
+    out: Annotated[Path, typer.Option("--out", help="The catalogue to write (give it to `server init --catalogue` and to devices).")],
+    fmt: Annotated[Optional[str], typer.Option("--format", help="csv, tsv, jsonl (also .json), parquet, ml-100k, ml-1m, sequences (default: from the suffix).")] = None,
+    user_col: Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")] = "user",
+    item_col: Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")] = "item",
+    time_col: Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")] = "timestamp",
+    as_json: JsonOption = False,
+) -> None:
+    """Build the item catalogue from an interactions file, most popular item first, with its popularity baseline beside it.
+
+    Devices without a model rank by this order; `status` and `report` show the baseline."""
+    from fedinterest.common.loaders import GENERIC_FORMATS, ColumnMap, suffix_format
+    from fedinterest.server.catalogue_build import build_catalogue
+
+    with _errors(ValueError, FileExistsError, FileNotFoundError):
+        chosen = fmt or suffix_format(source)
+        if chosen is None:
+            raise ValueError(f"{source}: cannot tell the format from the file name; pass --format")
+        columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col) if chosen in GENERIC_FORMATS else ColumnMap()
+        facts = build_catalogue(source, out, fmt=chosen, columns=columns)
+    if as_json:
+        _print_json(facts)
+        return
+    popular = facts["popularity_test"] or {}
+    typer.echo(f"Wrote {facts['catalogue']}: {facts['items']} items by popularity over {facts['interactions']} interactions")
+    typer.echo(f"  popularity baseline (test, {facts['users_evaluated']} users): " + (", ".join(f"{k} {v:.4g}" for k, v in popular.items()) or "-"))
+    typer.echo(f"  written beside it: {facts['popularity']}")
+
+
+@app.command()
 def start(directory: DirOption = None) -> None:
     """Run the SuperLink (TLS, SuperNode authentication, SQLite database in DIR) in the foreground."""
+    from fedinterest.server.deployment import exposure_warning
     from fedinterest.server.superlink import run_superlink, superlink_command
 
     with _errors():
         deployment = _deployment(directory)
+        warning = exposure_warning(deployment.server)
+        if warning:
+            typer.echo(f"warning: {warning}", err=True)
         typer.echo(f"Starting the SuperLink of {deployment.root} on {deployment.server.host}:{deployment.server.port} (Ctrl-C stops it)", err=True)
         typer.echo("$ " + " ".join(superlink_command(deployment)), err=True)
     code = run_superlink(deployment)
@@ -126,14 +167,13 @@ def enroll(
     as_json: JsonOption = False,
 ) -> None:
     """Allow a device to join: register its public key with the running SuperLink under NAME."""
-    from dataclasses import asdict
-
+    from fedinterest.server.enrollment import device_json
     from fedinterest.server.enrollment import enroll as do_enroll
 
     with _errors():
         device = do_enroll(_deployment(directory), public_key, name)
     if as_json:
-        _print_json(asdict(device))
+        _print_json(device_json(device))
     else:
         typer.echo(f"Enrolled {device.name}: node {device.node_id}, key {device.key_sha256}")
 
@@ -145,14 +185,13 @@ def revoke(
     as_json: JsonOption = False,
 ) -> None:
     """Remove a device from the federation (its key is never accepted again)."""
-    from dataclasses import asdict
-
+    from fedinterest.server.enrollment import device_json
     from fedinterest.server.enrollment import revoke as do_revoke
 
     with _errors():
         device = do_revoke(_deployment(directory), name)
     if as_json:
-        _print_json(asdict(device))
+        _print_json(device_json(device))
     else:
         typer.echo(f"Revoked {device.name} (node {device.node_id}) at {device.revoked_at}")
 
@@ -195,18 +234,25 @@ def run(
     timeout_minutes: Annotated[float, typer.Option("--timeout-minutes", help="With --wait: give up waiting after this long.")] = 600.0,
     as_json: JsonOption = False,
 ) -> None:
-    """Submit a federated training run of this project's app to the SuperLink; prints the run id."""
-    from fedinterest.server.run_admin import submit_run, wait_finished
+    """Submit a federated training run of this project's app to the SuperLink; prints the run id.
+
+    Before submitting, warns when the enrolled devices' privacy budgets cannot cover the rounds.
+    With --wait, exits 1 unless the run completed and at least one device's update was aggregated."""
+    from fedinterest.server.run_admin import check_run, submit_run, wait_finished
 
     with _errors():
         deployment = _deployment(directory)
-        submitted = submit_run(deployment, list(set_ or []))
-    facts: dict[str, Any] = {"run_id": submitted.run_id, "run": submitted.run_dir.name, "run_dir": str(submitted.run_dir)}
+        _, warnings = check_run(deployment, list(set_ or []))
+        for warning in warnings:
+            typer.echo(f"warning: {warning}", err=True)
+        submitted = submit_run(deployment, list(set_ or []), warnings)
+    facts: dict[str, Any] = {"run_id": str(submitted.run_id), "run": submitted.run_dir.name, "run_dir": str(submitted.run_dir), "warnings": list(warnings)}
     if not as_json:
         typer.echo(f"Submitted run {submitted.run_id} ({submitted.run_dir.name}); follow it with `fedinterest server status {submitted.run_id}`")
     if wait:
+        # Live progress goes to stderr, so --json keeps stdout one JSON document.
         with _errors():
-            state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60)
+            state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60, on_round=_echo_round)
         facts["state"] = state
         if not as_json:
             _echo_state(state)
@@ -214,6 +260,17 @@ def run(
         _print_json(facts)
     if wait and not facts["state"]["completed"]:
         raise typer.Exit(1)
+
+
+def _echo_round(row: RoundRow) -> None:
+    """One line per finished round, as `run --wait` follows the run."""
+    shown = ", ".join(f"{k} {row.number(k):.4g}" for k in ("train_loss", "epsilon_max", "ndcg@10") if row.number(k) is not None)
+    typer.echo(
+        f"round {row.round}: {row.get('answered')} of {row.get('sampled')} devices answered, {row.get('refused')} refused, "
+        f"{row.get('failed')} failed, {row.get('rejected')} rejected" + (f"; {shown}" if shown else "; no update aggregated")
+        + (f" ({row.number('seconds'):.0f} s)" if row.number("seconds") is not None else ""),
+        err=True,
+    )
 
 
 def _number(value: Any, missing: str) -> str:
@@ -226,6 +283,10 @@ def _number(value: Any, missing: str) -> str:
 def _echo_state(state: dict[str, Any]) -> None:
     flower = state["flower"]
     typer.echo(f"Run {state['run_id']} ({state['run']}): {state['status'] or 'state unknown'}")
+    if state.get("outcome_why"):
+        typer.echo(f"  warning: {state['outcome_why']}")
+    for warning in state.get("warnings") or []:
+        typer.echo(f"  warned at submission: {warning}")
     if flower.get("status-details") not in (None, "", "N/A"):
         typer.echo(f"  details: {flower['status-details']}")
     if flower.get("error"):
@@ -251,6 +312,12 @@ def _echo_state(state: dict[str, Any]) -> None:
     final = state["final"]
     if final and final.get("test"):
         typer.echo("  final test: " + ", ".join(f"{k} {v:.4g}" for k, v in final["test"].items()))
+    popular = (state.get("popularity_baseline") or {}).get("popularity_test")
+    if popular:
+        typer.echo("  popularity baseline (test, on the catalogue's source data, not the devices'): "
+                   + ", ".join(f"{k} {popular[k]:.4g}" for k in ("hr@10", "ndcg@10") if k in popular))
+    for reason in state.get("device_reasons") or []:
+        typer.echo(f"  {reason}")
 
 
 @app.command()

@@ -45,7 +45,7 @@ def _save(plt, fig, ax, path: Path, empty: bool, empty_text: str) -> Path:  # no
     return path
 
 
-def plot_ndcg(rows: Sequence[_Row], path: Path, final_test: float | None = None) -> Path:
+def plot_ndcg(rows: Sequence[_Row], path: Path, final_test: float | None = None, baseline: float | None = None) -> Path:
     """Validation NDCG@10 of the global model against the server round."""
     plt, fig, ax = _figure()
     x, y = _series(rows, "ndcg@10")
@@ -53,6 +53,8 @@ def plot_ndcg(rows: Sequence[_Row], path: Path, final_test: float | None = None)
         ax.plot(x, y, marker="o", label="validation NDCG@10 (rounds it was measured)")
     if final_test is not None and math.isfinite(final_test) and rows:
         ax.axhline(final_test, color="tab:green", linestyle="--", label=f"final test NDCG@10 = {final_test:.4f}")
+    if baseline is not None and math.isfinite(baseline) and rows:
+        ax.axhline(baseline, color="tab:gray", linestyle=":", label=f"popularity baseline (catalogue source) = {baseline:.4f}")
     ax.set_xlabel("server round")
     ax.set_ylabel("NDCG@10 (full catalogue)")
     ax.set_title("Global model quality")

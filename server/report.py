@@ -9,10 +9,12 @@ from typing import Any
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.serialization import atomic_write_text
+from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.deployment import Deployment
 from fedinterest.server.plots import plot_epsilon, plot_ndcg
 from fedinterest.server.run_admin import FINAL_FILE, METRICS_FILE, find_run, read_record
 from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
+from fedinterest.server.run_outcome import outcome
 
 REPORT_MD = "report.md"
 NDCG_PNG = "ndcg.png"
@@ -29,16 +31,24 @@ def _fmt(value: Any) -> str:
     return str(int(number)) if float(number).is_integer() and abs(number) < 1e12 else f"{number:.4g}"
 
 
-def summary(run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, config: RunConfig, record: dict[str, Any]) -> dict[str, Any]:
+def summary(
+    run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, config: RunConfig, record: dict[str, Any],
+    popularity: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The numbers of the report (also its `--json`)."""
     privacy = (final or {}).get("privacy") or {}
+    devices = {key: int(sum(r.number(key) or 0 for r in rows)) for key in ("sampled", "answered", "refused", "failed", "rejected", "empty")}
+    verdict = outcome(final, rows, devices)
     return {
         "run": run_dir.name,
-        "run_id": record["run_id"],
+        "run_id": str(record["run_id"]),  # text: 64-bit ids survive every JSON reader
         "rounds_done": len(rows),
         "rounds_planned": config.num_server_rounds,
         "finished": final is not None,
-        "devices": {key: int(sum(r.number(key) or 0 for r in rows)) for key in ("sampled", "answered", "refused", "failed", "rejected")},
+        "trained": verdict["trained"],
+        "outcome": verdict["verdict"],
+        "outcome_why": verdict["why"],
+        "devices": devices,
         "valid": (final or {}).get("valid"),
         "test": (final or {}).get("test"),
         "best_valid": (final or {}).get("best_valid"),
@@ -51,6 +61,8 @@ def summary(run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, c
         "user_level": privacy.get("user_level"),
         "stopped_early": (final or {}).get("stopped_early"),
         "wall_seconds": (final or {}).get("wall_seconds"),
+        # From `server catalogue` (server/catalogue_build.py); None for a catalogue made elsewhere.
+        "popularity_baseline": popularity,
     }
 
 
@@ -66,6 +78,8 @@ def markdown(facts: dict[str, Any], rows: list[RoundRow]) -> str:
         + f" | {_fmt(facts['delta'])} | {_fmt(facts['epsilon_budget'])} |",
         "",
     ]
+    if facts.get("outcome_why"):
+        lines += [f"**Nothing trained.** {facts['outcome_why'][0].upper()}{facts['outcome_why'][1:]}.", ""]
     user = facts.get("user_level")
     if user:
         lines += [
@@ -80,7 +94,14 @@ def markdown(facts: dict[str, Any], rows: list[RoundRow]) -> str:
         for split in ("valid", "test"):
             values = facts.get(split) or {}
             lines.append(f"| {split} (final model) | " + " | ".join(_fmt(values.get(m)) for m in metrics) + " |")
+        popular = (facts.get("popularity_baseline") or {}).get("popularity_test")
+        if popular:
+            lines.append("| test, popularity baseline* | " + " | ".join(_fmt(popular.get(m)) for m in metrics) + " |")
         lines += ["", "Metrics: leave-one-out on each device, full-catalogue ranking, averaged over the devices that answered.", ""]
+        baseline = facts.get("popularity_baseline")
+        lines += ([f"\\* Popularity baseline of the catalogue's source file {baseline['source']} ({baseline['users_evaluated']} users): "
+                   "the same protocol on the operator's data, not on the devices' histories.", ""] if baseline else
+                  ["No popularity baseline: the catalogue was not built with `fedinterest server catalogue`, and the server holds no interactions.", ""])
     else:
         lines += ["The run has not finished: no final metrics yet.", ""]
     lines += ["| " + " | ".join(ROUND_COLUMNS) + " |", "|" + "---|" * len(ROUND_COLUMNS)]
@@ -99,9 +120,10 @@ def write_report(deployment: Deployment, ref: str | None, out: Path | None = Non
     final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
     target = Path(out) if out is not None else run_dir
     target.mkdir(parents=True, exist_ok=True)
-    facts = summary(run_dir, rows, final, config, record)
+    facts = summary(run_dir, rows, final, config, record, read_popularity(deployment.catalogue))
     test_ndcg = as_number(((final or {}).get("test") or {}).get("ndcg@10"))
-    plot_ndcg(rows, target / NDCG_PNG, final_test=test_ndcg)
+    popular = as_number(((facts["popularity_baseline"] or {}).get("popularity_test") or {}).get("ndcg@10"))
+    plot_ndcg(rows, target / NDCG_PNG, final_test=test_ndcg, baseline=popular)
     plot_epsilon(rows, target / EPSILON_PNG, budget=config.epsilon_budget if config.private else None)
     text = markdown(facts, rows)
     atomic_write_text(target / REPORT_MD, text)

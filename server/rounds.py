@@ -246,12 +246,7 @@ def train_round(
     # Replies arrive in any order; combining them in the cohort's order makes the sum reproducible.
     replies.checked.sort(key=lambda c: cohort.rank(c.node_id) if c.node_id in sampled else -1)
     epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
-    bad = [c for c in replies.checked if c.kind in (ReplyKind.REJECTED, ReplyKind.FAILED)]
-    if bad:
-        # Counts and reasons, never node ids: the log would name who was sampled, and layer 2's
-        # amplification by sampling assumes the sample stays hidden.
-        reasons = "; ".join(sorted({f"{c.kind.value}: {c.reason}" for c in bad}))
-        LOG.warning("fedinterest: round %d: %d repl(ies) for %d user(s) failed or were rejected: %s", server_round, len(bad), sum(c.users for c in bad), reasons)
+    _log_bad_replies(server_round, replies, name_nodes=user_dp is None)
     if replies.missing:
         LOG.warning("fedinterest: round %d: %d sampled user(s) got no reply within %g s", server_round, replies.missing, config.round_timeout)
     if user_dp is not None:
@@ -269,6 +264,23 @@ def train_round(
         return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons, devices_seconds=devices_seconds)
     return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True, epsilons=epsilons, devices_seconds=devices_seconds)
 
+
+
+def _log_bad_replies(server_round: int, replies: RoundReplies, name_nodes: bool) -> None:
+    """Why replies failed, were rejected or refused. Without layer 2 a line per device names
+    the node (the operator's `server status` finds it); under layer 2 only counts and
+    reasons: node ids would name who was sampled, and layer 2's amplification by sampling
+    assumes the sample stays hidden."""
+    bad = [c for c in replies.checked if c.kind in (ReplyKind.REJECTED, ReplyKind.FAILED)]
+    if not name_nodes:
+        if bad:
+            reasons = "; ".join(sorted({f"{c.kind.value}: {c.reason}" for c in bad}))
+            LOG.warning("fedinterest: round %d: %d repl(ies) for %d user(s) failed or were rejected: %s", server_round, len(bad), sum(c.users for c in bad), reasons)
+        return
+    for checked in bad:
+        LOG.warning("fedinterest: round %d: node %d %s: %s (%d user(s))", server_round, checked.node_id, checked.kind.value, checked.reason, checked.users)
+    for checked in (c for c in replies.checked if c.kind is ReplyKind.REFUSED):  # the device's own log says why
+        LOG.info("fedinterest: round %d: node %d refused: reported epsilon %s", server_round, checked.node_id, ", ".join(f"{e:.4g}" for e in checked.epsilons) or "-")
 
 def _train_messages(
     strategy: FedAvg, arrays: ArrayRecord, server_round: int, grid: Grid, cohort: Cohort, assignment: dict[int, list[int]]

@@ -13,7 +13,7 @@ import json
 import math
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,11 +34,9 @@ from fedinterest.server.flower_processes import (
     run_status,
     stop_run,
 )
-from fedinterest.server.rounds import (  # the files the ServerApp writes
-    FINAL_FILE,
-    METRICS_FILE,
-)
-from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
+from fedinterest.server.run_metrics import FINAL_FILE, METRICS_FILE, MetricsFollower, RoundRow, as_number, read_rows
+from fedinterest.server.catalogue_build import read_popularity
+from fedinterest.server.run_outcome import outcome
 from fedinterest.server.run_overrides import flat_toml, parse_set_items
 from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
 
@@ -58,6 +56,7 @@ class SubmittedRun:
     run_id: int
     run_dir: Path
     config: RunConfig
+    warnings: tuple[str, ...] = ()  # e.g. the devices' budgets cannot cover the rounds (server/budget_forecast.py)
 
 
 def project_dir() -> Path:
@@ -97,7 +96,16 @@ def _new_run_dir(deployment: Deployment) -> Path:
     raise RunError(f"{deployment.runs_dir}: no free run directory name for {stamp}")
 
 
-def submit_run(deployment: Deployment, overrides: Sequence[str] = ()) -> SubmittedRun:
+def check_run(deployment: Deployment, overrides: Sequence[str] = ()) -> tuple[RunConfig, tuple[str, ...]]:
+    """The run config `overrides` give, and the warnings about it, before anything is created or submitted."""
+    from fedinterest.server.budget_forecast import forecast_for
+
+    config = resolve_run_config(deployment, overrides, deployment.runs_dir / "not-yet-created")
+    warning = forecast_for(deployment, config)
+    return config, (warning,) if warning else ()
+
+
+def submit_run(deployment: Deployment, overrides: Sequence[str] = (), warnings: tuple[str, ...] = ()) -> SubmittedRun:
     """Check the run config, create the run directory and submit the run; nothing is left behind on a refusal."""
     app = project_dir()
     count_catalogue(deployment.catalogue)  # fail before anything is created
@@ -124,8 +132,10 @@ def submit_run(deployment: Deployment, overrides: Sequence[str] = ()) -> Submitt
         "catalogue_sha256": hashlib.sha256(deployment.catalogue.read_bytes()).hexdigest(),
         "fab": {k: reply.get(k) for k in ("fab-id", "fab-version", "fab-hash")},
     }
+    if warnings:
+        record["warnings"] = list(warnings)
     atomic_write_text(run_dir / RUN_JSON, json.dumps(record, indent=2) + "\n")
-    return SubmittedRun(run_id=run_id, run_dir=run_dir, config=config)
+    return SubmittedRun(run_id=run_id, run_dir=run_dir, config=config, warnings=tuple(warnings))
 
 
 def list_runs(deployment: Deployment) -> list[Path]:
@@ -187,6 +197,18 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
     final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
     status = flower.get("status")
     last = rows[-1].raw if rows else None
+    devices = {key: _sum(rows, key) for key in ("sampled", "answered", "refused", "failed", "rejected", "empty")}
+    verdict = outcome(final, rows, devices)
+    reasons: list[str] = []
+    # Read once the run has finished (one `flwr log` call), not on every poll of `run --wait`.
+    if str(status).startswith("finished") and devices["refused"] + devices["failed"] + devices["rejected"] > 0:
+        from fedinterest.server.run_reasons import device_reasons
+
+        try:
+            reasons = device_reasons(deployment, int(record["run_id"]))
+        except (RuntimeError, subprocess.SubprocessError) as err:
+            reasons = [f"the reasons per device are unknown: {err}"]
+    completed = status == COMPLETED
     privacy = (final or {}).get("privacy") or {}
     eps_max = as_number(privacy.get("device_epsilon_max"))
     eps_mean = as_number(privacy.get("device_epsilon_mean"))
@@ -197,15 +219,22 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
                 break
     return {
         "run": run_dir.name,
-        "run_id": record["run_id"],
+        # Text, not a number: Flower's 64-bit ids are corrupted by JSON tools that read numbers as doubles.
+        "run_id": str(record["run_id"]),
         "run_dir": str(run_dir),
         "flower": flower,
         "status": status,
-        "completed": status == COMPLETED,
+        # Flower completed the run and at least one device's update was aggregated.
+        "completed": completed and verdict["trained"] is True,
+        "flower_completed": completed,
         "finished": bool(status and str(status).startswith("finished")),
+        "trained": verdict["trained"],
+        "outcome": verdict["verdict"],
+        "outcome_why": verdict["why"],
+        "warnings": record.get("warnings", []),
         "rounds_done": len(rows),
         "rounds_planned": config.num_server_rounds,
-        "devices": {key: _sum(rows, key) for key in ("sampled", "answered", "refused", "failed", "rejected")},
+        "devices": devices,
         "latest_round": {k: _json_safe(v) for k, v in last.items()} if last else None,
         "privacy": {
             "dp": config.private,
@@ -216,6 +245,8 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
             "unit": privacy.get("unit") or "per-device cumulative example-level epsilon (on-device DP-SGD)",
         },
         "final": {"valid": final.get("valid"), "test": final.get("test"), "best_valid": final.get("best_valid")} if final else None,
+        "popularity_baseline": read_popularity(deployment.catalogue),
+        "device_reasons": reasons,  # one line per device that failed, was rejected or refused (server/run_reasons.py)
     }
 
 
@@ -236,17 +267,23 @@ def stop(deployment: Deployment, ref: str) -> dict[str, Any]:
     while True:
         after = run_status(run_id, env)
         if str(after.get("status", "")).startswith("finished") or time.monotonic() > deadline:
-            return {"run": run_dir.name, "run_id": run_id, "status": after.get("status"), "status-details": after.get("status-details")}
+            return {"run": run_dir.name, "run_id": str(run_id), "status": after.get("status"), "status-details": after.get("status-details")}
         time.sleep(0.5)
 
 
-def wait_finished(deployment: Deployment, ref: str | None, timeout: float) -> dict[str, Any]:
-    """Poll `run_state` until Flower says the run finished (or `timeout` seconds pass); the last state."""
+def wait_finished(
+    deployment: Deployment, ref: str | None, timeout: float, on_round: Callable[[RoundRow], None] | None = None
+) -> dict[str, Any]:
+    """Poll until Flower says the run finished (or `timeout` seconds pass), handing each new round to `on_round`; the last state."""
     if timeout <= 0:
         raise DeploymentError("timeout must be positive")
     deadline = time.monotonic() + timeout
+    follower = MetricsFollower(find_run(deployment, ref) / METRICS_FILE)
     while True:
         state = run_state(deployment, ref)
+        for row in follower.poll():  # after the state: a finished run has written its last row
+            if on_round is not None:
+                on_round(row)
         if state["finished"] or time.monotonic() > deadline:
             return state
         time.sleep(1.0)

@@ -9,6 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# The files the ServerApp writes into a run directory (server/rounds.py owns them and
+# imports Flower and torch; these copies let the operator's quick commands read a run
+# without either; tests/test_operator_cli.py checks that they agree).
+METRICS_FILE = "metrics.jsonl"
+FINAL_FILE = "final.json"
+
 
 def as_number(value: Any) -> float | None:
     """A JSON value as a float (the string "inf" allowed), None when absent or not a number."""

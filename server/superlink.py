@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import signal
 import ssl
+import sys
 import subprocess
 import time
 import urllib.error
@@ -28,7 +29,8 @@ class SuperLinkNotReady(RuntimeError):
 def superlink_command(deployment: Deployment) -> list[str]:
     """The `flower-superlink` command line of this deployment (Flower 1.41 flags)."""
     return [
-        executable("flower-superlink"),
+        # Flower's flower-superlink, with a longer SQLite busy timeout (server/superlink_main.py).
+        sys.executable, "-m", "fedinterest.server.superlink_main",
         "--ssl-ca-certfile", str(deployment.ca_cert),
         "--ssl-certfile", str(deployment.server_cert),
         "--ssl-keyfile", str(deployment.server_key),

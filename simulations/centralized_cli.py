@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedinterest.common.interactions import DataFormatError
-from fedinterest.common.model import ModelConfig
+from fedinterest.common.model_config import ModelConfig
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.simulations import cli_options as opt
 from fedinterest.simulations.centralized import CentralizedConfig, EpochReport, run_centralized
@@ -47,6 +47,7 @@ def centralized(
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
+    export_bundle: Annotated[Optional[Path], typer.Option("--export-bundle", help="Also write the trained model as a device bundle (and catalogue.txt in the run directory).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Train the model on all users' training data (no federation, no DP); report test HR/NDCG/MRR
@@ -76,7 +77,10 @@ def centralized(
     )
     task = progress.add_task("train", total=epochs, status="")
 
+    item_ids: list[tuple[str, ...]] = []
+
     def on_data(split: LeaveOneOut) -> None:
+        item_ids.append(split.dataset.item_ids)
         for line in split.dataset.reports:
             console.print(f"[dim]{line}[/dim]", soft_wrap=True)
         console.print(f"[dim]leave-one-out: {len(split)} users split, {split.users_left_out} with fewer than 3 interactions left out[/dim]")
@@ -102,6 +106,17 @@ def centralized(
         if progress.live.is_started:
             progress.stop()
 
+    if export_bundle is not None:
+        from fedinterest.common.bundle import BundleError
+        from fedinterest.simulations.centralized_export import export_centralized
+
+        try:
+            payload["bundle"] = export_centralized(run_dir, item_ids[0], payload, export_bundle)
+        except (BundleError, OSError, ValueError) as err:
+            console.print(f"[red]error:[/red] the run finished in {run_dir}, but its bundle was not written: {err}", soft_wrap=True)
+            raise typer.Exit(code=2) from err
+        if not as_json:
+            console.print(f"bundle {payload['bundle']['bundle']} (catalogue {payload['bundle']['catalogue']})")
     if as_json:
         typer.echo(json.dumps({k: v for k, v in payload.items() if k != "history"}, indent=2))
         return

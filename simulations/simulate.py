@@ -836,6 +836,7 @@ def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Map
         "wall_seconds": round(wall_seconds, 1),
         "server_wall_seconds": _as_number(final.get("wall_seconds")),
         "popularity_test": popularity_test(config.run),
+        "private_popularity_test": private_popularity_test(config.run, privacy["user_level"]),
         "privacy_warning": privacy.get("warning"),
     }
 
@@ -847,6 +848,23 @@ def popularity_test(run: RunConfig) -> dict[str, float]:
     from fedinterest.simulations.baselines import popularity_ranks
 
     return summarize(popularity_ranks(load_split(run.dataset_spec()), "test"))
+
+
+def private_popularity_test(run: RunConfig, user_level: Any) -> dict[str, Any] | None:
+    """Under layer 2, popularity released with the same user-level (epsilon, delta) the model
+    spent (common/popularity.py): the fair private baseline. None without layer 2."""
+    if not isinstance(user_level, dict) or not user_level.get("epsilon"):
+        return None
+    import numpy as np
+
+    from fedinterest.common.datasets import load_split
+    from fedinterest.common.metrics import summarize
+    from fedinterest.common.popularity import private_popularity_noise, private_popularity_ranks
+
+    accountant = "rdp" if "rdp" in str(user_level.get("accountant", "")) else "prv"
+    sigma = private_popularity_noise(float(user_level["epsilon"]), float(user_level["delta"]), accountant)
+    ranks = private_popularity_ranks(load_split(run.dataset_spec()), "test", sigma, np.random.default_rng())  # OS entropy, as layer 2
+    return {**summarize(ranks), "epsilon": user_level["epsilon"], "delta": user_level["delta"], "noise_multiplier": sigma}
 
 
 def write_report(config: SimulationConfig, run_dir: Path, wall_seconds: float) -> tuple[list[RoundRow], dict[str, Any], dict[str, Any], dict[str, Any]]:

@@ -150,6 +150,9 @@ def print_table(result: SimulationResult) -> None:
     if best and best["round"] != s["rounds"]:
         typer.echo(f"{'best':<8}" + "".join(_cell(best["test"].get(k)) for k in keys) + f"   (test at round {best['round']}, the best validation NDCG@10)")
     typer.echo(f"{'popular.':<8}" + "".join(_cell(s["popularity_test"].get(k)) for k in keys) + "   (popularity baseline, test)")
+    private = s.get("private_popularity_test")
+    if private:
+        typer.echo(f"{'priv.pop':<8}" + "".join(_cell(private.get(k)) for k in keys) + f"   (popularity released at the same user-level epsilon {_fmt(private['epsilon'])}, test)")
     eps = f"max {_fmt(s['epsilon_max'])}, mean {_fmt(s['epsilon_mean'])}"
     typer.echo(
         f"device epsilon {eps} (delta {s['delta']:g}, budget {s['epsilon_budget']:g}); "

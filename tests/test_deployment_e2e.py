@@ -166,6 +166,19 @@ def test_deployment_end_to_end(tmp_path: Path) -> None:
         assert exported["card"]["privacy"]["delta"] == 1e-5 and exported["card"]["run"]["rounds"] == 2
         report = cli("server", "report", str(submitted["run_id"]), "--dir", str(deployment.root))
         assert all(Path(f).is_file() for f in report["files"])
+        # Messages were handled by the resident ClientApp process, not a new process each (issue 16, item 8).
+        assert "in the resident ClientApp process" in (tmp_path / "device-0.log").read_text(errors="replace")
+
+        # A run in which no device trains (each device's policy refuses its delta) exits 1 with --wait,
+        # and says so, though Flower calls it completed (issue 16, item 2).
+        for k in range(DEVICES):
+            cli("device", "policy", "--dir", str(device_dirs[k][0]), "--max-delta", "1e-6")
+        refused = runner.invoke(app, ["server", "run", "--dir", str(deployment.root), *sets, "--set", "num-server-rounds=1", "--wait", "--json"])
+        assert refused.exit_code == 1, refused.output
+        state = json.loads(refused.stdout)["state"]
+        assert state["flower_completed"] and not state["completed"] and state["outcome"] == "nothing-trained"
+        assert state["devices"]["refused"] == DEVICES and len(state["device_reasons"]) == DEVICES
+        assert all("refused in round(s) 1" in line for line in state["device_reasons"]), state["device_reasons"]
 
     # The federation is down: each device ranks locally from the bundle, its own history excluded.
     ids = set(catalogue.read_text().split())

@@ -109,10 +109,13 @@ def _device_with_history(tmp_path: Path, items: list[str]):
     return device
 
 
-def test_recommend_needs_a_model(tmp_path: Path) -> None:
+def test_recommend_without_a_model_ranks_by_catalogue_order(tmp_path: Path) -> None:
     device = _device_with_history(tmp_path, ["m1", "m2", "m3"])
-    with device.store() as store, pytest.raises(NoModelError, match="no model yet"):
-        recommend(store, 5)
+    with device.store() as store:
+        with pytest.raises(NoModelError, match="no model yet"):
+            load_latest(store)
+        result = recommend(store, 5)  # the fallback (issue 16, item 7): the user's items excluded
+    assert [item for item, _ in result.items] == ["m4", "m5", "m6", "m7", "m8"] and result.model["kind"] == "fallback"
 
 
 def test_recommend_from_a_bundle_excludes_history_and_returns_k(tmp_path: Path, bundle_path: Path) -> None:
@@ -153,3 +156,27 @@ def test_the_clientapp_keeps_the_received_global_model_for_offline_ranking(tmp_p
         result = recommend(store, 10)
         seen = set(store.raw_history())
     assert len(result.items) == 10 and not {item for item, _ in result.items} & seen
+
+
+def test_a_bundle_of_another_catalogue_is_refused_and_nothing_installed(tmp_path: Path) -> None:
+    """Issue 16, item 1: a bundle sharing no item with the device's catalogue is refused unless asked for."""
+    from typer.testing import CliRunner
+
+    from fedinterest.client.device_cli import app as device_app
+
+    device = make_device(tmp_path, NUM_ITEMS)
+    ingest_file(device.store(), write_csv(tmp_path / "h.csv", user_rows("u", ["m1", "m2", "m3"])))
+    other_ids = [f"other-{i}" for i in range(1, NUM_ITEMS + 1)]
+    foreign = write_bundle(tmp_path / "foreign.bundle", state_dict=_model().state_dict(), model_config=_config(), catalogue_ids=other_ids, model_card=CARD)
+    runner = CliRunner()
+    refused = runner.invoke(device_app, ["install-bundle", str(foreign), "--dir", str(device.root)])
+    assert refused.exit_code == 2
+    assert "shares no item with this device's" in refused.output and "--allow-other-catalogue" in refused.output
+    with device.store() as store:
+        assert store.latest_model() is None  # nothing was installed
+    forced = runner.invoke(device_app, ["install-bundle", str(foreign), "--dir", str(device.root), "--allow-other-catalogue", "--json"])
+    assert forced.exit_code == 0, forced.output
+    assert '"shared_items": 0' in forced.output
+    # A bundle of the device's own catalogue installs as before.
+    own = write_bundle(tmp_path / "own.bundle", state_dict=_model().state_dict(), model_config=_config(), catalogue_ids=item_ids(NUM_ITEMS), model_card=CARD)
+    assert runner.invoke(device_app, ["install-bundle", str(own), "--dir", str(device.root)]).exit_code == 0

@@ -35,9 +35,9 @@ def test_serve_answers_over_a_unix_socket_and_follows_a_new_model(tmp_path: Path
     try:
         with grpc.insecure_channel(bound) as channel:
             stub = ranking_pb2_grpc.RankingStub(channel)
-            with pytest.raises(grpc.RpcError) as info:
-                stub.Recommend(ranking_pb2.RecommendRequest(k=3), timeout=30)
-            assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "no model yet" in info.value.details()
+            # No model yet: the catalogue-order fallback (issue 16, item 7), the user's items excluded.
+            fallback = stub.Recommend(ranking_pb2.RecommendRequest(k=3), timeout=30)
+            assert [item.item_id for item in fallback.items] == ["m1", "m3", "m5"] and fallback.model_kind == "fallback"
             assert not stub.Status(ranking_pb2.StatusRequest(), timeout=30).has_model
 
             with device.store() as store:
@@ -70,3 +70,26 @@ def test_local_addresses_are_accepted(address: str) -> None:
 def test_other_addresses_are_refused(address: str) -> None:
     with pytest.raises(ValueError, match="unix|loopback"):
         check_local_address(address)
+
+
+def test_serve_offers_grpc_server_reflection(tmp_path: Path) -> None:
+    """Issue 16, item 7: a standard gRPC client discovers and calls the service without ranking.proto."""
+    from google.protobuf import descriptor_pool, message_factory
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    device = make_device(tmp_path, num_items=10)
+    server, bound = start_server(device.store_path, f"unix:{tmp_path / 'r.sock'}")
+    try:
+        with grpc.insecure_channel(bound) as channel:
+            database = ProtoReflectionDescriptorDatabase(channel)
+            assert "fedinterest.ranking.v1.Ranking" in database.get_services()
+            pool = descriptor_pool.DescriptorPool(database)  # descriptors fetched from the server only
+            method = pool.FindServiceByName("fedinterest.ranking.v1.Ranking").FindMethodByName("Recommend")
+            request_class = message_factory.GetMessageClass(method.input_type)
+            reply_class = message_factory.GetMessageClass(method.output_type)
+            call = channel.unary_unary("/fedinterest.ranking.v1.Ranking/Recommend", request_serializer=request_class.SerializeToString,
+                                       response_deserializer=reply_class.FromString)
+            reply = call(request_class(k=2), timeout=30)
+            assert [item.item_id for item in reply.items] == ["m1", "m2"] and reply.model_kind == "fallback"
+    finally:
+        server.stop(grace=1).wait()

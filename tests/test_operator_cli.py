@@ -64,10 +64,23 @@ def test_init_writes_ca_server_certificate_config_and_empty_enrolment(tmp_path: 
     assert (root / "catalogue.txt").read_text() == catalogue.read_text()
     assert json.loads((root / "devices.json").read_text()) == []
     deployment = load_deployment(root)
-    assert deployment.server.port == 9555 and deployment.server.host == "0.0.0.0"
+    assert deployment.server.port == 9555 and deployment.server.host == "127.0.0.1"
     # Run defaults are RunConfig's (= pyproject's), without the keys `server run` sets.
     assert deployment.run_defaults["num-server-rounds"] == RunConfig().num_server_rounds
     assert "dataset" not in deployment.run_defaults and "run-dir" not in deployment.run_defaults
+
+
+def test_init_binds_loopback_by_default_and_warns_when_exposed(tmp_path: Path) -> None:
+    """Issue 16, item 3: the Control API shares the port, so nothing listens beyond loopback unless asked."""
+    quiet = invoke("init", str(tmp_path / "local"), "--port", "9555")
+    assert quiet.exit_code == 0, quiet.output
+    assert load_deployment(tmp_path / "local").server.host == "127.0.0.1"
+    assert "warning" not in quiet.output and "loopback only" in quiet.output
+    assert "--host" in superlink_command(load_deployment(tmp_path / "local")) and "127.0.0.1" in superlink_command(load_deployment(tmp_path / "local"))
+    exposed = invoke("init", str(tmp_path / "exposed"), "--host", "0.0.0.0", "--port", "9555")
+    assert exposed.exit_code == 0, exposed.output
+    assert "warning:" in exposed.output and "Control API" in exposed.output and "Firewall" in exposed.output
+    assert load_deployment(tmp_path / "exposed").server.host == "0.0.0.0"
 
 
 def test_flower_connection_trusts_the_ca(deployment_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -231,7 +244,7 @@ def test_status_from_the_run_directory_when_flower_is_unreachable(deployment_dir
     result = invoke("status", "--dir", str(deployment_dir), "--json")
     assert result.exit_code == 0, result.output
     state = json.loads(result.stdout)
-    assert state["run_id"] == 1234 and state["status"] is None and not state["completed"]
+    assert state["run_id"] == "1234" and state["status"] is None and not state["completed"]
     assert "does not answer" in state["flower"]["error"]
     assert state["rounds_done"] == 1 and state["rounds_planned"] == 2
     assert state["devices"]["answered"] == 3 and state["privacy"]["epsilon_max"] == 0.5
@@ -266,7 +279,7 @@ def test_export_writes_a_bundle_a_device_can_load(deployment_dir: Path, tmp_path
     assert bundle.model_config.dim == 16 and bundle.model_config.num_items == 40
     card = bundle.card
     assert card["privacy"]["device_epsilon_max"] == 0.9 and card["privacy"]["delta"] == 1e-5
-    assert card["run"]["rounds"] == 2 and card["run"]["flower_run_id"] == 1234
+    assert card["run"]["rounds"] == 2 and card["run"]["flower_run_id"] == "1234"
     assert card["evaluation"]["test"]["ndcg@10"] == 0.15
     assert bundle.ranker.scores(np.array([1, 2, 3])).shape == (41,)  # index 0 is padding
 
@@ -311,3 +324,60 @@ def test_model_card_names_layer_two_when_the_run_used_it(deployment_dir: Path) -
     card = model_card(deployment, run_dir, record, final, 2, None)
     assert card["privacy"]["layer"].startswith("1: on-device DP-SGD") and "2: user-level DP-FedAvg" in card["privacy"]["layer"]
     assert card["privacy"]["user_level"]["epsilon"] == 3.25
+
+
+def _nothing_trained(run_dir: Path) -> None:
+    """Rewrite a finished fake run as one in which every device refused or failed."""
+    rows = [
+        {"round": r, "sampled": 3, "answered": 2, "refused": 2, "failed": 1, "rejected": 0, "empty": 0, "train_loss": None,
+         "epsilon_max": 8.5, "epsilon_mean": 8.2, "hr@10": None, "ndcg@10": None, "seconds": 1.0} for r in (1, 2)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    final = json.loads((run_dir / "final.json").read_text())
+    final["counts"] = {"sampled": 6, "answered": 4, "refused": 4, "failed": 2, "rejected": 0, "empty": 0, "aggregated": 0, "rounds_without_update": 2}
+    (run_dir / "final.json").write_text(json.dumps(final))
+
+
+def test_a_run_in_which_no_device_trained_is_reported_as_such(deployment_dir: Path) -> None:
+    """Issue 16, item 2: Flower's "completed" with nothing aggregated is marked, in status and report."""
+    run_dir = _fake_run(deployment_dir)
+    trained = json.loads(invoke("status", "--dir", str(deployment_dir), "--json").stdout)
+    assert trained["trained"] is True and trained["outcome"] == "trained" and trained["outcome_why"] is None
+    _nothing_trained(run_dir)
+    state = json.loads(invoke("status", "--dir", str(deployment_dir), "--json").stdout)
+    assert state["trained"] is False and state["outcome"] == "nothing-trained" and not state["completed"]
+    assert "4 refused" in state["outcome_why"] and "2 failed" in state["outcome_why"]
+    text = invoke("status", "--dir", str(deployment_dir))
+    assert text.exit_code == 0 and "warning: no device trained" in text.output
+    report = invoke("report", "1234", "--dir", str(deployment_dir))
+    assert report.exit_code == 0 and "**Nothing trained.**" in report.output
+    facts = json.loads(invoke("report", "1234", "--dir", str(deployment_dir), "--json").stdout)
+    assert facts["outcome"] == "nothing-trained" and facts["run_id"] == "1234"
+
+
+def test_submitting_warns_when_device_budgets_cannot_cover_the_rounds(deployment_dir: Path) -> None:
+    """Issue 16, item 2: the defaults (noise 1, epsilon 8, 10 rounds) let a small device train only 2 rounds."""
+    from fedinterest.server.run_admin import check_run
+
+    deployment = load_deployment(deployment_dir)
+    _, warnings = check_run(deployment, [])
+    assert len(warnings) == 1 and "can train only 2 of the 10 rounds" in warnings[0] and "num-server-rounds" in warnings[0]
+    assert check_run(deployment, ["num-server-rounds=2"])[1] == ()
+    assert check_run(deployment, ["noise-multiplier=0"])[1] == ()  # no DP: nothing to spend
+    # A device that already spent most of its budget in an earlier run (the run's checkpoint tally) is named.
+    run_dir = _fake_run(deployment_dir)
+    saved = ckpt.latest(run_dir)
+    ckpt.save(run_dir, ckpt.Checkpoint(round=saved.round, arrays=saved.arrays, config=saved.config, privacy={"device_epsilon_max": {"77": 7.5}}))
+    devices = [{"name": "phone-1", "public_key": "k", "key_sha256": "SHA256:x", "node_id": 77, "enrolled_at": "2026-01-01T00:00:00+00:00"}]
+    (deployment_dir / "devices.json").write_text(json.dumps(devices))
+    _, warnings = check_run(deployment, ["num-server-rounds=2"])
+    assert len(warnings) == 1 and "device phone-1 already spent epsilon 7.5" in warnings[0] and "at most 0 more" in warnings[0]
+    # `server run` prints the warning before it tries the SuperLink (down here).
+    result = invoke("run", "--dir", str(deployment_dir))
+    assert result.exit_code == 1 and "warning: the devices' privacy budgets cannot cover this run" in result.output
+
+
+def test_run_directory_file_names_agree_with_the_server_app() -> None:
+    from fedinterest.server import rounds, run_metrics
+
+    assert (run_metrics.METRICS_FILE, run_metrics.FINAL_FILE) == (rounds.METRICS_FILE, rounds.FINAL_FILE)

@@ -89,7 +89,7 @@ def test_run_without_devices_fails_and_status_says_so_from_flower(server: Deploy
     assert state["status"] == "finished:failed" and not state["completed"]
     assert "no node" in state["flower"]["status-details"]
     record = json.loads((Path(facts["run_dir"]) / "run.json").read_text())
-    assert record["run_id"] == facts["run_id"]
+    assert str(record["run_id"]) == facts["run_id"] and isinstance(facts["run_id"], str)
     assert record["run_config"]["dataset"] == "deployed" and record["run_config"]["num-items"] == 30
     assert record["run_config"]["run-dir"] == facts["run_dir"]
     status = invoke("status", str(facts["run_id"]), "--dir", root)
@@ -108,3 +108,20 @@ def test_stop_a_waiting_run(server: Deployment) -> None:
     assert json.loads(stopped.stdout)["status"] == "finished:stopped"
     state = json.loads(invoke("status", str(run_id), "--dir", root, "--json").stdout)
     assert state["status"] == "finished:stopped" and state["rounds_done"] == 0
+
+
+def test_the_superlink_waits_longer_for_its_sqlite_lock(server: Deployment) -> None:
+    """Flower's 5 s busy timeout lost replies under load (docs/benchmarks.md): the running SuperLink's
+    database connections use server/superlink_main.py's, read back from the live process's settings."""
+    import subprocess
+    import sys
+
+    from fedinterest.server.superlink_main import BUSY_TIMEOUT_MS
+
+    script = "import fedinterest.server.superlink_main as m, sys; sys.argv = ['flower-superlink', '--version']; m.main()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "1.41" in (done.stdout + done.stderr)
+    probe = ("import fedinterest.server.superlink_main as m, flwr.superlink.cli as c; c.flower_superlink = lambda: None; m.main();"
+             "import flwr.supercore.sql_mixin as s; print(dict(s.SQLITE_PRAGMAS)['busy_timeout'])")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120).stdout.strip() == str(BUSY_TIMEOUT_MS)
+    assert server.database.is_file()  # and the fixture's SuperLink, started this way, is up

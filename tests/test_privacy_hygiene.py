@@ -93,8 +93,8 @@ def test_failed_and_rejected_replies_are_logged_without_node_ids(tmp_path, caplo
         return Message(Error(code=2, reason="device crashed"), reply_to=message)
 
     nodes = {987654: broken, 876543: broken, 765432: _trainer}
-    cfg = RunConfig(**TINY_RUN, dataset="deployed", num_items=30, num_server_rounds=1, clients_per_round=3, eval_every=1,
-                    round_timeout=5.0, run_dir=str(tmp_path))
+    # Under layer 2, whose amplification by sampling assumes the sample stays hidden.
+    cfg = dataclasses.replace(LAYER_2, num_server_rounds=1, eval_every=1, run_dir=str(tmp_path))
     with caplog.at_level(logging.INFO, logger="flwr.fedinterest"):
         final = run(ScriptedGrid(nodes), cfg)
     assert final["counts"]["failed"] == 2

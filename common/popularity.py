@@ -1,0 +1,67 @@
+"""The popularity baseline: every user gets the catalogue ranked by interaction count (simulation, and the operator's catalogue)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedinterest.common.metrics import target_ranks
+from fedinterest.common.split import LeaveOneOut
+
+
+def popularity_ranks(split: LeaveOneOut, stage: str, batch_size: int = 512) -> np.ndarray:
+    """Rank of each user's `stage` target when items are scored by how often they occur
+    in all users' histories before that stage (train items, plus validation items for test)."""
+    counts = np.zeros(split.num_items + 1, dtype=np.float64)
+    for user in split.users:
+        np.add.at(counts, user.history(stage), 1.0)
+    return _ranks_by(counts, split, stage, batch_size)
+
+
+def _ranks_by(item_scores: np.ndarray, split: LeaveOneOut, stage: str, batch_size: int) -> np.ndarray:
+    """Each user's `stage` target ranked among the items it has not seen, by one score per item."""
+    scores_row = torch.from_numpy(item_scores)
+    ranks = []
+    for start in range(0, len(split.users), batch_size):
+        chunk = split.users[start : start + batch_size]
+        ranks.append(target_ranks(scores_row.expand(len(chunk), -1), [u.target(stage) for u in chunk], [u.history(stage) for u in chunk]))
+    return np.concatenate(ranks)
+
+
+# --- popularity under user-level DP (issue 12, lever 5: a fair private baseline) ----------
+#
+# Each user adds 1 / sqrt(n) to each of its n distinct items (repeats count once), so its
+# contribution has L2 norm 1 whatever its history: adding or removing one user moves the
+# count vector by at most 1 (the Gaussian mechanism's sensitivity). The counts plus
+# N(0, sigma^2) per item are one release of the Gaussian mechanism, accounted by Opacus's
+# accountant as one step at sampling rate 1.
+
+
+def user_bounded_counts(histories: list[np.ndarray], num_items: int) -> np.ndarray:
+    """Item counts in which every user's contribution has L2 norm 1 (index 0 = padding, unused)."""
+    counts = np.zeros(num_items + 1, dtype=np.float64)
+    for history in histories:
+        distinct = np.unique(np.asarray(history, dtype=np.int64))
+        distinct = distinct[distinct > 0]
+        if distinct.size:
+            counts[distinct] += 1.0 / np.sqrt(distinct.size)
+    return counts
+
+
+def private_popularity_noise(epsilon: float, delta: float, accountant: str = "prv") -> float:
+    """The smallest sigma (Opacus's get_noise_multiplier) for which one sensitivity-1 release spends `epsilon` at `delta`."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not (epsilon > 0 and 0 < delta < 1):
+        raise ValueError(f"private popularity needs epsilon > 0 and 0 < delta < 1, got epsilon {epsilon}, delta {delta}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha": still a valid bound
+        return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=1, accountant=accountant, epsilon_tolerance=0.005))
+
+
+def private_popularity_ranks(split: LeaveOneOut, stage: str, noise_multiplier: float, rng: np.random.Generator, batch_size: int = 512) -> np.ndarray:
+    """Ranks of each user's `stage` target under popularity released with user-level DP (noise from `rng`)."""
+    counts = user_bounded_counts([u.history(stage) for u in split.users], split.num_items)
+    return _ranks_by(counts + rng.normal(0.0, noise_multiplier, counts.shape), split, stage, batch_size)
