@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/fedinterest simulate simulations/configs/synthetic.toml --out runs
+	$(VENV)/bin/fedinterest simulate simulations/configs/demo.toml --out runs
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

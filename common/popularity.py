@@ -56,8 +56,9 @@ def private_popularity_noise(epsilon: float, delta: float, accountant: str = "pr
 
     if not (epsilon > 0 and 0 < delta < 1):
         raise ValueError(f"private popularity needs epsilon > 0 and 0 < delta < 1, got epsilon {epsilon}, delta {delta}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # RDP's "optimal order is the largest alpha": still a valid bound
+    # RDP's "optimal order is the largest alpha" is still a valid bound; PRV's log(1 - q) at q = 1 is -inf by design.
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.simplefilter("ignore", UserWarning)
         return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=delta, sample_rate=1.0, steps=1, accountant=accountant, epsilon_tolerance=0.005))
 
 

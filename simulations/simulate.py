@@ -824,6 +824,8 @@ def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: Map
         "test": _split_metrics(final, "test"),
         "valid": _split_metrics(final, "valid"),
         "best_valid": _best_valid(final),
+        "device_dp": config.run.noise_multiplier > 0,
+        "users_per_node": config.run.users_per_node,
         "epsilon_max": privacy["device_epsilon"]["max"],
         "epsilon_mean": privacy["device_epsilon"]["mean"],
         "delta": config.run.delta,

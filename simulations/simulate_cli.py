@@ -68,8 +68,12 @@ def simulate(
 
         def on_prepared(prepared: PreparedRun) -> None:
             fed = prepared.config.federation
-            say(f"[dim]run dir {prepared.run_dir}; {fed.num_supernodes} virtual devices, {fed.client_cpus} CPU each; "
-                f"{total} rounds of {min(run.clients_per_round, fed.num_supernodes or 0)} devices[/dim]")
+            if run.users_per_node > 1:  # shards: each node stands for users-per-node devices
+                nodes = f"{fed.num_supernodes} virtual nodes of up to {run.users_per_node:,} users"
+                cohort = f"about {run.clients_per_round:,} users"
+            else:
+                nodes, cohort = f"{fed.num_supernodes} virtual devices", f"{min(run.clients_per_round, fed.num_supernodes or 0)} devices"
+            say(f"[dim]run dir {prepared.run_dir}; {nodes}, {fed.client_cpus} CPU each; {total} rounds of {cohort}[/dim]")
 
         def on_started(run_id: int) -> None:
             say(f"[dim]Flower run {run_id} started (log: flwr.log)[/dim]")
@@ -153,17 +157,21 @@ def print_table(result: SimulationResult) -> None:
     private = s.get("private_popularity_test")
     if private:
         typer.echo(f"{'priv.pop':<8}" + "".join(_cell(private.get(k)) for k in keys) + f"   (popularity released at the same user-level epsilon {_fmt(private['epsilon'])}, test)")
-    eps = f"max {_fmt(s['epsilon_max'])}, mean {_fmt(s['epsilon_mean'])}"
-    typer.echo(
-        f"device epsilon {eps} (delta {s['delta']:g}, budget {s['epsilon_budget']:g}); "
-        f"refusals: {s['refused_device_rounds']} device-rounds"
-    )
+    if s.get("device_dp", True):
+        eps = f"max {_fmt(s['epsilon_max'])}, mean {_fmt(s['epsilon_mean'])}"
+        typer.echo(
+            f"device epsilon {eps} (delta {s['delta']:g}, budget {s['epsilon_budget']:g}); "
+            f"refusals: {s['refused_device_rounds']} device-rounds"
+        )
+    else:
+        typer.echo("no example-level DP on the devices (noise-multiplier 0): layer 1 is off")
     user = s.get("user_level")
     if user:
         typer.echo(f"user-level epsilon {_fmt(user['epsilon'])} (delta {user['delta']:.3g}, budget {user['epsilon_budget']:g}; DP-FedAvg on the server)")
     if s.get("stopped_early"):
         typer.echo(f"stopped early ({s['stopped_early']}): one more round would have passed the user-level budget")
-    typer.echo(f"{s['rounds']} rounds, {s['devices']} devices, wall time {s['wall_seconds']:.0f} s")
+    nodes = f"{s['devices']} virtual nodes of up to {s['users_per_node']:,} users" if s.get("users_per_node", 1) > 1 else f"{s['devices']} devices"
+    typer.echo(f"{s['rounds']} rounds, {nodes}, wall time {s['wall_seconds']:.0f} s")
     if s.get("privacy_warning"):
         typer.echo(f"warning: {s['privacy_warning']}")
     if s["failed_replies"] or s["rejected_replies"]:
