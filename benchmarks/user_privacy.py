@@ -25,7 +25,8 @@ from fedinterest.benchmarks.report import publish
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "user_privacy"
-LABELS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "sports": "Amazon Sports", "toys": "Amazon Toys", "synthetic": "synthetic"}
+LABELS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "sports": "Amazon Sports", "toys": "Amazon Toys", "synthetic": "synthetic",
+          "sports-private": "Amazon Sports", "toys-private": "Amazon Toys", "demo": "synthetic demo"}
 
 
 def overrides(target_epsilon: float, extra: list[str]) -> list[str]:
@@ -82,7 +83,7 @@ def table() -> str:
         s["user_level"].setdefault("accountant", "opacus rdp")
     for s in sorted(stored, key=lambda s: (s["dataset"], s["label"], s["target_epsilon"])):
         chosen, name = federated._chosen(s)
-        user, central = s["user_level"], federated._centralized(s["dataset"])
+        user, central = s["user_level"], federated._centralized(s["dataset"].removesuffix("-private"))
         ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
         popularity = f"{chosen['ndcg@10'] / central['popularity_test']['ndcg@10']:.2f}x" if central else "-"
         stopped = " (stopped at budget)" if s.get("stopped_early") else ""
@@ -101,7 +102,7 @@ def table() -> str:
 def main(argv: list[str] | None = None) -> None:
     """Run the user-level privacy-utility simulations, then rebuild their table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="*", default=["toys", "sports"], help="shipped configs (simulations/configs/NAME.toml)")
+    parser.add_argument("--configs", nargs="*", default=["toys-private", "sports-private"], help="shipped configs (simulations/configs/NAME.toml)")
     parser.add_argument("--epsilons", nargs="*", type=float, default=[8.0])
     parser.add_argument("--label", default="shipped", help="the recipe's name in the table")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="a run-config override (repeatable)")
