@@ -87,6 +87,8 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
     items = overrides(case, population, rounds)
     config = resolve_config(config_path, items)
     argv = [str(config_path), *(part for item in items for part in ("--set", item)), "--out", str(out)]
+    # The machine may be shared: the 1-minute load average before and after says how much.
+    load_before = os.getloadavg()[0]
     with PeakMemory() as memory:
         result = run_simulation(config, out, argv=argv)
     rows = read_rows(result.run_dir / "metrics.jsonl")
@@ -94,6 +96,7 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
     per_round = statistics.median(seconds[1:-1] or seconds)
     measured = [row.round for row in rows][1:-1] or [row.round for row in rows]
     floor = floor_seconds_per_user(config.run, measured)
+    load_after = os.getloadavg()[0]
     resolved = json.loads((result.run_dir / "config.resolved.json").read_text())
     per_update = per_round / case.cohort
     return {
@@ -103,7 +106,7 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
         "floor_seconds_per_user": floor, "overhead_ratio": per_update / floor, "peak_rss_bytes": memory.peak,
         "devices_seconds": statistics.median([row.number("devices_seconds") or 0.0 for row in rows][1:-1] or [0.0]),
         "wall_seconds": result.wall_seconds, "command": " ".join(resolved["command"]), "commit": resolved["commit"],
-        "run_dir": result.run_dir.name,
+        "run_dir": result.run_dir.name, "load_before": load_before, "load_after": load_after,
     }
 
 
@@ -178,16 +181,23 @@ def tree_rss(root: int) -> int:
 def table(results: list[dict]) -> str:
     """The cohort-speed table of docs/benchmarks.md."""
     lines = [
-        "| dataset | population | users per node | nodes | users per round | s per round | device updates / s | floor per user | overhead ratio | peak RSS | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dataset | population | users per node | nodes | users per round | s per round | device updates / s | floor per user | overhead ratio | peak RSS | load before/after | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["dataset"], r["population"], r["cohort"], r["users_per_node"])):
         lines.append(
             f"| {LABELS.get(r['dataset'], r['dataset'])} | {r['population']:,} | {r['users_per_node']:,} | {r['nodes']:,} | {r['cohort']:,} | "
             f"{r['seconds_per_round']:.2f} | {r['updates_per_second']:.0f} | {r['floor_seconds_per_user'] * 1e3:.2f} ms | "
-            f"{r['overhead_ratio']:.2f} | {r['peak_rss_bytes'] / 2**30:.1f} GiB | {r['commit']} |"
+            f"{r['overhead_ratio']:.2f} | {r['peak_rss_bytes'] / 2**30:.1f} GiB | {_load(r)} | {r['commit']} |"
         )
     return "\n".join(lines)
+
+
+def _load(result: dict) -> str:
+    """The 1-minute load averages around the case ("-" for rows measured before they were kept)."""
+    if "load_before" not in result:
+        return "-"
+    return f"{result['load_before']:.1f} / {result['load_after']:.1f}"
 
 
 def stored() -> list[dict]:

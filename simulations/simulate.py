@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -337,6 +338,9 @@ def prepare_run(config: SimulationConfig, out: Path, *, argv: Sequence[str] = ()
         "commit": commit,
         "machine": machine(threads=1),
         "flwr": _flwr_version(),
+        # Flower's simulation engine calls ray.init() without an address, so Ray's RAY_ADDRESS
+        # decides which cluster runs the ClientApps (docs/simulations.md, "On a Ray cluster").
+        "ray_address": os.environ.get("RAY_ADDRESS") or None,
         "dataset": dataset,
         RUN_TABLE: final.run.to_flower(),
         FEDERATION_TABLE: {NUM_SUPERNODES: federation.num_supernodes, CLIENT_CPUS: federation.client_cpus},

@@ -169,6 +169,16 @@ def test_prepare_run_writes_the_resolved_config(tmp_path: Path) -> None:
     assert again.federation == prepared.config.federation
 
 
+def test_the_ray_cluster_a_run_is_sent_to_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Flower's ray.init() takes its cluster from RAY_ADDRESS (docs/simulations.md, "On a Ray cluster").
+    config = resolve_config(write(tmp_path, "[run]\nsynthetic-users = 7\nsynthetic-items = 200\n"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    alone = json.loads((sim.prepare_run(config, tmp_path / "a").run_dir / "config.resolved.json").read_text())
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
+    attached = json.loads((sim.prepare_run(config, tmp_path / "b").run_dir / "config.resolved.json").read_text())
+    assert alone["ray_address"] is None and attached["ray_address"] == "127.0.0.1:6390"
+
+
 def test_too_many_supernodes_for_the_synthetic_users(tmp_path: Path) -> None:
     config = resolve_config(write(tmp_path, "[run]\nsynthetic-users = 5\n[federation]\nnum-supernodes = 6\n"))
     with pytest.raises(SimulationConfigError, match="exceeds the 5 synthetic users"):
