@@ -96,31 +96,33 @@ def measure(model: InterestModel, users: list, *, lrs: list[float], steps: list[
     return {"ranks": ranks, "adapt_seconds": seconds}
 
 
-def table(results: dict) -> str:
-    """The markdown section of docs/benchmarks.md."""
+def table(runs: list[dict]) -> str:
+    """The markdown section of docs/benchmarks.md: one row per (run, stage, lr, steps)."""
     lines = [
-        f"Devices' own held-out figures with and without personalization (client/personalization.py): "
-        f"Amazon Toys, the user-level-DP global model `{results['model']}`, "
-        f"{results['users']} of {results['population']} users drawn at random (seed {results['seed']}); "
-        "full-catalogue ranking, the user's earlier items excluded. valid: adapted on the train part, ranks the "
-        "validation item (defaults chosen here); test: adapted on train + validation item, ranks the test item "
-        "(never adapted on). Full-batch Adam steps on all parameters, dropout off. Cost: one device's adaptation "
-        "(copy + steps) at the largest step count, one thread, machine shared with other simulations.",
+        "Devices' own held-out figures with and without personalization (client/personalization.py): Amazon Toys, "
+        f"the user-level-DP global model `{runs[0]['model']}`; users drawn at random from the {runs[0]['population']} "
+        "(seeded; the same users in every row of one seed and count); full-catalogue ranking, the user's earlier items "
+        "excluded. valid: adapted on the train part, ranks the validation item (the defaults were chosen on these rows); "
+        "test: adapted on train + validation item, ranks the test item (never adapted on). Full-batch Adam on all "
+        "parameters, dropout off; steps 0 is the global model. Cost: one device's adaptation (copy + steps) at the "
+        "run's largest step count, one thread, on a machine shared with other simulations.",
         "",
-        "| stage | lr | steps | NDCG@10 | HR@10 | vs global (NDCG@10) | adaptation cost (ms, at max steps) | command | commit |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | users (seed) | lr | steps | NDCG@10 | HR@10 | vs global (NDCG@10) | adaptation cost (ms, at max steps) | command | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage in STAGES:
-        for lr in results["lrs"]:
-            base = ndcg(np.array(results["ranks"][f"{stage}|{lr}|0"]), 10).mean()
-            for count in results["steps"]:
-                ranks = np.array(results["ranks"][f"{stage}|{lr}|{count}"])
-                value = ndcg(ranks, 10).mean()
-                cost = f"{1000 * results['adapt_seconds'][f'{stage}|{lr}']:.0f}"
-                lines.append(
-                    f"| {stage} | {lr:g} | {count} | {value:.4f} | {hit_rate(ranks, 10).mean():.4f} | "
-                    f"{f'{value / base:.2f}x' if base > 0 else '-'} | {cost} | `{results['command']}` | {results['commit']} |"
-                )
+        for results in runs:
+            for lr in results["lrs"]:
+                base = ndcg(np.array(results["ranks"][f"{stage}|{lr}|0"]), 10).mean()
+                for count in results["steps"]:
+                    ranks = np.array(results["ranks"][f"{stage}|{lr}|{count}"])
+                    value = ndcg(ranks, 10).mean()
+                    ratio = f"{value / base:.2f}x" if base > 0 else "-"
+                    cost = f"{1000 * results['adapt_seconds'][f'{stage}|{lr}']:.0f}"
+                    lines.append(
+                        f"| {stage} | {results['users']} ({results['seed']}) | {lr:g} | {count} | {value:.4f} | "
+                        f"{hit_rate(ranks, 10).mean():.4f} | {ratio} | {cost} | `{results['command']}` | {results['commit']} |"
+                    )
     return "\n".join(lines)
 
 
@@ -134,7 +136,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[0, 1, 3, 10])
     parser.add_argument("--results", type=Path, help="Also write the raw results (JSON) here.")
     parser.add_argument("--no-write", action="store_true", help="Print only; leave docs/benchmarks.md alone.")
+    parser.add_argument("--table-from", type=Path, nargs="+", help="Measure nothing: write the table of these --results files.")
     args = parser.parse_args(argv)
+    if args.table_from:
+        _write([json.loads(path.read_text(encoding="utf-8")) for path in args.table_from], args.no_write)
+        return
     if 0 not in args.steps:
         parser.error("--steps must include 0 (the global model, the baseline)")
     torch.set_num_threads(1)  # a device has one core for this; the machine runs other simulations
@@ -155,8 +161,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.results:
         args.results.write_text(json.dumps(results), encoding="utf-8")
-    text = table(results)
-    if args.no_write:
+    _write([results], args.no_write)
+
+
+def _write(runs: list[dict], print_only: bool) -> None:
+    text = table(runs)
+    if print_only:
         print(text)
     else:
         publish(BENCHMARKS_MD, SECTION, text)

@@ -31,8 +31,8 @@ from fedinterest.client.local_models import LoadedModel, TorchRanker
 from fedinterest.common.examples import training_windows, trim_padding
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 
-DEFAULT_STEPS = 3
-DEFAULT_LR = 1e-3
+DEFAULT_STEPS = 10
+DEFAULT_LR = 1e-2
 MAX_STEPS = 1000  # far beyond any useful count: a typo (steps=30000) fails instead of hanging the device
 
 
