@@ -1,8 +1,8 @@
 """Personalization on the device: adapt a copy of the global model to the user's own history.
 
 Before ranking, the device takes a few Adam steps on a *copy* of the received global
-model, over the user's own training windows (`common.examples.training_windows`, the
-same windows federated training uses), and ranks with the copy. The global model, the
+model, over the user's own (item, next item) windows (cut as training cuts them,
+`common.examples.training_windows`; on a device, from its whole history), and ranks with the copy. The global model, the
 model kept in the device store and everything a train or evaluate reply carries are
 untouched: the copy never leaves the device, so it spends no privacy budget and needs
 no accountant (docs/privacy.md, docs/device.md).
