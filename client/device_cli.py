@@ -23,6 +23,7 @@ import typer
 # `budget` and `status` answer in a fraction of a second (issue 16).
 from fedinterest.client.budget import privacy_budget
 from fedinterest.client.device_dir import init_device_dir, open_device_dir
+from fedinterest.client.personalization_settings import DEFAULT_STEPS, PersonalizationSettings
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
 from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
 
@@ -38,6 +39,11 @@ DirOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
 MaxEpsilonOpt = Annotated[float, typer.Option("--max-epsilon", help="The most (example-level) epsilon this device will ever spend.")]
+PersonalizeOpt = Annotated[int, typer.Option(
+    "--personalize-steps",
+    help="Adam steps adapting a copy of the received global model to this user's history before ranking (0: off); "
+    "nothing of it leaves the device. An installed bundle ranks unadapted.",
+)]
 MaxDeltaOpt = Annotated[float, typer.Option("--max-delta", help="The largest delta this device accepts a run to state epsilon at.")]
 
 @contextmanager
@@ -202,6 +208,7 @@ def install_bundle(
 def recommend(
     directory: DirOpt,
     k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+    personalize_steps: PersonalizeOpt = DEFAULT_STEPS,
     as_json: JsonOpt = False,
 ) -> None:
     """Rank the whole catalogue locally (no network) and print the k best items the user has not seen.
@@ -210,15 +217,18 @@ def recommend(
     from fedinterest.client.recommend import recommend as recommend_items
 
     with _clear_errors():
+        settings = PersonalizationSettings(steps=personalize_steps)
         with open_device_dir(directory).store() as store:
-            result = recommend_items(store, k)
+            result = recommend_items(store, k, personalization=settings)
     payload = {"items": [{"item_id": item, "score": score} for item, score in result.items], "model": result.model,
                "history_used": result.history_used, "history_unknown": result.history_unknown}
     lines = [f"{rank:>3}. {item}  ({score:.4f})" for rank, (item, score) in enumerate(result.items, start=1)]
+    applied = result.model.get("personalization", {})
+    personalized = applied.get("note") or (f"{applied['steps']} steps" if applied.get("steps") else "off")
     if result.model["kind"] == "fallback":
         lines.append(f"no model yet: ranked by {result.model['ranking']}")
     else:
-        lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}")
+        lines.append(f"model: {result.model['kind']} {result.model['sha256'][:12]}; history items used: {result.history_used}; personalized: {personalized}")
     _emit(payload, as_json, lines)
 
 
@@ -305,6 +315,7 @@ def forget(
 def serve(
     directory: DirOpt,
     address: Annotated[str, typer.Option("--address", help="unix:/path.sock or 127.0.0.1:PORT (local only).")] = "127.0.0.1:50151",
+    personalize_steps: PersonalizeOpt = DEFAULT_STEPS,
 ) -> None:
     """Serve ranked items over gRPC (common/ranking.proto) to apps on this device, until interrupted.
 
@@ -312,8 +323,9 @@ def serve(
     from fedinterest.client.ranking_service import start_server
 
     with _clear_errors():
+        settings = PersonalizationSettings(steps=personalize_steps)
         device = open_device_dir(directory)
-        server, bound = start_server(device.store_path, address)
+        server, bound = start_server(device.store_path, address, personalization=settings)
     typer.echo(f"ranking service for {device.root} listening on {bound}", err=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

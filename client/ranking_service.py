@@ -4,6 +4,9 @@ It binds only to a unix socket or a loopback address, so only apps on the device
 ask, and it reads only the device store: the user's history and the latest model. The
 model is loaded once and reloaded when the store receives a newer one (a bundle
 installed, or a global model from a round), checked by one cheap query per request.
+A global model is ranked personalized (client/personalization.py): the adapted copy is
+kept until the model or the history changes, so a request pays for the adaptation only
+after one of them did.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from fedinterest.client.device_store import DeviceStore
 from fedinterest.client.local_models import LoadedModel
-from fedinterest.client.recommend import FALLBACK, load_or_fallback, recommend
+from fedinterest.client.personalization_settings import PersonalizationSettings
+from fedinterest.client.recommend import FALLBACK, load_or_fallback, rank_unseen
 from fedinterest.common import ranking_pb2, ranking_pb2_grpc
 
 DEFAULT_K = 10
@@ -51,10 +56,12 @@ def check_local_address(address: str) -> str:
 class RankingServicer(ranking_pb2_grpc.RankingServicer):
     """Answers Recommend and Status from the device store at `store_path`."""
 
-    def __init__(self, store_path: Path) -> None:
+    def __init__(self, store_path: Path, personalization: PersonalizationSettings | None = None) -> None:
         self.store_path = store_path
+        self.personalization = PersonalizationSettings() if personalization is None else personalization
         self._lock = threading.Lock()
         self._loaded: LoadedModel | None = None
+        self._personalized: tuple[tuple[int, bytes], LoadedModel] | None = None  # (model id, history bytes) -> adapted
         self._local = threading.local()  # one SQLite connection per server thread
 
     def _store(self) -> DeviceStore:
@@ -70,12 +77,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
                 self._loaded = load_or_fallback(store)  # model_id 0: the catalogue-order fallback
             return self._loaded
 
+    def _personalized_for(self, loaded: LoadedModel, history: np.ndarray) -> LoadedModel:
+        key = (loaded.model_id, np.ascontiguousarray(history, dtype=np.int64).tobytes())
+        with self._lock:
+            if self._personalized is None or self._personalized[0] != key:
+                from fedinterest.client.personalization import personalize  # torch: only once a request needs it
+
+                self._personalized = (key, personalize(loaded, history, self.personalization))
+            return self._personalized[1]
+
     def Recommend(self, request: ranking_pb2.RecommendRequest, context: grpc.ServicerContext) -> ranking_pb2.RecommendReply:
         k = request.k or DEFAULT_K
         if k > MAX_K:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"k must be at most {MAX_K}, got {k}")
         store = self._store()
-        result = recommend(store, k, loaded=self._model(store))
+        loaded = self._model(store)  # the fallback ranking when no model has arrived yet
+        history = store.history(loaded.catalogue)
+        result = rank_unseen(self._personalized_for(loaded, history.indices), history.indices, k, history_unknown=history.unknown)
         return ranking_pb2.RecommendReply(
             items=[ranking_pb2.RankedItem(item_id=item, score=score) for item, score in result.items],
             model_kind=result.model["kind"], model_sha256=result.model["sha256"], history_used=result.history_used,
@@ -91,12 +109,15 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         )
 
 
-def start_server(store_path: Path, address: str, *, max_workers: int = 2) -> tuple[grpc.Server, str]:
-    """Start the service on `address` (checked to be local); the server and the address it is bound to."""
+def start_server(
+    store_path: Path, address: str, *, max_workers: int = 2, personalization: PersonalizationSettings | None = None,
+) -> tuple[grpc.Server, str]:
+    """Start the service on `address` (checked to be local); the server and the address it is bound to.
+    `personalization` defaults to PersonalizationSettings()."""
     address = check_local_address(address)
     DeviceStore(store_path).close()  # a missing or foreign store fails here, not on the first request
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-    ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(store_path), server)
+    ranking_pb2_grpc.add_RankingServicer_to_server(RankingServicer(store_path, personalization), server)
     # Server reflection: standard gRPC clients (grpcurl, Postman, ...) list and call the service
     # without a copy of common/ranking.proto.
     from grpc_reflection.v1alpha import reflection

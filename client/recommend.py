@@ -2,7 +2,9 @@
 
 The user's history (by raw item id) is mapped to the model's catalogue; items the
 model does not know are left out of the input. Every item already in the history is
-excluded from the result. Nothing here touches the network.
+excluded from the result. A received global model is first adapted to the history on a
+copy (client/personalization.py; `personalization` steps 0 turns it off). Nothing here
+touches the network.
 
 Before the device has any model (no bundle installed, no round taken part in), it ranks
 by catalogue order: the operator's catalogue lists the most popular items first when it
@@ -19,6 +21,7 @@ import numpy as np
 
 from fedinterest.client.device_store import DeviceStore
 from fedinterest.client.local_models import LoadedModel, NoModelError, load_latest
+from fedinterest.client.personalization import PersonalizationSettings, personalize
 from fedinterest.common.catalogue import Catalogue
 from fedinterest.common.constants import PAD_ID
 
@@ -63,12 +66,19 @@ class Recommendation:
     history_unknown: int  # history items it does not know
 
 
-def recommend(store: DeviceStore, k: int = 10, loaded: LoadedModel | None = None) -> Recommendation:
-    """The k best unseen catalogue items for the device's user; `loaded` reuses an already loaded model."""
+def recommend(
+    store: DeviceStore, k: int = 10, loaded: LoadedModel | None = None, *, personalization: PersonalizationSettings | None = None,
+) -> Recommendation:
+    """The k best unseen catalogue items for the device's user.
+
+    `loaded` reuses an already loaded model; `personalization` defaults to PersonalizationSettings() (client/personalization.py).
+    """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    settings = PersonalizationSettings() if personalization is None else personalization
     loaded = loaded or load_or_fallback(store)
     history = store.history(loaded.catalogue)
+    loaded = personalize(loaded, history.indices, settings)
     return rank_unseen(loaded, history.indices, k, history_unknown=history.unknown)
 
 
