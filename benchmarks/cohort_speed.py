@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from fedinterest.benchmarks.report import store_result
 from fedinterest.common.datasets import load_split
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
@@ -205,10 +206,7 @@ def stored() -> list[dict]:
 
 
 def store(result: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{result['case']}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    return path
+    return store_result(RESULTS, result["case"], result)
 
 
 def parse_case(text: str) -> Case:

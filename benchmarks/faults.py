@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from fedinterest.benchmarks.federated import VARIANTS, simulate_argv
-from fedinterest.benchmarks.report import publish
+from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.run_metrics import RoundRow
 from fedinterest.simulations.simulate import resolve_config, run_simulation
@@ -94,10 +94,7 @@ def result_name(summary: dict) -> str:
 
 
 def _store(summary: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / result_name(summary)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    return store_result(RESULTS, Path(result_name(summary)).stem, summary)
 
 
 def print_progress(row: RoundRow) -> None:

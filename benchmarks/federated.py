@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish
+from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish, store_result
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.run_metrics import RoundRow
 from fedinterest.simulations.simulate import parse_overrides, resolve_config, run_simulation
@@ -141,11 +141,8 @@ def _server_settings(run: dict) -> dict:
 
 
 def _store(summary: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
     # Keyed by rounds too: runs of one variant for different lengths are all kept.
-    path = RESULTS / f"{summary['dataset']}-{summary['variant']}-{summary['rounds']}x{summary['clients_per_round']}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    return store_result(RESULTS, f"{summary['dataset']}-{summary['variant']}-{summary['rounds']}x{summary['clients_per_round']}", summary)
 
 
 def print_progress(row: RoundRow) -> None:

@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from fedinterest.benchmarks.federated import VARIANTS
-from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish
+from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish, store_result
 from fedinterest.common.constants import PAD_ID
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
@@ -365,10 +365,7 @@ def overrides_for(model_name: str, *, members: int, rounds: int, clients_per_rou
 
 
 def _store(summary: dict[str, Any]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{summary['dataset']}-{summary['model']}-{summary['rounds']}x{summary['clients_per_round']}-m{summary['num_members']}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    return store_result(RESULTS, f"{summary['dataset']}-{summary['model']}-{summary['rounds']}x{summary['clients_per_round']}-m{summary['num_members']}", summary)
 
 
 def _progress(row: RoundRow) -> None:

@@ -1,7 +1,8 @@
-"""Writing a benchmark's table into its own section of docs/benchmarks.md."""
+"""Writing a benchmark's table into its own section of docs/benchmarks.md, and its result files."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,11 @@ def publish(path: Path, name: str, table: str) -> None:
     print(table)
     replace_section(path, name, table)
     print(f"wrote the {name} table to {path}", file=sys.stderr)
+
+
+def store_result(directory: Path, name: str, payload: dict[str, Any]) -> Path:
+    """Write one benchmark result as `directory/name.json` (indented, one file per row) and return its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from fedinterest.benchmarks import federated
-from fedinterest.benchmarks.report import publish
+from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "user_privacy"
@@ -51,10 +51,7 @@ def summarize(run_dir: Path, config: str, target_epsilon: float, label: str, ext
 
 
 def _store(summary: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{summary['dataset']}-{summary['label']}-eps{summary['target_epsilon']:g}.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return path
+    return store_result(RESULTS, f"{summary['dataset']}-{summary['label']}-eps{summary['target_epsilon']:g}", summary)
 
 
 def run(configs: list[str], epsilons: list[float], label: str, extra: list[str], out: Path) -> None:
