@@ -11,6 +11,7 @@ reply may say, by `client.device_errors`.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,7 @@ def train(msg: Message, context: Context) -> Message:
     if not isinstance(server_round, int):
         raise MessageError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
     sampled = _sampled_users(req.config, len(req.device.users))
+    clip_norm = _round_clip_norm(req.config)
     fault = requested_fault(context.node_config, req.config)
     if fault is not None:
         act_out(fault, req.run.round_timeout)
@@ -105,7 +107,7 @@ def train(msg: Message, context: Context) -> Message:
         else:
             result = train_shard(
                 model=req.model, device=req.device, sampled=sampled, run=run, ledger=ledger, run_id=context.run_id,
-                server_round=server_round, proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)),
+                server_round=server_round, proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)), clip_norm=clip_norm,
             )
             if result.refused and req.device.store_path is not None:  # a real device's one user: its log says why
                 LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal_reason(ledger, run, context.run_id, server_round, result.epsilons[0]))
@@ -118,10 +120,22 @@ def train(msg: Message, context: Context) -> Message:
         wire.EPSILON: [float(e) for e in result.epsilons],
         wire.REFUSED: result.refused,
     }
+    if clip_norm is not None:  # adaptive clipping: the server noises the count (server/adaptive_clipping.py)
+        metrics[wire.UNCLIPPED_USERS] = result.unclipped
     if run.share_metrics:  # a noiseless function of the training windows (docs/privacy.md)
         metrics[wire.TRAIN_LOSS] = result.train_loss
     content[wire.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
+
+
+def _round_clip_norm(config: ConfigRecord) -> float | None:
+    """The round's user-level clip norm under adaptive clipping (absent: the run's user-clip-norm)."""
+    clip = config.get(wire.CLIP_NORM)
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip) or clip <= 0:
+        raise MessageError(f"the train message's {wire.CLIP_NORM!r} must be a positive number, got {clip!r}")
+    return float(clip)
 
 
 def _sampled_users(config: ConfigRecord, shard_size: int) -> list[int]:

@@ -48,6 +48,7 @@ class ShardRoundResult:
     train_loss: float  # example-weighted mean of their losses (0.0 when none trained)
     epsilons: list[float]  # every sampled user's cumulative example-level epsilon after the round
     refused: int  # sampled users that declined (privacy budget or a round already charged)
+    unclipped: int = 0  # trained users whose update norm was at most the clip norm (user-level DP only)
 
 
 def train_shard(
@@ -60,16 +61,22 @@ def train_shard(
     run_id: int,
     server_round: int,
     proximal_mu: float = 0.0,
+    clip_norm: float | None = None,
 ) -> ShardRoundResult:
-    """Train the users `sampled` (indices into `device.users`) from `model`'s global weights."""
+    """Train the users `sampled` (indices into `device.users`) from `model`'s global weights.
+
+    `clip_norm` is the round's user-level clip norm under adaptive clipping (the train
+    config's wire.CLIP_NORM); None = the run's user-clip-norm.
+    """
     if not sampled or any(not 0 <= i < len(device.users) for i in sampled) or len(set(sampled)) != len(sampled):
         raise ValueError(f"sampled users must be distinct indices into the shard's {len(device.users)} users, got {sampled}")
     generator = _seed_round(run, server_round, device.first_user)
     histories = [device.users[i].train if device.users[i] is not None else NO_HISTORY for i in sampled]
     accounts = [ledger.for_user(device.ledger_user(i)) for i in sampled]
+    clip = (clip_norm or run.user_clip_norm) if run.user_private else None
     if _is_fedsgd(run, proximal_mu, histories):
-        return _fedsgd_round(model, histories, accounts, run, run_id, server_round)
-    return _loop_round(model, histories, accounts, run, run_id, server_round, proximal_mu, generator)
+        return _fedsgd_round(model, histories, accounts, run, run_id, server_round, clip)
+    return _loop_round(model, histories, accounts, run, run_id, server_round, proximal_mu, generator, clip)
 
 
 def refused_round(device: DeviceData, sampled: list[int], ledger: PrivacyLedger, delta: float) -> ShardRoundResult:
@@ -89,7 +96,8 @@ def _is_fedsgd(run: RunConfig, proximal_mu: float, histories: list[np.ndarray]) 
 
 
 def _fedsgd_round(
-    model: InterestModel, histories: list[np.ndarray], accounts: list[PrivacyLedger], run: RunConfig, run_id: int, server_round: int
+    model: InterestModel, histories: list[np.ndarray], accounts: list[PrivacyLedger], run: RunConfig, run_id: int, server_round: int,
+    clip: float | None,
 ) -> ShardRoundResult:
     """All users' one-step updates in one batched pass; each charged one (noise-free) step first."""
     windows = [_windows(h, run.max_len) for h in histories]
@@ -100,24 +108,24 @@ def _fedsgd_round(
     epsilons = [a.epsilon(run.delta) for a in accounts]
     if not trained:
         return ShardRoundResult(None, 0, 0, 0.0, epsilons, refused)
-    clip = run.user_clip_norm if run.user_private else None
     updates = fedsgd_user_updates(model, [histories[i] for i in trained], lr=run.local_lr, clip_norm=clip)
     user_windows = updates.windows.to(torch.float64)
     # User-level DP weighs every user alike (its update is clipped); FedAvg weighs by windows.
     divisor = float(len(trained)) if clip is not None else float(user_windows.sum())
     state = _plus(model, {name: value / divisor for name, value in updates.total.items()})
     loss = float((updates.losses.to(torch.float64) * user_windows).sum() / user_windows.sum())
-    return ShardRoundResult(state, len(trained), int(user_windows.sum()), loss, epsilons, refused)
+    unclipped = int((updates.norms <= clip).sum()) if clip is not None else 0
+    return ShardRoundResult(state, len(trained), int(user_windows.sum()), loss, epsilons, refused, unclipped)
 
 
 def _loop_round(
     model: InterestModel, histories: list[np.ndarray], accounts: list[PrivacyLedger], run: RunConfig, run_id: int,
-    server_round: int, proximal_mu: float, generator: torch.Generator | None,
+    server_round: int, proximal_mu: float, generator: torch.Generator | None, clip: float | None,
 ) -> ShardRoundResult:
     """`train_locally` user by user, each from the global weights; updates combined as they come."""
     global_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
     total = {name: torch.zeros_like(value, dtype=torch.float64) for name, value in global_state.items()}
-    weight, users, windows, loss_sum, refused, epsilons = 0.0, 0, 0, 0.0, 0, []
+    weight, users, windows, loss_sum, refused, unclipped, epsilons = 0.0, 0, 0, 0.0, 0, 0, []
     for history, account in zip(histories, accounts):
         user_model = copy.deepcopy(model)
         result = train_locally(
@@ -129,8 +137,9 @@ def _loop_round(
         if result.state_dict is None:
             continue
         update = {name: result.state_dict[name].to(torch.float64) - global_state[name] for name in global_state}
-        if run.user_private:
-            update, user_weight = clip_update(update, run.user_clip_norm), 1.0
+        if clip is not None:
+            unclipped += int(update_norm(update) <= clip)
+            update, user_weight = clip_update(update, clip), 1.0
         else:
             user_weight = float(result.num_examples)
         for name in total:
@@ -142,14 +151,19 @@ def _loop_round(
     if users == 0:
         return ShardRoundResult(None, 0, 0, 0.0, epsilons, refused)
     state = {name: (global_state[name] + total[name] / weight).to(global_state[name].dtype) for name in global_state}
-    return ShardRoundResult(state, users, windows, loss_sum / windows, epsilons, refused)
+    return ShardRoundResult(state, users, windows, loss_sum / windows, epsilons, refused, unclipped)
 
 
 def clip_update(update: dict[str, torch.Tensor], clip_norm: float) -> dict[str, torch.Tensor]:
     """`update` scaled to L2 norm at most `clip_norm` over all its arrays (user-level DP's clipping)."""
-    norm = math.sqrt(sum(float(value.double().square().sum()) for value in update.values()))
+    norm = update_norm(update)
     scale = min(1.0, clip_norm / norm) if norm > 0 else 1.0
     return {name: value * scale for name, value in update.items()}
+
+
+def update_norm(update: dict[str, torch.Tensor]) -> float:
+    """The L2 norm of all of `update`'s arrays together, in float64."""
+    return math.sqrt(sum(float(value.double().square().sum()) for value in update.values()))
 
 
 def _plus(model: InterestModel, update: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

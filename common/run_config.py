@@ -90,7 +90,13 @@ class RunConfig:
     # stops before a round that would take user-level epsilon past user-epsilon-budget
     # at user-delta (0 = 1 / number of nodes registered at the first round).
     user_noise_multiplier: float = 0.0
-    user_clip_norm: float = 1.0
+    user_clip_norm: float = 1.0  # the clip norm, or its start under adaptive clipping
+    # Adaptive clipping (Andrew et al. 2021; server/adaptive_clipping.py): > 0 moves the clip
+    # norm each round toward this quantile of the users' update norms, from a noised count
+    # that the accountant's noise multiplier already covers; 0 = the fixed user-clip-norm.
+    user_clip_quantile: float = 0.0
+    user_clip_lr: float = 0.2  # the geometric step of the clip norm (the paper's and Flower's default)
+    user_clip_count_stddev: float = 0.0  # noise std on the count; 0 = expected users per round / 20
     user_delta: float = 0.0  # 0 = N^-1.1, N the users at the first round
     user_epsilon_budget: float = 8.0
     # > 0 turns layer 2 on with sigma calibrated so that num-server-rounds releases spend
@@ -201,6 +207,14 @@ class RunConfig:
         for name in ("user_clip_norm", "user_epsilon_budget"):
             if not getattr(self, name) > 0:
                 problems.append(f"{_key(name)} must be positive")
+        if not 0 <= self.user_clip_quantile < 1:
+            problems.append("user-clip-quantile must be in [0, 1) (0 = the fixed user-clip-norm)")
+        if not self.user_clip_lr > 0:
+            problems.append("user-clip-lr must be positive")
+        if self.user_clip_count_stddev < 0:
+            problems.append("user-clip-count-stddev must be >= 0 (0 = expected users per round / 20)")
+        if self.user_clip_quantile > 0 and not self.user_private:
+            problems.append("user-clip-quantile adapts layer 2's clip norm: it needs user-level DP (user-target-epsilon or user-noise-multiplier)")
         if not 0 <= self.user_delta < 1:
             problems.append("user-delta must be in [0, 1) (0 = N^-1.1, N the users)")
         if self.user_target_epsilon < 0:

@@ -32,6 +32,9 @@ SIMULATED_FAULT = "simulated-fault"
 # Train config: indices, within the node's shard, of the users sampled this round (sorted).
 # Absent: the shard's first user (a real device has only its own).
 SHARD_USERS = "shard-users"
+# Train config under adaptive clipping (run-config user-clip-quantile > 0): this round's
+# user-level clip norm, which replaces user-clip-norm (server/adaptive_clipping.py).
+CLIP_NORM = "clip-norm"
 
 # Server -> node: which users do you hold? (a query message; simulation only)
 QUERY_SHARD = "query.shard"
@@ -50,10 +53,14 @@ TRAIN_LOSS = "train-loss"  # shared only: weighted mean local training loss of t
 # epsilon after this round, at the run's delta (inf: trained without DP).
 EPSILON = "epsilon"
 REFUSED = "refused"  # how many sampled users declined to train (privacy budget, or a round already charged)
+# Sent only when the train config carries CLIP_NORM: how many of the NUM_USERS updates had
+# norm at most CLIP_NORM before clipping. The server noises the sum before using it.
+UNCLIPPED_USERS = "unclipped-users"
 HIT_RATE_10 = "hr@10"
 NDCG_10 = "ndcg@10"
 
 TRAIN_REPLY_METRICS = (NUM_EXAMPLES, NUM_USERS, EPSILON, REFUSED)
 SHARED_TRAIN_METRICS = (TRAIN_LOSS,)
+ADAPTIVE_TRAIN_METRICS = (UNCLIPPED_USERS,)  # only when the train config carries CLIP_NORM
 EVAL_REPLY_METRICS = (NUM_EXAMPLES,)
 SHARED_EVAL_METRICS = (HIT_RATE_10, NDCG_10)  # the mean over the node's evaluated users

@@ -31,7 +31,9 @@ from enum import Enum
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, SHARED_TRAIN_METRICS, TRAIN_LOSS, TRAIN_REPLY_METRICS
+from fedinterest.common.wire import (
+    ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, SHARED_TRAIN_METRICS, TRAIN_LOSS, TRAIN_REPLY_METRICS, UNCLIPPED_USERS,
+)
 
 
 class ReplyKind(str, Enum):
@@ -94,6 +96,7 @@ class CheckedReply:
     num_examples: float | None = None
     train_loss: float | None = None  # only from a device that shares it (run-config share-metrics)
     epsilons: tuple[float, ...] = ()  # one per sampled user, in the order the server named them
+    unclipped: int | None = None  # under adaptive clipping: trained users whose update norm was <= the round's clip
     message: Message | None = None  # valid replies only: arrays in the global model's key order
 
     @property
@@ -120,9 +123,14 @@ def check_train_reply(msg: Message, spec: ArraySpec, bound: UpdateBound | None =
 def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound | None, users: int) -> CheckedReply:
     content = msg.content
     metrics, epsilons = _metrics(content, users)
-    num_examples, trained, loss, refused = (metrics.get(k) for k in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED))
+    num_examples, trained, loss, refused, unclipped = (metrics.get(k) for k in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED, UNCLIPPED_USERS))
     has_arrays = ARRAYS in content.array_records
-    common = dict(users=users, trained=int(trained), refused=int(refused), num_examples=num_examples, epsilons=epsilons)
+    if unclipped is not None and unclipped > trained:
+        raise MalformedReply(f"{UNCLIPPED_USERS} {unclipped:g} exceeds {NUM_USERS} {int(trained)}")
+    common = dict(
+        users=users, trained=int(trained), refused=int(refused), num_examples=num_examples, epsilons=epsilons,
+        unclipped=int(unclipped) if unclipped is not None else None,
+    )
     if trained == 0:
         if has_arrays and refused == users:
             raise MalformedReply("a refused reply must not carry arrays")
@@ -156,19 +164,23 @@ def _metrics(content: RecordDict, users: int) -> tuple[dict[str, float], tuple[f
     if ARRAYS in content and ARRAYS not in content.array_records:
         raise MalformedReply(f"record {ARRAYS!r} is not an ArrayRecord")
     record: MetricRecord = content[METRICS]
-    if set(record.keys()) not in (set(TRAIN_REPLY_METRICS), set(TRAIN_REPLY_METRICS + SHARED_TRAIN_METRICS)):
+    # UNCLIPPED_USERS comes only under adaptive clipping; the others as the wire says.
+    if set(record.keys()) - {UNCLIPPED_USERS} not in (set(TRAIN_REPLY_METRICS), set(TRAIN_REPLY_METRICS + SHARED_TRAIN_METRICS)):
         raise MalformedReply(
-            f"metric keys {sorted(record.keys())} are not exactly {sorted(TRAIN_REPLY_METRICS)} (or with {sorted(SHARED_TRAIN_METRICS)})"
+            f"metric keys {sorted(record.keys())} are not exactly {sorted(TRAIN_REPLY_METRICS)} "
+            f"(or with {sorted(SHARED_TRAIN_METRICS)}, and {UNCLIPPED_USERS!r} under adaptive clipping)"
         )
     values = {}
-    for key in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED):
+    for key in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED, UNCLIPPED_USERS):
         if key not in record:  # a shared metric the device did not send
             continue
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise MalformedReply(f"metric {key!r} must be a number, got {value!r}")
         values[key] = float(value)
-    for key in (NUM_EXAMPLES, NUM_USERS, REFUSED):
+    for key in (NUM_EXAMPLES, NUM_USERS, REFUSED, UNCLIPPED_USERS):
+        if key not in values:
+            continue
         n = values[key]
         if not (math.isfinite(n) and n >= 0 and n == int(n)):
             raise MalformedReply(f"{key} must be a whole number >= 0, got {n}")

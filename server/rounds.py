@@ -75,7 +75,7 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.split import LeaveOneOut
-from fedinterest.common.wire import ARRAYS, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
+from fedinterest.common.wire import ARRAYS, CLIP_NORM, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.cohort import Cohort, addressed, survey
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
@@ -232,7 +232,10 @@ def train_round(
     else:
         users = random.Random(round_seed(config.seed, server_round)).sample(range(cohort.population), min(config.clients_per_round, cohort.population))
     assignment = cohort.assign(users)
-    messages = _train_messages(strategy, arrays, server_round, grid, cohort, assignment)
+    # Under adaptive clipping the round's clip norm travels with the train config.
+    adaptive = user_dp is not None and user_dp.adaptive is not None
+    round_config = ConfigRecord({CLIP_NORM: user_dp.clip_norm} if adaptive else {})
+    messages = _train_messages(strategy, arrays, server_round, grid, cohort, assignment, round_config)
     if config.fault_fraction > 0:
         faulty = pick_faulty([m.metadata.dst_node_id for m in messages], config.fault_fraction, config.seed, server_round)
         messages = mark_faults(messages, faulty, config.fault_mode)
@@ -283,7 +286,8 @@ def _log_bad_replies(server_round: int, replies: RoundReplies, name_nodes: bool)
         LOG.info("fedinterest: round %d: node %d refused: reported epsilon %s", server_round, checked.node_id, ", ".join(f"{e:.4g}" for e in checked.epsilons) or "-")
 
 def _train_messages(
-    strategy: FedAvg, arrays: ArrayRecord, server_round: int, grid: Grid, cohort: Cohort, assignment: dict[int, list[int]]
+    strategy: FedAvg, arrays: ArrayRecord, server_round: int, grid: Grid, cohort: Cohort, assignment: dict[int, list[int]],
+    round_config: ConfigRecord,
 ) -> list[Message]:
     """The strategy's own train messages (its config: server round, FedProx's mu, ...) for
     the nodes holding sampled users, each naming its users, in the cohort's order."""
@@ -291,7 +295,7 @@ def _train_messages(
     if not chosen:
         return []
     fit_sampling(strategy, len(chosen), len(chosen))
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _Only(grid, chosen)))
+    messages = list(strategy.configure_train(server_round, arrays, round_config, _Only(grid, chosen)))
     return sorted(addressed(messages, assignment), key=lambda m: cohort.rank(m.metadata.dst_node_id))
 
 
@@ -313,24 +317,27 @@ def _user_level_round(
     user_dp: UserLevelAccountant, population: int, epsilons: dict[str, float],
 ) -> RoundResult:
     """Release the round's DP-FedAvg model and account for it; the strategy sees only that model."""
-    settings = user_dp.settings
+    clip, expected = user_dp.clip_norm, user_dp.sample_rate(population) * population
     global_arrays = arrays_to_numpy(arrays)
+    rng = user_dp.noise_rng(server_round)
     noised, norms = noised_mean_update(
         global_arrays, [(arrays_to_numpy(c.message.content[ARRAYS]), c.trained) for c in replies.valid],
-        clip_norm=settings.clip_norm, noise_multiplier=user_dp.noise_multiplier,
-        expected_size=user_dp.sample_rate(population) * population, rng=user_dp.noise_rng(server_round),
+        clip_norm=clip, noise_multiplier=user_dp.update_noise_multiplier, expected_size=expected, rng=rng,
     )
+    if user_dp.adaptive is not None:  # the next round's clip norm, from the noised count (server/adaptive_clipping.py)
+        fraction = user_dp.adaptive.step([(c.unclipped or 0, c.trained) for c in replies.valid], expected, rng)
+        LOG.info("fedinterest: round %d: noised unclipped fraction %.3f at clip %.4g; next clip %.4g", server_round, fraction, clip, user_dp.clip_norm)
     user_dp.record_release(population)
-    clipped = sum(1 for n in norms if n > settings.clip_norm * (1 + 1e-6))
+    clipped = sum(1 for n in norms if n > clip * (1 + 1e-6))
     # The median norm before clipping is what user-clip-norm should be chosen near (McMahan et al.).
     LOG.info(
         "fedinterest: round %d: DP-FedAvg over %d user update(s) in %d replies, %d replies clipped again to %g (median norm %s); "
         "user-level epsilon %.3f at delta %g",
-        server_round, replies.count(ReplyKind.VALID), len(norms), clipped, settings.clip_norm,
+        server_round, replies.count(ReplyKind.VALID), len(norms), clipped, clip,
         f"{float(np.median(norms)):.3g}" if norms else "-", user_dp.epsilon(), user_dp.delta,
     )
     if isinstance(strategy, NoiseAwareFedAdam):  # DP-AdamBC: the per-coordinate variance of the released noise
-        strategy.noise_variance = (user_dp.noise_multiplier * settings.clip_norm / (user_dp.sample_rate(population) * population)) ** 2
+        strategy.noise_variance = (user_dp.update_noise_multiplier * clip / expected) ** 2
     new_arrays, _ = strategy.aggregate_train(server_round, [_released_reply(noised, server_round)])
     if new_arrays is None:  # no strategy drops its only reply; guard rather than lose the release
         new_arrays = arrays_from_numpy(noised)

@@ -68,6 +68,7 @@ from opacus.accountants.accountant import IAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
 from fedinterest.common.run_config import RunConfig
+from fedinterest.server.adaptive_clipping import AdaptiveClip
 from fedinterest.server.reply_checks import l2_norm
 
 # The accountant's unit and adjacency, stated wherever the figure is reported.
@@ -90,6 +91,9 @@ class UserDPSettings:
     accountant: str = "prv"
     target_epsilon: float = 0.0  # > 0: calibrate sigma so that `rounds` releases spend this
     rounds: int = 0
+    clip_quantile: float = 0.0  # > 0: adaptive clipping (server/adaptive_clipping.py), clip_norm its start
+    clip_lr: float = 0.2
+    clip_count_stddev: float = 0.0  # 0 = expected users per round / 20
 
 
 class UserLevelAccountant:
@@ -97,7 +101,7 @@ class UserLevelAccountant:
 
     def __init__(
         self, settings: UserDPSettings, *, delta: float, sampling_seed: int, noise_multiplier: float,
-        history: list[tuple[float, float, int]] | None = None,
+        history: list[tuple[float, float, int]] | None = None, adaptive: AdaptiveClip | None = None,
     ) -> None:
         if settings.accountant not in ACCOUNTANTS:
             raise ValueError(f"user-level accountant must be one of {ACCOUNTANTS}, got {settings.accountant!r}")
@@ -109,6 +113,7 @@ class UserLevelAccountant:
         self.noise_multiplier = noise_multiplier
         self._accountant = create_accountant(settings.accountant)
         self._accountant.history = [tuple(step) for step in (history or [])]
+        self.adaptive = adaptive
 
     @classmethod
     def start(cls, settings: UserDPSettings, population: int) -> UserLevelAccountant:
@@ -118,21 +123,41 @@ class UserLevelAccountant:
         sigma = settings.noise_multiplier
         if settings.target_epsilon > 0:
             sigma = calibrated_noise(settings, delta, min(1.0, settings.clients_per_round / max(population, 1)))
-        return cls(settings, delta=delta, sampling_seed=seed, noise_multiplier=sigma)
+        adaptive = None
+        if settings.clip_quantile > 0:
+            adaptive = AdaptiveClip.start(
+                clip_norm=settings.clip_norm, quantile=settings.clip_quantile, lr=settings.clip_lr, count_stddev=settings.clip_count_stddev,
+                noise_multiplier=sigma, expected_size=min(settings.clients_per_round, max(population, 1)),
+            )
+        return cls(settings, delta=delta, sampling_seed=seed, noise_multiplier=sigma, adaptive=adaptive)
 
     @classmethod
     def from_json(cls, settings: UserDPSettings, state: dict[str, Any]) -> UserLevelAccountant:
         """Inverse of `to_json` (the checkpoint's privacy["user_level"])."""
         history = [(float(s), float(q), int(n)) for s, q, n in state["history"]]
         sigma = float(state.get("noise_multiplier", settings.noise_multiplier))  # older checkpoints: the run config's
-        return cls(settings, delta=float(state["delta"]), sampling_seed=int(state["sampling_seed"]), noise_multiplier=sigma, history=history)
+        adaptive = AdaptiveClip.from_json(state["adaptive_clip"]) if state.get("adaptive_clip") else None
+        return cls(
+            settings, delta=float(state["delta"]), sampling_seed=int(state["sampling_seed"]), noise_multiplier=sigma, history=history, adaptive=adaptive,
+        )
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe state for the checkpoint manifest (the seed stays server-side, like the weights)."""
         return {
             "delta": self.delta, "sampling_seed": self.sampling_seed, "noise_multiplier": self.noise_multiplier,
             "history": [list(step) for step in self._accountant.history],
+            "adaptive_clip": self.adaptive.to_json() if self.adaptive is not None else None,
         }
+
+    @property
+    def clip_norm(self) -> float:
+        """This round's clip norm: user-clip-norm, or where adaptive clipping has moved it."""
+        return self.adaptive.clip_norm if self.adaptive is not None else self.settings.clip_norm
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        """The noise multiplier on the update sum: sigma, or its share under adaptive clipping (the count takes the rest)."""
+        return self.adaptive.update_noise_multiplier if self.adaptive is not None else self.noise_multiplier
 
     @property
     def rounds(self) -> int:
@@ -183,6 +208,11 @@ class UserLevelAccountant:
             "noise_multiplier": self.noise_multiplier,
             "noise_calibrated_to": self.settings.target_epsilon or None,
             "clip_norm": self.settings.clip_norm,
+            "adaptive_clip": (
+                {"target_quantile": self.adaptive.quantile, "lr": self.adaptive.lr, "count_stddev": self.adaptive.count_stddev,
+                 "update_noise_multiplier": self.adaptive.update_noise_multiplier, "last_clip_norm": self.adaptive.clip_norm}
+                if self.adaptive is not None else None
+            ),
             "rounds_accounted": self.rounds,
             "sampling": "poisson",
             "accountant": f"opacus {self.settings.accountant}",
@@ -258,4 +288,7 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         accountant=config.user_accountant,
         target_epsilon=config.user_target_epsilon,
         rounds=config.num_server_rounds,
+        clip_quantile=config.user_clip_quantile,
+        clip_lr=config.user_clip_lr,
+        clip_count_stddev=config.user_clip_count_stddev,
     )

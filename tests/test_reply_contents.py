@@ -82,6 +82,7 @@ def _documented() -> dict[tuple[str, str], tuple[str, str]]:
 def test_the_privacy_docs_list_exactly_what_replies_hold() -> None:
     documented = _documented()
     expected = {("train", k): "always" for k in wire.TRAIN_REPLY_METRICS} | {("train", k): "shared only" for k in wire.SHARED_TRAIN_METRICS}
+    expected |= {("train", k): "adaptive clipping only" for k in wire.ADAPTIVE_TRAIN_METRICS}
     expected |= {("evaluate", k): "always" for k in wire.EVAL_REPLY_METRICS} | {("evaluate", k): "shared only" for k in wire.SHARED_EVAL_METRICS}
     assert {key: sent for key, (sent, _) in documented.items()} == expected
     for key, (sent, guarantee) in documented.items():

@@ -106,8 +106,8 @@ def test_the_batched_fedsgd_pass_equals_training_each_user_alone(clip: float | N
     histories = [u.train for u in device.users]
     assert max(len(h) for h in histories) > run.max_len + 1  # some users have several windows
     model = _global(run, seed=1)
-    batched = _fedsgd_round(model, histories, _accounts(6), run, run_id=1, server_round=1)
-    looped = _loop_round(model, histories, _accounts(6), run, run_id=1, server_round=1, proximal_mu=0.0, generator=None)
+    batched = _fedsgd_round(model, histories, _accounts(6), run, run_id=1, server_round=1, clip=clip)
+    looped = _loop_round(model, histories, _accounts(6), run, run_id=1, server_round=1, proximal_mu=0.0, generator=None, clip=clip)
     assert (batched.num_users, batched.num_examples) == (looped.num_users, looped.num_examples) == (6, batched.num_examples)
     assert batched.train_loss == pytest.approx(looped.train_loss, rel=1e-5)
     for key in batched.state_dict:
