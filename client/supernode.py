@@ -102,7 +102,10 @@ def run_supernode(
 
     Its output is passed through line by line (and read for the activation refusal).
     SIGTERM, SIGHUP and Ctrl-C (SIGINT) are passed on to it; if this process dies (even by SIGKILL) the kernel sends the SuperNode
-    SIGTERM, so it signs off instead of staying "online" at the SuperLink for a minute.
+    SIGTERM, so it exits instead of running on as an orphan. (It does not sign off: Flower 1.41's
+    SuperNode serves its runtime API with uvicorn, whose own SIGTERM handler ends the process
+    without the DeactivateNode call, so the SuperLink shows the node online until two 30-s
+    heartbeats are missed; measured 57 s, tests/test_device_lifecycle.py.)
     """
     # Its own process group: once it has exited, what it started (its SuperExec, which would
     # keep retrying the dead SuperNode for minutes, holding the output pipe) is ended with it.

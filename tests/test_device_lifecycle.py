@@ -3,7 +3,8 @@
 A real SuperLink (TLS, node authentication) on loopback: an unenrolled device is told to
 get enrolled; a second start of a running device is refused before it dials; a device
 killed with SIGKILL and started again at once waits, with backoff, until the SuperLink
-releases its old session, then comes online by itself.
+releases its old session, then comes online by itself (slow-marked: Flower's two missed
+30-s heartbeats make it a two-minute wait).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def test_an_unenrolled_device_is_told_to_get_enrolled(federation: tuple[Deployme
     assert "its key (SHA256:" in text and "is not enrolled there, or was revoked" in text and "fedinterest server enroll" in text
 
 
-def test_a_second_start_and_a_restart_after_sigkill(federation: tuple[Deployment, Path], tmp_path: Path) -> None:
+def test_a_second_start_is_refused_and_sigkill_of_start_ends_its_supernode(federation: tuple[Deployment, Path], tmp_path: Path) -> None:
     deployment, catalogue = federation
     device = _device(tmp_path, catalogue, "phone")
     node = _enroll(deployment, device, "phone")
@@ -109,13 +110,35 @@ def test_a_second_start_and_a_restart_after_sigkill(federation: tuple[Deployment
         assert second.returncode == 2, second.stderr[-2000:]
         assert "this device is already running" in second.stderr and f"pid {first.pid}" in second.stderr
         assert _status(deployment, node) == "online"  # the running session is untouched
-        # SIGKILL to `device start` alone: its SuperNode is told (parent-death signal) and signs off.
+        # SIGKILL to `device start` alone: its SuperNode is told (parent-death signal) and exits.
+        supernode = json.loads((device / "supernode.lock").read_text())["supernode_pid"]
         _stop(first, signal.SIGKILL)
-        _wait_status(deployment, node, "offline", 60)
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{supernode}").exists():
+            assert time.monotonic() < deadline, f"the SuperNode {supernode} outlived its `device start` by 30 s"
+            time.sleep(0.2)
+    finally:
+        _stop(first)
+
+
+# Slow: Flower 1.41 releases a node only after 2 x 30 s without heartbeats (a constant, not a
+# setting), and this test waits for that twice; it runs with the benchmarks (-m slow).
+@pytest.mark.slow
+def test_offline_after_sigkill_and_a_restart_after_power_loss_waits_then_comes_online(federation: tuple[Deployment, Path], tmp_path: Path) -> None:
+    deployment, catalogue = federation
+    device = _device(tmp_path, catalogue, "tablet")
+    node = _enroll(deployment, device, "tablet")
+    first = _start(deployment, device, tmp_path / "first.log")
+    _wait_status(deployment, node, "online", 90)
+    # SIGKILL to `device start` alone: its SuperNode exits, and the node goes offline once
+    # the SuperLink misses its heartbeats (Flower 1.41's SuperNode does not sign off: client/supernode.py).
+    _stop(first, signal.SIGKILL)
+    _wait_status(deployment, node, "offline", 120)
+    again = _start(deployment, device, tmp_path / "again.log")
+    try:
+        _wait_status(deployment, node, "online", 90)
         # SIGKILL to `device start` and its SuperNode together (power loss): no sign-off, the
         # SuperLink keeps the node online for a while; a restart waits until it is released.
-        again = _start(deployment, device, tmp_path / "again.log")
-        _wait_status(deployment, node, "online", 90)
         supernode = json.loads((device / "supernode.lock").read_text())["supernode_pid"]
         os.killpg(supernode, signal.SIGKILL)
         _stop(again, signal.SIGKILL)
@@ -135,4 +158,4 @@ def test_a_second_start_and_a_restart_after_sigkill(federation: tuple[Deployment
         finally:
             _stop(restarted)
     finally:
-        _stop(first)
+        _stop(again)
