@@ -26,7 +26,8 @@ from fedinterest.simulations.simulate import resolve_config, run_simulation
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "user_privacy"
 LABELS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "sports": "Amazon Sports", "toys": "Amazon Toys", "synthetic": "synthetic",
-          "sports-private": "Amazon Sports", "toys-private": "Amazon Toys", "demo": "synthetic demo"}
+          "sports-private": "Amazon Sports", "toys-private": "Amazon Toys", "demo": "synthetic demo",
+          "ml-100k-private": "ML-100K", "ml-1m-private": "ML-1M users 1-2999"}
 
 
 def overrides(target_epsilon: float, extra: list[str]) -> list[str]:

@@ -287,13 +287,17 @@ def test_a_run_without_any_aggregated_update_fails(tmp_path: Path) -> None:
     sim.check_updates(tmp_path, {"rounds": 2, "counts": {"aggregated": 0, "refused": 8}})  # budgets spent: a normal outcome
 
 
-@pytest.mark.parametrize("name", ["demo", "sports", "toys", "sports-private", "toys-private"])
+@pytest.mark.parametrize("name", ["demo", "sports", "toys", "sports-private", "toys-private", "ml-100k-private", "ml-1m-private"])
 def test_shipped_shard_configs_resolve_to_user_level_or_fedsgd_runs(name: str) -> None:
     config = resolve_config(CONFIGS / f"{name}.toml")
     run = config.run
     assert run.users_per_node > 1 and run.strategy == "fedadam" and run.local_optimizer == "sgd"
-    if name.endswith("-private"):  # issue 12's recipe: attribute vectors, calibrated to epsilon 8
-        assert run.user_target_epsilon == 8.0 and run.item_vectors == "attributes" and Path(run.item_attributes).is_file()
+    if name.endswith("-private"):  # issue 12's recipe, calibrated to epsilon 8
+        assert run.user_target_epsilon == 8.0 and run.noise_multiplier == 0.0
+    if name in ("sports-private", "toys-private"):  # attribute vectors from the public catalogue
+        assert run.item_vectors == "attributes" and Path(run.item_attributes).is_file()
+    if name.startswith("ml-"):  # MovieLens: fewer noised parameters (a tied item table, dim 32)
+        assert run.tie_item_vectors and run.dim == 32
     if name == "demo":  # the README's main command: user-level private, calibrated to epsilon 8
         assert run.user_private and run.user_target_epsilon == 8.0 and run.noise_multiplier == 0.0
         assert (run.synthetic_users, run.users_per_node) == (10_000, 5_000)
