@@ -223,7 +223,7 @@ def calibrated_noise(settings: UserDPSettings, delta: float, sample_rate: float)
     """The noise multiplier for which settings.rounds releases at `sample_rate` spend target_epsilon at `delta`."""
     if settings.rounds < 1:
         raise ValueError("calibrating the user-level noise needs the number of rounds")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(1 - q) at q = 1 is -inf by design
         warnings.simplefilter("ignore", UserWarning)
         return float(get_noise_multiplier(
             target_epsilon=settings.target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=settings.rounds,
@@ -232,7 +232,7 @@ def calibrated_noise(settings: UserDPSettings, delta: float, sample_rate: float)
 
 
 def _epsilon(accountant: IAccountant, delta: float) -> float:
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # PRV's log(1 - q) at q = 1 is -inf by design
         # "Optimal order is the largest alpha": the bound stays valid, only looser.
         warnings.simplefilter("ignore", UserWarning)
         return float(accountant.get_epsilon(delta))

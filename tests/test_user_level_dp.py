@@ -285,3 +285,16 @@ def test_a_target_epsilon_calibrates_the_noise_to_spend_it_over_the_rounds(accou
     assert user_dp.epsilon_after(3000, 41) > 8.0  # the budget stop ends the run after the planned rounds
     restored = UserLevelAccountant.from_json(settings, json.loads(json.dumps(user_dp.to_json())))
     assert restored.noise_multiplier == user_dp.noise_multiplier  # a resume keeps the calibrated sigma
+
+
+def test_full_participation_is_calibrated_and_accounted_without_a_numpy_warning():
+    # q = 1 (every user every round, as ml-100k-private.toml): PRV takes log(1 - q) = -inf by
+    # design; the server's calibration and epsilon must not print numpy's divide-by-zero warning.
+    settings = UserDPSettings(noise_multiplier=0.0, clip_norm=1.0, delta=0.0, epsilon_budget=8.0, clients_per_round=50, target_epsilon=8.0, rounds=5)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        accountant = UserLevelAccountant.start(settings, population=50)
+        accountant.record_release(50)
+        assert 0 < accountant.epsilon() <= 8.0 + 0.05
