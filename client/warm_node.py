@@ -39,6 +39,7 @@ message, a new model per message), to measure against (benchmarks/cohort_speed.p
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import resource
 import threading
@@ -56,11 +57,18 @@ from fedinterest.common.model import InterestModel
 from fedinterest.common.model_config import ModelConfig
 
 SWITCH = "FEDINTEREST_WARM_NODE"  # "off": open, close and build per message
+LOG = logging.getLogger("flwr.fedinterest")
+_said_off: set[int] = set()  # processes that logged the switch
 
 
 def enabled() -> bool:
     """Whether this process keeps ledgers and the model warm (read per message: a benchmark may switch it)."""
-    return os.environ.get(SWITCH) != "off"
+    if os.environ.get(SWITCH) != "off":
+        return True
+    if os.getpid() not in _said_off:  # once per process: flwr.log then shows the actors got the switch
+        _said_off.add(os.getpid())
+        LOG.info("fedinterest: %s=off, this ClientApp process opens the ledger and builds the model per message", SWITCH)
+    return False
 
 
 @dataclass(frozen=True)
