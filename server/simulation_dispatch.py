@@ -6,7 +6,7 @@ Flower's simulation engine (`flwr/server/superlink/fleet/vce/vce_api.py`,
 stored message (expiry, federation) before it looks at the message's destination, so
 one pass costs nodes x messages-in-flight validations, each under the state's lock. In
 a simulation of one device per user this loop is most of the server process's CPU
-(docs/simulations.md, "Where a simulation's time goes") and it takes the cores the
+(docs/simulations.md, "Offline and process notes", Dispatch) and it takes the cores the
 devices should train on. An earlier version of this module kept Flower's scan but
 skipped other nodes' messages early; it still read every stored message on every poll
 (47% of the engine's samples at 2,999 nodes, docs/benchmarks.md).
