@@ -5,10 +5,19 @@ Each case is one `fedinterest simulate` run of a dataset's config with the FedSG
 model"), no DP noise, `cohort` users a round and `users-per-node` users on each virtual
 node. In the same process, right after it, the floor: the centralized trainer's own
 arithmetic (common/training.py: the same model, packed loss, batches of 128 windows of
-similar length, an Adam step) over exactly the users those rounds sampled, with the
-machine's two threads. The overhead ratio is the simulation's seconds per device update
-over the floor's seconds per user: 1.0 would be a federation that costs what centralized
-training on the same users costs.
+similar length, an Adam step) over exactly the users those rounds sampled, with one
+torch thread, as every simulated ClientApp has (`torch.set_num_threads(1)`). Two threads
+were used before; on this shared 2-core machine a second thread made the floor up to 18
+times slower under contention, which flattered the ratio. The overhead ratio is the
+simulation's seconds per device update over the floor's seconds per user: 1.0 would be a
+federation that costs what centralized training on the same users costs on one core; the
+simulation trains on two actors at once, so 0.5 would be both cores used perfectly.
+
+A case may name a code variant: `before` runs the same case with the code the issue-11
+fixes replaced (FEDINTEREST_FLOWER_DISPATCH=scan: the earlier per-node scan of every
+stored message; FEDINTEREST_WARM_NODE=off: the ClientApp opens and closes the node's
+ledger and builds a model for every message), so before and after are measured in one
+invocation, one after the other, each with its floor.
 
 Seconds per round: the median over rounds 2..R-1 (round 1 warms Ray up; the last one
 evaluates). Peak RSS: the highest sum of resident memory over this process and every
@@ -30,12 +39,14 @@ from pathlib import Path
 import torch
 
 from fedinterest.benchmarks.report import store_result
+from fedinterest.client import warm_node
 from fedinterest.common.datasets import load_split
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
 from fedinterest.server.rounds import round_seed
+from fedinterest.server import simulation_dispatch
 from fedinterest.server.run_metrics import read_rows
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
@@ -48,7 +59,9 @@ FEDSGD = [
     "noise-multiplier=0", "user-noise-multiplier=0", "local-epochs=1", "local-optimizer=sgd", "local-lr=1.0", "batch-size=16",
     "strategy=fedadam", "server-lr=0.001", "server-tau=1e-8",
 ]
-FLOOR_THREADS = 2  # the centralized trainer uses the whole machine, as the simulation's two actors do
+FLOOR_THREADS = 1  # as each simulated ClientApp (see the module docstring)
+# Code variants: the environment a case's simulation runs with ("": the code as it is).
+VARIANTS = {"": {}, "before": {simulation_dispatch.SWITCH: "scan", warm_node.SWITCH: "off"}}
 
 
 @dataclass(frozen=True)
@@ -59,11 +72,13 @@ class Case:
     users_per_node: int
     cohort: int
     population: int = 0  # synthetic only
+    variant: str = ""  # a key of VARIANTS
 
     @property
     def name(self) -> str:
         size = f"-{self.population}" if self.population else ""
-        return f"{self.dataset}{size}-k{self.users_per_node or 'half'}-c{self.cohort}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.dataset}{size}-k{self.users_per_node or 'half'}-c{self.cohort}{variant}"
 
 
 def overrides(case: Case, population: int, rounds: int) -> list[str]:
@@ -90,8 +105,15 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
     argv = [str(config_path), *(part for item in items for part in ("--set", item)), "--out", str(out)]
     # The machine may be shared: the 1-minute load average before and after says how much.
     load_before = os.getloadavg()[0]
-    with PeakMemory() as memory:
-        result = run_simulation(config, out, argv=argv)
+    saved = {key: os.environ.get(key) for key in VARIANTS[case.variant]}
+    os.environ.update(VARIANTS[case.variant])  # the SuperLink, the engine and Ray's actors inherit it
+    try:
+        with PeakMemory() as memory:
+            result = run_simulation(config, out, argv=argv)
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    load_after_simulation = os.getloadavg()[0]
     rows = read_rows(result.run_dir / "metrics.jsonl")
     seconds = [row.number("seconds") for row in rows]
     per_round = statistics.median(seconds[1:-1] or seconds)
@@ -107,7 +129,8 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
         "floor_seconds_per_user": floor, "overhead_ratio": per_update / floor, "peak_rss_bytes": memory.peak,
         "devices_seconds": statistics.median([row.number("devices_seconds") or 0.0 for row in rows][1:-1] or [0.0]),
         "wall_seconds": result.wall_seconds, "command": " ".join(resolved["command"]), "commit": resolved["commit"],
-        "run_dir": result.run_dir.name, "load_before": load_before, "load_after": load_after,
+        "run_dir": result.run_dir.name, "load_before": load_before, "load_after_simulation": load_after_simulation,
+        "load_after": load_after, "floor_threads": FLOOR_THREADS, "variant": case.variant, "environment": VARIANTS[case.variant],
     }
 
 
@@ -186,11 +209,32 @@ def table(results: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(results, key=lambda r: (r["dataset"], r["population"], r["cohort"], r["users_per_node"])):
+        if r.get("variant"):
+            continue  # the before/after table's
         lines.append(
             f"| {LABELS.get(r['dataset'], r['dataset'])} | {r['population']:,} | {r['users_per_node']:,} | {r['nodes']:,} | {r['cohort']:,} | "
             f"{r['seconds_per_round']:.2f} | {r['updates_per_second']:.0f} | {r['floor_seconds_per_user'] * 1e3:.2f} ms | "
             f"{r['overhead_ratio']:.2f} | {r['peak_rss_bytes'] / 2**30:.1f} GiB | {_load(r)} | {r['commit']} |"
         )
+    return "\n".join(lines)
+
+
+def fixes_table(results: list[dict]) -> str:
+    """Each case measured with the code before the issue-11 fixes beside the same case after them."""
+    lines = [
+        "| dataset | users per node | users per round | code | s per round | floor per user | overhead ratio | load before/after | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    after = {r["case"]: r for r in results if not r.get("variant")}
+    for before in sorted((r for r in results if r.get("variant") == "before"), key=lambda r: r["case"]):
+        pair = [before, after.get(before["case"].removesuffix("-before"))]
+        for r, code in zip(pair, ("before: scan, cold node", "after: index, warm node")):
+            if r is None:
+                continue
+            lines.append(
+                f"| {LABELS.get(r['dataset'], r['dataset'])} | {r['users_per_node']:,} | {r['cohort']:,} | {code} | {r['seconds_per_round']:.2f} | "
+                f"{r['floor_seconds_per_user'] * 1e3:.2f} ms | {r['overhead_ratio']:.2f} | {_load(r)} | {r['commit']} |"
+            )
     return "\n".join(lines)
 
 
@@ -210,8 +254,9 @@ def store(result: dict) -> Path:
 
 
 def parse_case(text: str) -> Case:
-    """DATASET[:POPULATION]:USERS_PER_NODE:COHORT, e.g. sports:half:1000, synthetic:100000:half:1000."""
+    """DATASET[:POPULATION]:USERS_PER_NODE:COHORT[:VARIANT], e.g. sports:half:1000, synthetic:100000:half:1000, ml-1m:1:100:before."""
     parts = text.split(":")
+    variant = parts.pop() if parts[-1] in VARIANTS else ""
     if parts[0] == "synthetic" and len(parts) == 4:
         dataset, population, per_node, cohort = parts
     elif parts[0] != "synthetic" and len(parts) == 3:
@@ -221,7 +266,7 @@ def parse_case(text: str) -> Case:
     if dataset not in LABELS:
         raise ValueError(f"case {text!r}: dataset must be one of {', '.join(LABELS)}")
     try:
-        return Case(dataset, 0 if per_node == "half" else int(per_node), int(cohort), int(population))
+        return Case(dataset, 0 if per_node == "half" else int(per_node), int(cohort), int(population), variant)
     except ValueError as err:
         raise ValueError(f"case {text!r}: users per node must be a number or 'half', cohort and population numbers") from err
 

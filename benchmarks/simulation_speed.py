@@ -14,6 +14,9 @@ users per node, FedSGD users a round, the centralized floor beside each row) and
 the cohort-speed table:
 
     python -m fedinterest.benchmarks.simulation_speed --cohort sports:half:1000 ml-1m:1:100 synthetic:100000:half:1000
+
+A case ending in `:before` (e.g. `ml-1m:1:100:before`) runs with the code the issue-11
+fixes replaced, for the before/after table (benchmarks/cohort_speed.py).
 """
 
 from __future__ import annotations
@@ -167,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
             path = cohort_speed.store(cohort_speed.run_case(case, args.rounds, args.out))
             print(f"  stored {path}", file=sys.stderr)
         publish(BENCHMARKS_MD, "cohort-speed", cohort_speed.table(cohort_speed.stored()))
+        publish(BENCHMARKS_MD, "cohort-speed-fixes", cohort_speed.fixes_table(cohort_speed.stored()))
         return
     if args.training_only:
         for dataset in args.datasets:

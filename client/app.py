@@ -3,7 +3,8 @@
 A node stands for the users of its shard: one on a real device, several in simulation
 (run-config users-per-node). Training lives in `client.shard_training` (each sampled user
 as its own device) and `client.local_training`, ranking in `client.local_evaluation`,
-the node's data in `client.data_source` and its privacy ledger in `client.ledger`. What
+the node's data in `client.data_source` and its privacy ledger in `client.ledger` (kept open,
+with a model template, between a simulation process's messages: `client.warm_node`). What
 a reply may hold is fixed by `common.wire` (docs/privacy.md lists it); what an error
 reply may say, by `client.device_errors`.
 """
@@ -19,11 +20,11 @@ from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.device_errors import MessageError, reported_errors
 from fedinterest.client.device_logging import drop_opacus_root_handler, refusal_reason
 from fedinterest.client.faults import act_out, requested_fault
-from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
 from fedinterest.client.local_models import save_global_model
 from fedinterest.client.privacy_policy import run_for_device
 from fedinterest.client.shard_training import refused_round, train_shard
+from fedinterest.client.warm_node import fresh_model, node_ledger
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
@@ -60,7 +61,7 @@ def _decode(msg: Message, context: Context) -> _Request:
     arrays = msg.content.array_records.get(wire.ARRAYS)
     if arrays is None:
         raise MessageError(f"the {msg.metadata.message_type} message carries no ArrayRecord under {wire.ARRAYS!r}")
-    model = InterestModel(run.model_config(device.num_items, device.item_ids))
+    model = fresh_model(run.model_config(device.num_items, device.item_ids))  # built once per process (client/warm_node.py)
     try:
         model.load_state_dict(arrays.to_torch_state_dict())
     except RuntimeError as err:  # torch names only the arrays' and the model's shapes (the catalogue's size)
@@ -100,7 +101,7 @@ def train(msg: Message, context: Context) -> Message:
     run, refusal = req.run, None
     if req.device.store_path is not None:  # a real device: its own privacy floor applies
         run, refusal = run_for_device(str(req.device.store_path), req.run)
-    with open_device_ledger(req.device.ledger_path, context.state) as ledger:
+    with node_ledger(req.device, context.state, context.run_id) as ledger:  # kept open across messages (client/warm_node.py)
         if refusal is not None:
             LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal)
             result = refused_round(req.device, sampled, ledger, run.delta)

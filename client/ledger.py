@@ -32,7 +32,9 @@ Where it lives: a file path (in simulation `{run_dir}/devices/partition-{id}.sql
 on a real device the device store file), or, when a simulation has no run directory,
 an in-memory database whose image is kept in the node's `Context.state` between rounds
 (`open_device_ledger`). That image lives only as long as the simulation's node state:
-it is not durable and does not survive a restart of the process holding it.
+it is not durable and does not survive a restart of the process holding it. A
+simulation's ClientApp process keeps a node's file ledger open between that node's
+messages (client/warm_node.py); every write is still its own committed transaction.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The per-node message lookup gives what Flower 1.41's own does, on Flower's real in-memory state."""
+"""The per-node message index gives what Flower 1.41's own lookup does, on Flower's real in-memory state."""
 
 from __future__ import annotations
 
+import random
 import secrets
 import time
 from collections.abc import Iterator
@@ -23,8 +24,11 @@ STOCK = InMemoryLinkState.get_message_ins
 
 
 @pytest.fixture
-def task_identity() -> Iterator[None]:
-    """Flower's process-wide task identity, which building a Message needs, restored afterwards."""
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Flower's process-wide task identity, which building a Message needs, restored afterwards;
+    messages stored through the indexing `store_message_ins`, as `install` arranges (a state
+    that never used the index is not affected by it)."""
+    monkeypatch.setattr(InMemoryLinkState, "store_message_ins", simulation_dispatch.store_message_ins_indexed)
     saved = (TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id)
     yield
     TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
@@ -46,13 +50,15 @@ def _federation(num_nodes: int) -> tuple[InMemoryLinkState, InMemoryGrid, list[i
     return state, grid, nodes, run_id
 
 
-def _push(grid: InMemoryGrid, nodes: list[int], destinations: list[int], ttl: float | None = None) -> None:
-    """One message to nodes[i] for each i in `destinations`, its type naming its position."""
+def _push(grid: InMemoryGrid, nodes: list[int], destinations: list[int], ttl: float | None = None, first: int = 0) -> list[str]:
+    """One message to nodes[i] for each i in `destinations`, its type naming its position; their ids."""
     messages = []
-    for position, index in enumerate(destinations):
+    for position, index in enumerate(destinations, start=first):
         extra = {} if ttl is None else {"ttl": ttl}
         messages.append(Message(RecordDict(), dst_node_id=nodes[index], message_type=f"train.m{position}", **extra))
-    assert len(list(grid.push_messages(messages))) == len(destinations)
+    ids = list(grid.push_messages(messages))
+    assert len(ids) == len(destinations)
+    return ids
 
 
 def _poll_all(state: InMemoryLinkState, nodes: list[int], lookup, run_id: int | None) -> list[list[tuple[int, str]]]:
@@ -77,6 +83,65 @@ def test_returns_and_delivers_what_flowers_lookup_does(task_identity: None) -> N
     stock, patched = results
     assert patched == stock
     assert sorted(pair for batch in patched for pair in batch) == sorted((d, f"train.m{i}") for i, d in enumerate(destinations))
+
+
+def test_matches_flowers_lookup_through_stores_polls_and_deletions(task_identity: None) -> None:
+    """A random interleaving of pushes, polls (any limit, run filter) and deletions, on two states."""
+    logs = []
+    for lookup in (STOCK, simulation_dispatch.get_message_ins_for_node):
+        rng = random.Random(11)
+        state, grid, nodes, run_id = _federation(6)
+        log, pushed, ids = [], 0, []
+        for _ in range(300):
+            action = rng.random()
+            if action < 0.3:
+                destinations = [rng.randrange(6) for _ in range(rng.randint(1, 4))]
+                ids += _push(grid, nodes, destinations, first=pushed)
+                pushed += len(destinations)
+            elif action < 0.4 and ids:
+                state.delete_messages({ids.pop(rng.randrange(len(ids)))})  # a reply pulled, or expired
+            else:
+                node, limit = rng.randrange(6), rng.choice([1, 1, 2, None])
+                got = lookup(state, nodes[node], limit, run_id=rng.choice([run_id, run_id, None, run_id + 1]))
+                log.append((node, [m.metadata.message_type for m in got]))
+        logs.append(log)
+    stock, indexed = logs
+    assert indexed == stock
+    assert sum(len(types) for _, types in stock) > 50  # the interleaving did deliver
+
+
+class _CountingStore(dict):
+    """A message store that counts how often it is read whole."""
+
+    reads = 0
+
+    def items(self):  # noqa: ANN201
+        type(self).reads += 1
+        return super().items()
+
+    def keys(self):  # noqa: ANN201
+        type(self).reads += 1
+        return super().keys()
+
+    def __iter__(self):  # noqa: ANN204
+        type(self).reads += 1
+        return super().__iter__()
+
+
+def test_a_poll_reads_only_its_own_nodes_messages(task_identity: None) -> None:
+    """After the index is built, no poll reads the whole store (the scan it replaces read it every time)."""
+    state, grid, nodes, run_id = _federation(50)
+    state.message_ins_store = _CountingStore(state.message_ins_store)
+    _push(grid, nodes, [i % 50 for i in range(200)])
+    lookup = simulation_dispatch.get_message_ins_for_node
+    assert lookup(state, nodes[0], 1, run_id=run_id) != []  # builds the index: one read of the store
+    _CountingStore.reads = 0
+    _push(grid, nodes, [3, 7])
+    for _ in range(5):  # nodes 3 and 7 have five messages each, the others four
+        for node in nodes:
+            lookup(state, node, 1, run_id=run_id)
+    assert _CountingStore.reads == 0
+    assert all(m.metadata.delivered_at != "" for m in state.message_ins_store.values())
 
 
 def test_respects_the_run_filter_and_the_limit(task_identity: None) -> None:
@@ -113,5 +178,7 @@ def test_install_patches_only_the_pinned_flower_and_can_be_switched_off(monkeypa
     assert simulation_dispatch.install() is False
     assert InMemoryLinkState.get_message_ins is STOCK
     monkeypatch.setattr(simulation_dispatch.flwr, "__version__", simulation_dispatch.PATCHED_FLOWER)
+    monkeypatch.setattr(InMemoryLinkState, "store_message_ins", simulation_dispatch.FLOWER_STORE_MESSAGE_INS)
     assert simulation_dispatch.install() is True
     assert InMemoryLinkState.get_message_ins is simulation_dispatch.get_message_ins_for_node
+    assert InMemoryLinkState.store_message_ins is simulation_dispatch.store_message_ins_indexed
