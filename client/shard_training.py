@@ -100,7 +100,7 @@ def _fedsgd_round(
     epsilons = [a.epsilon(run.delta) for a in accounts]
     if not trained:
         return ShardRoundResult(None, 0, 0, 0.0, epsilons, refused)
-    clip = run.user_clip_norm if run.user_private else None
+    clip = run.user_clip_norm if run.clips_user_updates else None
     updates = fedsgd_user_updates(model, [histories[i] for i in trained], lr=run.local_lr, clip_norm=clip)
     user_windows = updates.windows.to(torch.float64)
     # User-level DP weighs every user alike (its update is clipped); FedAvg weighs by windows.
@@ -129,7 +129,7 @@ def _loop_round(
         if result.state_dict is None:
             continue
         update = {name: result.state_dict[name].to(torch.float64) - global_state[name] for name in global_state}
-        if run.user_private:
+        if run.clips_user_updates:
             update, user_weight = clip_update(update, run.user_clip_norm), 1.0
         else:
             user_weight = float(result.num_examples)
