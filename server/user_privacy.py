@@ -75,6 +75,13 @@ UNIT = "user-level (epsilon, delta)-DP of the sequence of global models (DP-FedA
 # delta = N^-1.1 unless user-delta is set: below 1/N, as a delta that allows leaking one user must be.
 DELTA_EXPONENT = 1.1
 ACCOUNTANTS = ("prv", "rdp")
+# Who adds the noise and what the server sees, by run-config aggregation (docs/privacy.md).
+MECHANISMS = {
+    "plain": "trusted server (central DP): every device's clipped update reaches the server in the clear and the server adds N(0, (sigma C)^2) to their sum",
+    "secagg+": "distributed DP with secure aggregation: every device clips its update and adds N(0, (sigma C)^2 / t); Flower's SecAgg+ "
+    "reveals to the server only the sum of at least t devices' vectors (t its reconstruction threshold), so the sum carries at least "
+    "the noise charged; holds against an honest-but-curious server and fewer than t colluding devices",
+}
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class UserDPSettings:
     accountant: str = "prv"
     target_epsilon: float = 0.0  # > 0: calibrate sigma so that `rounds` releases spend this
     rounds: int = 0
+    aggregation: str = "plain"  # the run-config aggregation: who adds the noise (MECHANISMS)
 
 
 class UserLevelAccountant:
@@ -186,6 +194,9 @@ class UserLevelAccountant:
             "rounds_accounted": self.rounds,
             "sampling": "poisson",
             "accountant": f"opacus {self.settings.accountant}",
+            "mechanism": self.settings.aggregation,
+            "mechanism_detail": MECHANISMS[self.settings.aggregation],
+            "trusts_the_server": self.settings.aggregation == "plain",
         }
 
 
@@ -258,4 +269,5 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         accountant=config.user_accountant,
         target_epsilon=config.user_target_epsilon,
         rounds=config.num_server_rounds,
+        aggregation=config.aggregation,
     )
