@@ -85,6 +85,8 @@ def contribution(
     `trained` is global + the mean of the `num_users` clipped updates (client/shard_training.py),
     None when no user trained (the device then contributes its noise alone).
     """
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise MessageError(f"{wire.SECURE_NOISE_MULTIPLIER!r} must be a finite number >= 0, got {noise_multiplier!r}")
     std = noise_multiplier * run.user_clip_norm / math.sqrt(threshold)
     generator = torch.Generator().manual_seed(_noise_seed(run, server_round))
     shares = []

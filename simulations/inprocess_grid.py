@@ -58,11 +58,13 @@ def stage_of(message: Message) -> str:
 class InProcessGrid(Grid):
     """A Grid of `contexts` (node id -> Context), each answered by `app` in this process."""
 
-    def __init__(self, app: ClientApp, contexts: dict[int, Context], drop: Callable[[str, int], bool] | None = None) -> None:
-        self.app, self.contexts = app, contexts
+    def __init__(
+        self, app: ClientApp, contexts: dict[int, Context], drop: Callable[[str, int], bool] | None = None, *, keep_replies: bool = True,
+    ) -> None:
+        self.app, self.contexts, self.keep_replies = app, contexts, keep_replies
         self.drop = drop or (lambda stage, node_id: False)
         self.traffic = Traffic()
-        self.replies: list[Message] = []  # every reply the server received, as it received it
+        self.replies: list[Message] = []  # every reply the server received, as it received it (keep_replies)
 
     def set_run(self, run):  # pragma: no cover - the round code never calls it
         self._run = run
@@ -102,7 +104,8 @@ class InProcessGrid(Grid):
             wire_out = message_to_proto(reply)
             self.traffic.add(stage, wire_in.ByteSize(), wire_out.ByteSize())
             received = message_from_proto(wire_out)
-            self.replies.append(received)
+            if self.keep_replies:
+                self.replies.append(received)
             replies.append(received)
         return replies
 

@@ -184,3 +184,15 @@ def test_run_config_names_the_bad_aggregation_and_the_settings_secagg_cannot_hon
         RunConfig(**SECURE, strategy="krum")
     with pytest.raises(ValueError, match="max-update-norm"):
         RunConfig(**SECURE, max_update_norm=1.0)
+
+
+def test_a_device_refuses_a_noise_multiplier_it_cannot_draw() -> None:
+    from fedinterest.client.device_errors import MessageError
+    from fedinterest.client.secure_contribution import contribution
+
+    state = {"w": torch.zeros(3)}
+    with pytest.raises(MessageError, match="secure-noise-multiplier"):
+        contribution(state, None, 0, run=RunConfig(**SECURE), noise_multiplier=-1.0, threshold=2, server_round=1)
+    # No user trained: the device still sends its noise share (std sigma C / sqrt(t)), so the sum keeps its noise.
+    [share] = contribution({"w": torch.zeros(20_000)}, None, 0, run=RunConfig(**SECURE), noise_multiplier=1.0, threshold=4, server_round=1)
+    assert share.std() == pytest.approx(SECURE["user_clip_norm"] / 2, rel=0.05)
