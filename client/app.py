@@ -22,7 +22,7 @@ from fedinterest.client.ledger import open_device_ledger
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
 from fedinterest.client.local_models import save_global_model
 from fedinterest.client.privacy_policy import run_for_device
-from fedinterest.client.secure_contribution import contribution, fit_instructions, is_secure, masked_fit_reply, protocol_threshold, secure_aggregation_mod
+from fedinterest.client.secure_contribution import contribution, fit_instructions, is_secure, masked_fit_reply, protocol_min_survivors, secure_aggregation_mod
 from fedinterest.client.shard_training import refused_round, train_shard
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
@@ -127,7 +127,7 @@ def train(msg: Message, context: Context) -> Message:
     if is_secure(msg):
         shares = contribution(
             global_state, result.state_dict, result.num_users, run=run, server_round=server_round,
-            noise_multiplier=float(req.config.get(wire.SECURE_NOISE_MULTIPLIER, 0.0)), threshold=protocol_threshold(context),
+            noise_multiplier=float(req.config.get(wire.SECURE_NOISE_MULTIPLIER, 0.0)), min_survivors=protocol_min_survivors(context),
         )
         return Message(masked_fit_reply(shares, MetricRecord(metrics)), reply_to=msg)
     content = RecordDict()

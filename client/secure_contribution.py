@@ -11,12 +11,13 @@ array in the clear.
 
 What the device puts in the FitRes (`contribution`): the sum of its users' updates, each
 clipped to C = user-clip-norm (one user on a real device), plus its share of the
-Gaussian noise, N(0, (sigma C)^2 / t) per coordinate, drawn with Opacus's noise function
+Gaussian noise, N(0, (sigma C)^2 / m) per coordinate, drawn with Opacus's noise function
 (`_generate_noise`, secure_mode: the sum of four draws that resists attacks on the
-floating-point noise). t is the protocol's reconstruction threshold, read from the
-SecAgg+ state the mod keeps: no round completes with fewer than t surviving devices, so
-the decoded sum always carries noise of variance at least (sigma C)^2, the noise the
-server's accountant charges for. The noise generator is seeded from OS entropy (unless
+floating-point noise). m is the fewest survivors a completed round sums, computed from
+the protocol's own settings in the SecAgg+ state the mod keeps (sampled nodes n, shares
+s, reconstruction threshold t: m = t when s >= n, else ceil(n t / s); common/secure_survivors.py
+explains why), so the decoded sum always carries noise of variance at
+least (sigma C)^2, the noise the server's accountant charges for. The noise generator is seeded from OS entropy (unless
 the research-only research-noise-seed is set).
 """
 
@@ -37,9 +38,11 @@ from opacus.optimizers.optimizer import _generate_noise
 from fedinterest.client.device_errors import MessageError
 from fedinterest.common import wire
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.secure_survivors import fewest_survivors
 
 FITINS_PARAMETERS, FITINS_CONFIG = "fitins.parameters", "fitins.config"  # Flower's legacy FitIns record names
-THRESHOLD = "threshold"  # the reconstruction threshold in the state secaggplus_mod keeps
+# Keys of the state secaggplus_mod keeps (flwr.client.mod.secure_aggregation.secaggplus_mod.SecAggPlusState).
+SAMPLE_NUMBER, SHARE_NUMBER, THRESHOLD = "sample_num", "share_num", "threshold"
 
 
 def is_secure(msg: Message) -> bool:
@@ -67,18 +70,18 @@ def fit_instructions(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
     return ArrayRecord({name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}), config
 
 
-def protocol_threshold(context: Context) -> int:
-    """t: the fewest surviving devices the running SecAgg+ round accepts (set in its setup stage)."""
+def protocol_min_survivors(context: Context) -> int:
+    """m: the fewest devices whose vectors the running SecAgg+ round can sum (from its setup stage's settings)."""
     state = context.state.config_records.get(RECORD_KEY_STATE)
-    threshold = state.get(THRESHOLD) if state is not None else None
-    if not isinstance(threshold, int) or threshold < 2:
-        raise MessageError(f"no SecAgg+ reconstruction threshold of at least 2 in this node's protocol state (got {threshold!r})")
-    return threshold
+    values = [state.get(key) if state is not None else None for key in (SAMPLE_NUMBER, SHARE_NUMBER, THRESHOLD)]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or values[2] < 2 or values[1] < values[2]:
+        raise MessageError(f"no SecAgg+ settings (sampled, shares, threshold >= 2) in this node's protocol state (got {values!r})")
+    return fewest_survivors(*values)
 
 
 def contribution(
     global_state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor] | None, num_users: int, *,
-    run: RunConfig, noise_multiplier: float, threshold: int, server_round: int,
+    run: RunConfig, noise_multiplier: float, min_survivors: int, server_round: int,
 ) -> list[np.ndarray]:
     """Sum of the users' clipped updates plus this device's noise share, one float64 array per global array.
 
@@ -87,7 +90,7 @@ def contribution(
     """
     if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
         raise MessageError(f"{wire.SECURE_NOISE_MULTIPLIER!r} must be a finite number >= 0, got {noise_multiplier!r}")
-    std = noise_multiplier * run.user_clip_norm / math.sqrt(threshold)
+    std = noise_multiplier * run.user_clip_norm / math.sqrt(min_survivors)
     generator = torch.Generator().manual_seed(_noise_seed(run, server_round))
     shares = []
     for name, base in global_state.items():

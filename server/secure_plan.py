@@ -9,12 +9,14 @@ is below one step 2c / 2^b and zero on average. This module picks:
 - shares s: every sampled node (secagg-num-shares = 0, SecAgg) or that many neighbours
   (SecAgg+); threshold t = round(secagg-reconstruction-threshold * s), at least 2 and
   below s (Flower's rule for integer settings). A round completes only if every node
-  has t surviving neighbours, so at least t devices' vectors are in every sum decoded:
-  t is the worst case the noise is calibrated to (client/secure_contribution.py).
+  has t surviving neighbours. Every device is the neighbour of exactly s nodes, so the
+  survivors A satisfy s |A| >= n t: at least m = ceil(n t / s) devices' vectors are in
+  every sum decoded (m = t when every node is every other's neighbour). m is the worst
+  case the noise is calibrated to (`min_survivors`; client/secure_contribution.py).
 - bits b = 32 - ceil(log2(n + 1)) (at most 30): n values of at most 2^b, and the n
   weights of 2^b Flower sums beside them, stay below 2^32, so the sum never wraps.
 - range c = k C (1 + 1e-3) + TAIL_SIGMAS * s_dev with k the most users a node combines,
-  C = user-clip-norm and s_dev = sigma C / sqrt(t) the device's noise std: a coordinate
+  C = user-clip-norm and s_dev = sigma C / sqrt(m) the device's noise std: a coordinate
   of k clipped updates is at most k C, so without noise nothing is ever clipped, and with
   noise a coordinate is clipped with probability at most erfc(TAIL_SIGMAS / sqrt(2))
   (2.0e-9 at 6 standard deviations).
@@ -26,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.secure_survivors import fewest_survivors
 
 MODULUS_BITS = 32  # Flower's default modulus, 2^32
 MAX_QUANTIZATION_BITS = 30  # Flower's stochastic rounding casts to int32
@@ -51,12 +54,17 @@ class SecureRoundPlan:
         return 2 * self.clipping_range / 2**self.bits
 
     @property
+    def min_survivors(self) -> int:
+        """m: the fewest devices whose vectors a completed round sums (protocol_min_survivors on the device)."""
+        return fewest_survivors(self.nodes, self.shares, self.threshold)
+
+    @property
     def device_noise_std(self) -> float:
-        """Each device's noise share per coordinate: sigma C / sqrt(t)."""
-        return self.noise_multiplier * self.clip_norm / math.sqrt(self.threshold)
+        """Each device's noise share per coordinate: sigma C / sqrt(m)."""
+        return self.noise_multiplier * self.clip_norm / math.sqrt(self.min_survivors)
 
     def sum_noise_std(self, survivors: int) -> float:
-        """The noise std per coordinate of the decoded sum of `survivors` devices (>= sigma C when survivors >= t)."""
+        """The noise std per coordinate of the decoded sum of `survivors` devices (>= sigma C when survivors >= m)."""
         return self.device_noise_std * math.sqrt(survivors)
 
     def quantization_error_bound(self, survivors: int) -> float:
@@ -81,7 +89,7 @@ class SecureRoundPlan:
     def summary(self) -> dict[str, float | int]:
         """What the run's secure_aggregation.jsonl and report state about the plan."""
         return {
-            "nodes": self.nodes, "shares": self.shares, "threshold": self.threshold, "modulus_bits": MODULUS_BITS,
+            "nodes": self.nodes, "shares": self.shares, "threshold": self.threshold, "min_survivors": self.min_survivors, "modulus_bits": MODULUS_BITS,
             "quantization_bits": self.bits, "clipping_range": self.clipping_range, "step": self.step,
             "clipping_probability": self.clipping_probability, "device_noise_std": self.device_noise_std,
         }
@@ -94,7 +102,7 @@ def plan_round(config: RunConfig, *, nodes: int, max_users: int, noise_multiplie
     shares = nodes if config.secagg_num_shares == 0 else min(config.secagg_num_shares, nodes)
     threshold = 2 if shares < 3 else min(max(2, round(config.secagg_reconstruction_threshold * shares)), shares - 1)
     bits = min(MAX_QUANTIZATION_BITS, MODULUS_BITS - math.ceil(math.log2(nodes + 1)))
-    device_std = noise_multiplier * config.user_clip_norm / math.sqrt(threshold)
+    device_std = noise_multiplier * config.user_clip_norm / math.sqrt(fewest_survivors(nodes, shares, threshold))
     clipping_range = max_users * config.user_clip_norm * (1 + UPDATE_SLACK) + TAIL_SIGMAS * device_std
     return SecureRoundPlan(
         nodes=nodes, shares=shares, threshold=threshold, bits=bits, clipping_range=clipping_range,

@@ -16,7 +16,7 @@ number of surviving devices is the plain sum. Then, as in the trusted-server lay
 (server/user_privacy.py): new = global + sum / E with E = q * users, the expected sample
 size, and the accountant charges one (sigma, q) step, now with no noise added by the
 server: the devices' shares carry it, at least sigma C in total whenever the protocol
-completes (at least t survivors; server/secure_plan.py). Without layer 2 the sum of
+completes (at least m survivors: t, or ceil(n t / shares) for SecAgg+; server/secure_plan.py). Without layer 2 the sum of
 clipped updates is divided by the users that trained (each user weighs alike).
 
 A round the protocol halts (fewer than two nodes sampled, or too many dropped) releases
@@ -43,7 +43,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, FedProx
+from flwr.serverapp.strategy import FedAvg
 
 from fedinterest.common import wire
 from fedinterest.common.run_config import RunConfig
@@ -51,6 +51,7 @@ from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.cohort import Cohort
 from fedinterest.server.evaluation import arrays_from_numpy, arrays_to_numpy
 from fedinterest.server.faults import pick_faulty
+from fedinterest.server.strategies import fit_sampling
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.reply_checks import CheckedReply, ReplyKind, RoundReplies, check_masked_reply
 from fedinterest.server.secure_plan import SecureRoundPlan, plan_round
@@ -88,7 +89,8 @@ def secure_train_round(
     summed, survivors, plan = None, 0, None
     if len(nodes) >= 2:
         plan = plan_round(config, nodes=len(nodes), max_users=max(sampled.values()), noise_multiplier=sigma)
-        collector = _SumCollector(grid, _fit_configs(strategy, config, server_round, assignment, nodes, list(global_arrays), sigma), global_arrays)
+        configs = _fit_configs(grid, strategy, arrays, config, server_round, assignment, nodes, list(global_arrays), sigma)
+        collector = _SumCollector(grid, configs, global_arrays)
         shares, threshold = plan.flower_arguments()
         workflow = SecAggPlusWorkflow(
             shares, threshold, max_weight=1.0, clipping_range=plan.clipping_range, quantization_range=2**plan.bits,
@@ -99,8 +101,8 @@ def secure_train_round(
             raise RuntimeError(f"SecAgg+ sent threshold {observed.threshold_sent}, the plan's noise is for {plan.threshold}")
         if collector.mean is not None:
             survivors = collector.survivors
-            if survivors < plan.threshold:  # Flower's own check forbids this; the noise would fall short of sigma C
-                raise RuntimeError(f"SecAgg+ decoded a sum of {survivors} devices, fewer than its threshold {plan.threshold}")
+            if survivors < plan.min_survivors:  # Flower's own check forbids this; the noise would fall short of sigma C
+                raise RuntimeError(f"SecAgg+ decoded a sum of {survivors} devices, fewer than the {plan.min_survivors} its noise is calibrated to")
             summed = {name: mean * survivors for name, mean in zip(global_arrays, collector.mean)}
     devices_seconds = time.monotonic() - started
     replies = _classified(sampled, observed)
@@ -128,18 +130,36 @@ def secure_train_round(
 
 
 def _fit_configs(
-    strategy: FedAvg, config: RunConfig, server_round: int, assignment: dict[int, list[int]], nodes: list[int],
-    names: list[str], sigma: float,
+    grid: Grid, strategy: FedAvg, arrays: ArrayRecord, config: RunConfig, server_round: int, assignment: dict[int, list[int]],
+    nodes: list[int], names: list[str], sigma: float,
 ) -> dict[int, dict[str, object]]:
-    """Each node's train config: what the plain path sends (server round, its users, FedProx's mu, a simulated fault) and the secure keys."""
+    """Each node's train config: the strategy's own (server round, FedProx's mu, ...), its users, a simulated fault, the secure keys.
+
+    The strategy's `configure_train` is called as in the plain path, for the round's nodes:
+    server optimizers (FedAdam, ...) keep the arrays it is given as the base of their step.
+    """
+    fit_sampling(strategy, len(nodes), len(nodes))
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _RoundNodes(grid, nodes)))
+    common = dict(messages[0].content[wire.CONFIG]) if messages else {wire.SERVER_ROUND: server_round}
+    common |= {wire.SECURE_ARRAY_KEYS: names, wire.SECURE_NOISE_MULTIPLIER: float(sigma)}
     faulty = set(pick_faulty(nodes, config.fault_fraction, config.seed, server_round)) if config.fault_fraction > 0 else set()
-    common: dict[str, object] = {wire.SERVER_ROUND: server_round, wire.SECURE_ARRAY_KEYS: names, wire.SECURE_NOISE_MULTIPLIER: float(sigma)}
-    if isinstance(strategy, FedProx):
-        common[wire.PROXIMAL_MU] = float(strategy.proximal_mu)
     return {
         node: {**common, wire.SHARD_USERS: assignment[node], **({wire.SIMULATED_FAULT: config.fault_mode} if node in faulty else {})}
         for node in nodes
     }
+
+
+class _RoundNodes:
+    """The run's Grid as the strategy's sampler sees it: only this round's nodes."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._grid, name)
 
 
 class _SumCollector(Strategy):

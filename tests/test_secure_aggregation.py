@@ -56,11 +56,11 @@ class RecordingFedAvg(FedAvg):
         return super().aggregate_train(server_round, replies)
 
 
-def _secure_round(config: RunConfig, drop=None, user_dp: bool = False):
-    grid = InProcessGrid(app, node_contexts(config.to_flower(), DEVICES), drop)
+def _secure_round(config: RunConfig, drop=None, user_dp: bool = False, strategy=None):
+    grid = InProcessGrid(app, node_contexts(config.to_flower(), config.synthetic_users), drop)
     num_items = load_split(config.dataset_spec()).num_items
     arrays = initial_arrays(config.model_config(num_items), config.seed)
-    strategy = RecordingFedAvg()
+    strategy = strategy or RecordingFedAvg()
     with server_task():
         cohort = survey(grid, grid.get_node_ids(), timeout=5)
         accountant = UserLevelAccountant.start(settings_of(config), cohort.population) if user_dp else None
@@ -73,7 +73,7 @@ def _plain_updates(config: RunConfig, arrays: ArrayRecord) -> dict[int, dict[str
     """Each device's clipped update through the plain train path (fresh nodes, same global model)."""
     global_arrays = arrays_to_numpy(arrays)
     updates = {}
-    for node_id, context in node_contexts(config.to_flower(), DEVICES).items():
+    for node_id, context in node_contexts(config.to_flower(), config.synthetic_users).items():
         metadata = Metadata(
             run_id=7, message_id=f"plain-{node_id}", src_node_id=1, dst_node_id=node_id, reply_to_message_id="",
             group_id="1", created_at=0.0, ttl=DEFAULT_TTL, message_type="train",
@@ -141,8 +141,22 @@ def test_the_devices_noise_shares_add_up_to_at_least_sigma_c_for_the_worst_case_
     assert noise.size > 3_000 and abs(noise.std() / expected - 1) < 0.06  # 4.7 standard errors; sqrt(4/4) would be 13% off
     assert abs(noise.mean()) < 5 * expected / math.sqrt(noise.size)
     # At the threshold (the worst case the protocol lets through) the sum carries exactly sigma C: what the accountant charges.
-    assert result.row["device_noise_std"] * math.sqrt(result.row["threshold"]) == pytest.approx(sigma * config.user_clip_norm)
+    assert result.row["min_survivors"] == result.row["threshold"] == 3  # SecAgg over every node: m = t
+    assert result.row["device_noise_std"] * math.sqrt(result.row["min_survivors"]) == pytest.approx(sigma * config.user_clip_norm)
     assert accountant.rounds == 1 and accountant.noise_multiplier == sigma
+
+
+def test_secagg_plus_calibrates_the_noise_to_the_survivors_its_neighbourhoods_guarantee() -> None:
+    # 7 devices, 3 neighbours each (itself and one on each side), threshold 2: every node needs
+    # 2 surviving neighbours, so at least ceil(7 * 2 / 3) = 5 of the 7 vectors are in any sum decoded.
+    sigma = 2.0
+    config = RunConfig(**{**SECURE, "synthetic_users": 7, "clients_per_round": 7}, user_noise_multiplier=sigma, secagg_num_shares=3)
+    _, arrays, result, _, _ = _secure_round(config, user_dp=True)
+    assert (result.row["shares"], result.row["threshold"], result.row["min_survivors"], result.row["survivors"]) == (3, 2, 5, 7)
+    updates = _plain_updates(config, arrays)
+    noise = np.concatenate([(result.decoded_sum[k] - sum(u[k] for u in updates.values())).ravel() for k in result.decoded_sum])
+    expected = sigma * config.user_clip_norm * math.sqrt(7 / 5)  # calibrated to t = 2 it would be sqrt(7 / 2): 58% more
+    assert abs(noise.std() / expected - 1) < 0.06
 
 
 def test_the_server_never_holds_a_single_devices_update(caplog: pytest.LogCaptureFixture) -> None:
@@ -192,7 +206,17 @@ def test_a_device_refuses_a_noise_multiplier_it_cannot_draw() -> None:
 
     state = {"w": torch.zeros(3)}
     with pytest.raises(MessageError, match="secure-noise-multiplier"):
-        contribution(state, None, 0, run=RunConfig(**SECURE), noise_multiplier=-1.0, threshold=2, server_round=1)
-    # No user trained: the device still sends its noise share (std sigma C / sqrt(t)), so the sum keeps its noise.
-    [share] = contribution({"w": torch.zeros(20_000)}, None, 0, run=RunConfig(**SECURE), noise_multiplier=1.0, threshold=4, server_round=1)
+        contribution(state, None, 0, run=RunConfig(**SECURE), noise_multiplier=-1.0, min_survivors=2, server_round=1)
+    # No user trained: the device still sends its noise share (std sigma C / sqrt(m)), so the sum keeps its noise.
+    [share] = contribution({"w": torch.zeros(20_000)}, None, 0, run=RunConfig(**SECURE), noise_multiplier=1.0, min_survivors=4, server_round=1)
     assert share.std() == pytest.approx(SECURE["user_clip_norm"] / 2, rel=0.05)
+
+
+def test_a_server_optimizer_steps_from_the_secure_release() -> None:
+    from fedinterest.server.strategies import build_strategy
+
+    config = RunConfig(**SECURE, strategy="fedadam", server_lr=0.01, user_noise_multiplier=1.0)
+    _, arrays, result, strategy, _ = _secure_round(config, user_dp=True, strategy=build_strategy(RunConfig(**SECURE, strategy="fedadam", server_lr=0.01), DEVICES))
+    assert result.aggregated and strategy.m_t is not None  # FedAdam took its step (its base set by configure_train, as in the plain path)
+    moved = max(float(np.max(np.abs(arrays_to_numpy(result.arrays)[k] - v))) for k, v in arrays_to_numpy(arrays).items())
+    assert 0 < moved <= 0.01 * 1.01  # Adam moves a coordinate by at most about its learning rate
