@@ -78,9 +78,9 @@ ACCOUNTANTS = ("prv", "rdp")
 # Who adds the noise and what the server sees, by run-config aggregation (docs/privacy.md).
 MECHANISMS = {
     "plain": "trusted server (central DP): every device's clipped update reaches the server in the clear and the server adds N(0, (sigma C)^2) to their sum",
-    "secagg+": "distributed DP with secure aggregation: every device clips its update and adds N(0, (sigma C)^2 / t); Flower's SecAgg+ "
-    "reveals to the server only the sum of at least t devices' vectors (t its reconstruction threshold), so the sum carries at least "
-    "the noise charged; holds against an honest-but-curious server and fewer than t colluding devices",
+    "secagg+": "distributed DP with secure aggregation: every device clips its update and adds N(0, (sigma C)^2 / m); Flower's SecAgg+ "
+    "reveals to the server only the sum of at least m devices' vectors (m the fewest survivors its threshold lets through), so the sum "
+    "carries at least the noise charged; holds against an honest-but-curious server with no device colluding with it (docs/privacy.md)",
 }
 
 
