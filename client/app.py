@@ -23,6 +23,7 @@ from fedinterest.client.faults import act_out, requested_fault
 from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
 from fedinterest.client.local_models import save_global_model
 from fedinterest.client.privacy_policy import run_for_device
+from fedinterest.client.secure_contribution import contribution, fit_instructions, is_secure, masked_fit_reply, protocol_min_survivors, secure_aggregation_mod
 from fedinterest.client.shard_training import refused_round, train_shard
 from fedinterest.client.warm_node import fresh_model, node_ledger
 from fedinterest.common import wire
@@ -58,7 +59,8 @@ def _decode(msg: Message, context: Context) -> _Request:
     device = load_device_data(context.node_config, run)
     if device.store_path is not None:  # a real device: its own privacy policy applies
         run, _ = run_for_device(str(device.store_path), run)  # a refusal is the train handler's to act on
-    arrays = msg.content.array_records.get(wire.ARRAYS)
+    # A secure round's train message is Flower's legacy FitIns (client/secure_contribution.py).
+    arrays, config = fit_instructions(msg) if is_secure(msg) else (msg.content.array_records.get(wire.ARRAYS), None)
     if arrays is None:
         raise MessageError(f"the {msg.metadata.message_type} message carries no ArrayRecord under {wire.ARRAYS!r}")
     model = fresh_model(run.model_config(device.num_items, device.item_ids))  # built once per process (client/warm_node.py)
@@ -66,7 +68,7 @@ def _decode(msg: Message, context: Context) -> _Request:
         model.load_state_dict(arrays.to_torch_state_dict())
     except RuntimeError as err:  # torch names only the arrays' and the model's shapes (the catalogue's size)
         raise MessageError(f"the {msg.metadata.message_type} message's arrays do not fit the run's model: {err}") from None
-    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    config = config if config is not None else msg.content.config_records.get(wire.CONFIG, ConfigRecord())
     if device.store_path is not None:
         # A real device keeps the global model it received, so it can rank offline later.
         server_round = config.get(wire.SERVER_ROUND)
@@ -85,11 +87,18 @@ def _run_config(context: Context) -> RunConfig:
         raise MessageError(str(err)) from None
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])
 @reported_errors
 def train(msg: Message, context: Context) -> Message:
-    """One round for the node's sampled users; a refusal (privacy budget) is a normal reply without arrays."""
+    """One round for the node's sampled users; a refusal (privacy budget) is a normal reply without arrays.
+
+    In a secure round (Flower's SecAgg+ mod calls this in its masked-vector stage) the
+    reply is the users' clipped sum plus this device's noise share, which the mod masks.
+    """
     req = _decode(msg, context)
+    secure = is_secure(msg)
+    # The secure reply is an update (trained - global): keep the global weights, only then.
+    global_state = {name: value.detach().clone() for name, value in req.model.state_dict().items()} if secure else None
     server_round = req.config.get(wire.SERVER_ROUND)
     if not isinstance(server_round, int):
         raise MessageError(f"the train message's {wire.CONFIG!r} record needs an integer {wire.SERVER_ROUND!r}")
@@ -112,9 +121,6 @@ def train(msg: Message, context: Context) -> Message:
             )
             if result.refused and req.device.store_path is not None:  # a real device's one user: its log says why
                 LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal_reason(ledger, run, context.run_id, server_round, result.epsilons[0]))
-    content = RecordDict()
-    if result.state_dict is not None:
-        content[wire.ARRAYS] = ArrayRecord(result.state_dict)
     metrics = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.NUM_USERS: result.num_users,
@@ -125,6 +131,15 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.UNCLIPPED_USERS] = result.unclipped
     if run.share_metrics:  # a noiseless function of the training windows (docs/privacy.md)
         metrics[wire.TRAIN_LOSS] = result.train_loss
+    if secure:
+        shares = contribution(
+            global_state, result.state_dict, result.num_users, run=run, server_round=server_round,
+            noise_multiplier=float(req.config.get(wire.SECURE_NOISE_MULTIPLIER, 0.0)), min_survivors=protocol_min_survivors(context),
+        )
+        return Message(masked_fit_reply(shares, MetricRecord(metrics)), reply_to=msg)
+    content = RecordDict()
+    if result.state_dict is not None:
+        content[wire.ARRAYS] = ArrayRecord(result.state_dict)
     content[wire.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
 

@@ -73,7 +73,7 @@ def train_shard(
     generator = _seed_round(run, server_round, device.first_user)
     histories = [device.users[i].train if device.users[i] is not None else NO_HISTORY for i in sampled]
     accounts = [ledger.for_user(device.ledger_user(i)) for i in sampled]
-    clip = (clip_norm or run.user_clip_norm) if run.user_private else None
+    clip = (clip_norm or run.user_clip_norm) if run.clips_user_updates else None
     if _is_fedsgd(run, proximal_mu, histories):
         return _fedsgd_round(model, histories, accounts, run, run_id, server_round, clip)
     return _loop_round(model, histories, accounts, run, run_id, server_round, proximal_mu, generator, clip)

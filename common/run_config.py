@@ -29,6 +29,9 @@ FAULT_MODES = ("fail", "timeout")
 # scaling turns noise-dominated coordinates into steps of the full learning rate.
 LOCAL_OPTIMIZERS = ("adam", "sgd")
 USER_ACCOUNTANTS = ("prv", "rdp")  # Opacus accountants of layer 2
+# How the server combines a round's updates: in the clear, or with Flower's SecAgg+
+# (server/secure_rounds.py), where it learns only their sum and the devices add the noise.
+AGGREGATIONS = ("plain", "secagg+")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,15 @@ class RunConfig:
     # FedAdam under layer 2 (DP-AdamBC, server/noise_aware_adam.py): > 0 subtracts the known
     # noise variance from Adam's second moment, floored at this multiple of it; 0 = off.
     server_noise_correction: float = 0.0
+    # Secure aggregation (docs/privacy.md, "Secure aggregation"): "secagg+" runs Flower's
+    # SecAgg+ each round; each device clips its update to user-clip-norm and, with layer 2,
+    # adds its share of the noise. secagg-num-shares: 0 = every sampled node shares its keys
+    # with every other (SecAgg), else with this many neighbours (SecAgg+, odd, > 2).
+    # secagg-reconstruction-threshold: the fraction of shares needed to rebuild a key, which
+    # sets the fewest surviving devices a round accepts (and the noise each one adds).
+    aggregation: str = "plain"
+    secagg_num_shares: int = 0
+    secagg_reconstruction_threshold: float = 0.67
     # Model. item-vectors "attributes" builds item vectors from the public catalogue
     # attributes in item-attributes (common/item_attributes.py); tie-item-vectors makes the
     # head reuse the item table (common/model.py).
@@ -229,6 +241,7 @@ class RunConfig:
             problems.append("server-noise-correction must be >= 0 (0 = off)")
         if self.server_noise_correction > 0 and (self.strategy != "fedadam" or not self.user_private):
             problems.append("server-noise-correction corrects FedAdam for layer 2's noise: it needs strategy fedadam and user-level DP")
+        problems += self._secure_aggregation_problems()
         if self.user_private:
             # DP-FedAvg bounds one user's influence on a mean; a median or Krum's pick has no
             # such bound, and a round skipped for too few replies would leak why it was skipped.
@@ -237,6 +250,35 @@ class RunConfig:
             if self.min_replies > 1:
                 problems.append("min-replies must stay 1 with user-level DP: every round is released (noised) whatever number of devices replied")
         return problems
+
+    def _secure_aggregation_problems(self) -> list[str]:
+        if self.aggregation not in AGGREGATIONS:
+            return [f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {self.aggregation!r}"]
+        problems = []
+        if self.secagg_num_shares != 0 and (self.secagg_num_shares < 3 or self.secagg_num_shares % 2 == 0):
+            problems.append("secagg-num-shares must be 0 (every sampled node) or an odd number above 2")
+        if not 0 < self.secagg_reconstruction_threshold <= 1:
+            problems.append("secagg-reconstruction-threshold must be in (0, 1] (a fraction of the shares)")
+        if self.secure_aggregation:
+            if self.strategy in ROBUST_STRATEGIES:
+                problems.append(f"aggregation secagg+ reveals only the sum; strategy {self.strategy} needs the updates one by one")
+            if self.min_replies > 1:
+                problems.append("min-replies must stay 1 with aggregation secagg+: the protocol's threshold decides whether a round completes")
+            if self.max_update_norm > 0:
+                problems.append("max-update-norm checks single updates, which aggregation secagg+ hides from the server; leave it 0")
+            if self.user_clip_quantile > 0:
+                problems.append("user-clip-quantile adapts the clip norm from per-node counts, which aggregation secagg+ does not carry; leave it 0")
+        return problems
+
+    @property
+    def secure_aggregation(self) -> bool:
+        """Whether the server learns only the sum of the updates (Flower's SecAgg+)."""
+        return self.aggregation == "secagg+"
+
+    @property
+    def clips_user_updates(self) -> bool:
+        """Whether every user's update is clipped to user-clip-norm on the device (layer 2, or secure aggregation's bounded range)."""
+        return self.user_private or self.secure_aggregation
 
     @property
     def user_private(self) -> bool:

@@ -36,6 +36,13 @@ SHARD_USERS = "shard-users"
 # user-level clip norm, which replaces user-clip-norm (server/adaptive_clipping.py).
 CLIP_NORM = "clip-norm"
 
+# Train config of a secure round (aggregation "secagg+", Flower's SecAgg+; the legacy
+# FitIns config Flower's workflow sends): the global arrays' names, in the order of the
+# FitIns parameters and of the reply's masked vector, and the noise multiplier sigma the
+# devices' noise shares add up to (0: no noise; each adds sigma C / sqrt(threshold)).
+SECURE_ARRAY_KEYS = "secure-array-keys"
+SECURE_NOISE_MULTIPLIER = "secure-noise-multiplier"
+
 # Server -> node: which users do you hold? (a query message; simulation only)
 QUERY_SHARD = "query.shard"
 SHARD_FIRST_USER = "first-user"  # the index in the dataset of the shard's first user; -1 on a real device

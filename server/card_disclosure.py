@@ -41,7 +41,7 @@ PUBLIC = (
     "run.strategy", "run.clients_per_round", "run.local_epochs", "run.local_lr",
     "data.source", "data.catalogue_items", "data.catalogue_sha256",
     "evaluation.protocol",
-    "privacy.dp", "privacy.layer", "privacy.unit_of_protection", "privacy.user_level", "privacy.accountant",
+    "privacy.dp", "privacy.layer", "privacy.aggregation", "privacy.unit_of_protection", "privacy.user_level", "privacy.accountant",
     "privacy.delta", "privacy.epsilon_budget_per_device", "privacy.epsilon_meaning", "privacy.noise_multiplier",
     "privacy.max_grad_norm", "privacy.expected_batch_size", "privacy.dp_windows", "privacy.note", "privacy.outside_the_guarantee",
 )

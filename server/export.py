@@ -81,6 +81,8 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
             "unit_of_protection": UNIT_OF_PROTECTION,
             # Layer 2's figures (DP-FedAvg on the server) when the run used it, else why there are none.
             "user_level": privacy.get("user_level") or USER_LEVEL,
+            # plain: the server saw each update; secagg+: only their sum (Flower's SecAgg+, docs/privacy.md).
+            "aggregation": config.aggregation,
             "accountant": "Opacus RDP accountant, on each device" if config.private else None,
             "delta": config.delta,
             "epsilon_budget_per_device": config.epsilon_budget,

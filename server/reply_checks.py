@@ -282,3 +282,27 @@ def classify_replies(
     for msg in replies:
         result.checked.append(check_train_reply(msg, spec, bound, users.get(int(msg.metadata.src_node_id), 1)))
     return result
+
+
+def check_masked_reply(msg: Message, users: int = 1) -> CheckedReply:
+    """Classify a secure round's masked-vector reply by its train metrics alone (server/secure_rounds.py).
+
+    Its update is masked and summed by Flower's SecAgg+, never seen here, so no array is
+    checked and `message` stays None: a reply in form is valid when it trained a user.
+    """
+    node = int(msg.metadata.src_node_id)
+    if msg.has_error():
+        return CheckedReply(ReplyKind.FAILED, node, reason=f"error {msg.error.code}: {msg.error.reason}", users=users)
+    record = msg.content.metric_records.get(METRICS)
+    try:
+        if record is None:
+            raise MalformedReply(f"expected a MetricRecord under {METRICS!r} beside the masked vector")
+        metrics, epsilons = _metrics(RecordDict({METRICS: record}), users)
+    except MalformedReply as exc:
+        return CheckedReply(ReplyKind.REJECTED, node, reason=str(exc), users=users)
+    trained, refused = int(metrics[NUM_USERS]), int(metrics[REFUSED])
+    kind = ReplyKind.VALID if trained > 0 else ReplyKind.REFUSED if refused == users else ReplyKind.EMPTY
+    return CheckedReply(
+        kind, node, users=users, trained=trained, refused=refused, num_examples=metrics[NUM_EXAMPLES],
+        train_loss=metrics.get(TRAIN_LOSS), epsilons=epsilons,
+    )

@@ -83,8 +83,8 @@ def markdown(facts: dict[str, Any], rows: list[RoundRow]) -> str:
     user = facts.get("user_level")
     if user:
         lines += [
-            f"User level (layer 2, DP-FedAvg on the server): epsilon {_fmt(user['epsilon'])} at delta {_fmt(user['delta'])} "
-            f"after {user['rounds_accounted']} rounds, budget {_fmt(user['epsilon_budget'])}"
+            f"User level (layer 2, DP-FedAvg): epsilon {_fmt(user['epsilon'])} at delta {_fmt(user['delta'])} "
+            f"after {user['rounds_accounted']} rounds, budget {_fmt(user['epsilon_budget'])}; noise: {user.get('mechanism_detail', 'added by the server')}"
             + (f"; the run stopped early ({facts['stopped_early']})." if facts.get("stopped_early") else "."),
             "",
         ]

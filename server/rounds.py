@@ -83,6 +83,7 @@ from fedinterest.server.faults import mark_faults, pick_faulty
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.privacy_tally import PrivacyTally
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
+from fedinterest.server.secure_rounds import secure_train_round
 from fedinterest.server.run_rows import METRICS_FILE, ROW_FIELDS, append_round, metrics_row, read_metrics, reconcile, timing_row
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
 from fedinterest.server.user_privacy import UserLevelAccountant, noised_mean_update, settings_of
@@ -232,6 +233,9 @@ def train_round(
     else:
         users = random.Random(round_seed(config.seed, server_round)).sample(range(cohort.population), min(config.clients_per_round, cohort.population))
     assignment = cohort.assign(users)
+    if config.secure_aggregation:  # Flower's SecAgg+: the server learns only the sum (server/secure_rounds.py)
+        done = secure_train_round(grid, strategy, arrays, server_round, config, cohort, assignment, user_dp)
+        return RoundResult(_as_dtypes(done.arrays, spec), done.replies, done.aggregated, done.epsilons, done.devices_seconds)
     # Under adaptive clipping the round's clip norm travels with the train config.
     adaptive = user_dp is not None and user_dp.adaptive is not None
     round_config = ConfigRecord({CLIP_NORM: user_dp.clip_norm} if adaptive else {})
@@ -266,7 +270,6 @@ def train_round(
     if new_arrays is None:
         return RoundResult(arrays, replies, aggregated=False, epsilons=epsilons, devices_seconds=devices_seconds)
     return RoundResult(_as_dtypes(new_arrays, spec), replies, aggregated=True, epsilons=epsilons, devices_seconds=devices_seconds)
-
 
 
 def _log_bad_replies(server_round: int, replies: RoundReplies, name_nodes: bool) -> None:

@@ -76,6 +76,13 @@ UNIT = "user-level (epsilon, delta)-DP of the sequence of global models (DP-FedA
 # delta = N^-1.1 unless user-delta is set: below 1/N, as a delta that allows leaking one user must be.
 DELTA_EXPONENT = 1.1
 ACCOUNTANTS = ("prv", "rdp")
+# Who adds the noise and what the server sees, by run-config aggregation (docs/privacy.md).
+MECHANISMS = {
+    "plain": "trusted server (central DP): every device's clipped update reaches the server in the clear and the server adds N(0, (sigma C)^2) to their sum",
+    "secagg+": "distributed DP with secure aggregation: every device clips its update and adds N(0, (sigma C)^2 / m); Flower's SecAgg+ "
+    "reveals to the server only the sum of at least m devices' vectors (m the fewest survivors its threshold lets through), so the sum "
+    "carries at least the noise charged; holds against an honest-but-curious server with no device colluding with it (docs/privacy.md)",
+}
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,7 @@ class UserDPSettings:
     clip_quantile: float = 0.0  # > 0: adaptive clipping (server/adaptive_clipping.py), clip_norm its start
     clip_lr: float = 0.2
     clip_count_stddev: float = 0.0  # 0 = expected users per round / 20
+    aggregation: str = "plain"  # the run-config aggregation: who adds the noise (MECHANISMS)
 
 
 class UserLevelAccountant:
@@ -216,6 +224,9 @@ class UserLevelAccountant:
             "rounds_accounted": self.rounds,
             "sampling": "poisson",
             "accountant": f"opacus {self.settings.accountant}",
+            "mechanism": self.settings.aggregation,
+            "mechanism_detail": MECHANISMS[self.settings.aggregation],
+            "trusts_the_server": self.settings.aggregation == "plain",
         }
 
 
@@ -291,4 +302,5 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         clip_quantile=config.user_clip_quantile,
         clip_lr=config.user_clip_lr,
         clip_count_stddev=config.user_clip_count_stddev,
+        aggregation=config.aggregation,
     )

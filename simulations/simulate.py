@@ -702,6 +702,7 @@ def privacy_report(
         + ("; and 2: user-level DP-FedAvg on the server (see user_level)" if run.user_private else ""),
         "unit_of_protection": UNIT_OF_PROTECTION,
         "user_level": _user_level(server, run),
+        "aggregation": run.aggregation,  # "secagg+": the server learns only the sum (Flower's SecAgg+)
         "accountant": "Opacus RDPAccountant (RDP), recomputed by each device from its ledger" if run.private else None,
         "delta": run.delta,
         "epsilon_budget": run.epsilon_budget,
@@ -768,6 +769,7 @@ def _user_level_line(user: Mapping[str, Any] | str) -> str:
         f"epsilon {user['epsilon']:.4g} at delta {user['delta']:.3g} after {user['rounds_accounted']} rounds "
         f"(budget {user['epsilon_budget']:g}; DP-FedAvg: update clip {user['clip_norm']:g}, noise multiplier "
         f"{user['noise_multiplier']:g}, {user['sampling']} sampling of devices, {user['accountant']} accountant): {user['unit']}"
+        + (f"; noise: {user['mechanism_detail']}" if user.get("mechanism_detail") else "")
     )
 
 
@@ -790,6 +792,8 @@ def privacy_markdown(report: Mapping[str, Any]) -> str:
         f"- **Differential privacy**: {'on' if report['dp'] else 'off'} (layer {report['layer']})",
         f"- **Unit of protection**: {report['unit_of_protection']}",
         f"- **User level (layer 2)**: {_user_level_line(report['user_level'])}",
+        f"- **Aggregation**: {report.get('aggregation', 'plain')}"
+        + (" (Flower's SecAgg+: the server learns only the sum of the devices' vectors)" if report.get("aggregation") == "secagg+" else " (the server sees each update)"),
         f"- **Accountant**: {fmt(report['accountant'])}",
         f"- **delta**: {fmt(report['delta'])}",
         f"- **Budget per device**: epsilon {fmt(report['epsilon_budget'])} at that delta; a device refuses to train "

@@ -147,6 +147,7 @@ def _check_claims() -> None:
     ({"user_clip_lr": 0.0}, "user-clip-lr"),
     ({"user_clip_count_stddev": -1.0}, "user-clip-count-stddev"),
     ({"user_noise_multiplier": 0.0}, "needs user-level DP"),
+    ({"aggregation": "secagg+"}, "does not carry"),
 ])
 def test_bad_adaptive_settings_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
