@@ -121,7 +121,7 @@ def _fingerprint(model: InterestModel) -> tuple:
     return tuple(
         (
             name, type(module),
-            tuple((key, id(p), p.requires_grad) for key, p in module._parameters.items()),
+            tuple((key, id(p), p is not None and p.requires_grad) for key, p in module._parameters.items()),  # a Linear(bias=False) holds None
             tuple((key, id(b)) for key, b in module._buffers.items()),
             *(len(hooks) for hooks in (
                 module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,

@@ -278,7 +278,8 @@ def classify_replies(
 ) -> RoundReplies:
     """Check every reply of a round; `sampled` maps each node messaged to its users sampled (an int: nodes of one user)."""
     users = dict(sampled) if isinstance(sampled, Mapping) else {}
-    result = RoundReplies(sampled=sum(users.values()) if users else int(sampled))
+    # An empty Mapping is a round whose Poisson sample drew no user: 0 sampled, not int({}).
+    result = RoundReplies(sampled=sum(users.values()) if isinstance(sampled, Mapping) else int(sampled))
     for msg in replies:
         result.checked.append(check_train_reply(msg, spec, bound, users.get(int(msg.metadata.src_node_id), 1)))
     return result

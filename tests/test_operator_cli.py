@@ -306,7 +306,7 @@ def test_report_shows_the_user_level_epsilon_of_a_layer_two_run(deployment_dir: 
     (run_dir / "final.json").write_text(json.dumps(final))
     result = invoke("report", "1234", "--dir", str(deployment_dir))
     assert result.exit_code == 0, result.output
-    assert "epsilon 3.25 at delta 0.001 after 2 rounds, budget 4; the run stopped early (user-epsilon-budget)" in result.output
+    assert "epsilon 3.25 at delta 0.001 after 2 rounds, budget 4; noise: added by the server; the run stopped early (user-epsilon-budget)" in result.output
     facts = json.loads(invoke("report", run_dir.name, "--dir", str(deployment_dir), "--json").stdout)
     assert facts["user_level"]["epsilon"] == 3.25
 
