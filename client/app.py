@@ -15,6 +15,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from fedinterest.client.data_source import DeviceData, load_device_data
 from fedinterest.client.device_errors import MessageError, reported_errors
@@ -28,8 +29,10 @@ from fedinterest.client.shard_training import refused_round, train_shard
 from fedinterest.client.warm_node import fresh_model, node_ledger
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
+from fedinterest.common.popularity import user_count_vector
 from fedinterest.common.run_config import RunConfig
 from flwr.app import (
+    Array,
     ArrayRecord,
     ConfigRecord,
     Context,
@@ -172,6 +175,26 @@ def shard(msg: Message, context: Context) -> Message:
     device = load_device_data(context.node_config, _run_config(context))
     metrics = MetricRecord({wire.SHARD_FIRST_USER: device.first_user, wire.SHARD_SIZE: len(device.users)})
     return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+@app.query("popularity")
+@reported_errors
+def popularity(msg: Message, context: Context) -> Message:
+    """The mean of the sampled users' bounded item counts (each of L2 norm 1) over their
+    training items, for the private popularity prior; a simulated node's reply only."""
+    torch.set_num_threads(1)
+    device = load_device_data(context.node_config, _run_config(context))
+    if device.store_path is not None:  # not part of what a real device sends (docs/privacy.md)
+        raise MessageError("a real device answers no popularity query: the popularity prior is a simulation option")
+    config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
+    sampled = [i for i in _sampled_users(config, len(device.users)) if device.users[i] is not None]
+    total = np.zeros(device.num_items + 1, dtype=np.float64)
+    for index in sampled:
+        total += user_count_vector(device.users[index].train, device.num_items)
+    content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_USERS: len(sampled)})})
+    if sampled:
+        content[wire.ARRAYS] = ArrayRecord({wire.POPULARITY_COUNTS: Array(total / len(sampled))})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

@@ -66,3 +66,42 @@ def private_popularity_ranks(split: LeaveOneOut, stage: str, noise_multiplier: f
     """Ranks of each user's `stage` target under popularity released with user-level DP (noise from `rng`)."""
     counts = user_bounded_counts([u.history(stage) for u in split.users], split.num_items)
     return _ranks_by(counts + rng.normal(0.0, noise_multiplier, counts.shape), split, stage, batch_size)
+
+
+# --- the private popularity prior blended into the model (issue 12, lever 5) --------------
+#
+# The model scores item i as h . w_i + b_i; adding beta * log(1 + max(count_i, 0)) to the
+# per-item bias b_i multiplies the model's softmax by the noised popularity to the power
+# beta (a product of experts). beta = 0 is the model alone; a large beta ranks by
+# popularity and breaks its ties by the model (falling back to popularity). The server
+# picks beta on validation ranks, as it picks the round. Folded into the bias, the
+# blended model is an ordinary model: the device ranks with it as with any other.
+
+# The blend weights tried on validation; the last is the fallback to popularity.
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 1000.0)
+# The per-item bias of the two model forms (common/model.py): the untied Linear head's
+# bias, or ItemBias beside the attribute vectors.
+BIAS_KEYS = ("head.bias", "item_bias.bias")
+
+
+def user_count_vector(history: np.ndarray, num_items: int) -> np.ndarray:
+    """One user's contribution to the bounded counts: 1 / sqrt(n) on each of its n distinct items (L2 norm 1, or 0)."""
+    return user_bounded_counts([history], num_items)
+
+
+def log_prior(noised_counts: np.ndarray) -> np.ndarray:
+    """The blend's per-item prior from the released counts: log(1 + count), negative noise floored at 0; padding 0."""
+    prior = np.log1p(np.maximum(np.asarray(noised_counts, dtype=np.float64), 0.0))
+    prior[0] = 0.0
+    return prior
+
+
+def with_prior(arrays: dict[str, np.ndarray], prior: np.ndarray, weight: float) -> dict[str, np.ndarray]:
+    """The model `arrays` with weight * prior added to its per-item bias (a new dict; `arrays` is kept)."""
+    keys = [key for key in BIAS_KEYS if key in arrays]
+    if len(keys) != 1:
+        raise ValueError(f"the model has no single per-item bias among {BIAS_KEYS} to fold the popularity prior into")
+    bias = arrays[keys[0]]
+    if bias.shape != prior.shape:
+        raise ValueError(f"the popularity prior has {prior.shape[0]} entries but the model's {keys[0]} has {bias.shape[0]}")
+    return {**arrays, keys[0]: (bias.astype(np.float64) + weight * prior).astype(bias.dtype)}

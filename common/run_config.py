@@ -109,6 +109,12 @@ class RunConfig:
     # FedAdam under layer 2 (DP-AdamBC, server/noise_aware_adam.py): > 0 subtracts the known
     # noise variance from Adam's second moment, floored at this multiple of it; 0 = off.
     server_noise_correction: float = 0.0
+    # The private popularity prior (issue 12, lever 5; server/popularity_prior.py): before
+    # round 1 the sampled users' per-user bounded item counts are released with the same
+    # Gaussian mechanism as a round (one more step in the accountant, which calibrates
+    # sigma for num-server-rounds + 1 releases); the evaluator blends them into the model's
+    # per-item bias with the weight validation prefers (0 = the model alone). Simulation only.
+    popularity_prior: bool = False
     # Secure aggregation (docs/privacy.md, "Secure aggregation"): "secagg+" runs Flower's
     # SecAgg+ each round; each device clips its update to user-clip-norm and, with layer 2,
     # adds its share of the noise. secagg-num-shares: 0 = every sampled node shares its keys
@@ -242,6 +248,11 @@ class RunConfig:
         if self.server_noise_correction > 0 and (self.strategy != "fedadam" or not self.user_private):
             problems.append("server-noise-correction corrects FedAdam for layer 2's noise: it needs strategy fedadam and user-level DP")
         problems += self._secure_aggregation_problems()
+        if self.popularity_prior and not (self.user_private and self.aggregation == "plain" and not self.deployed):
+            problems.append(
+                f'popularity-prior releases counts with layer 2\'s mechanism and picks its weight on the server\'s validation ranks: '
+                f'it needs user-level DP (user-target-epsilon or user-noise-multiplier), aggregation "plain" and a simulation (not dataset "{DEPLOYED}")'
+            )
         if self.user_private:
             # DP-FedAvg bounds one user's influence on a mean; a median or Krum's pick has no
             # such bound, and a round skipped for too few replies would leak why it was skipped.

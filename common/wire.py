@@ -49,6 +49,14 @@ SHARD_FIRST_USER = "first-user"  # the index in the dataset of the shard's first
 SHARD_SIZE = "users"  # how many users the shard holds
 SHARD_REPLY_METRICS = (SHARD_FIRST_USER, SHARD_SIZE)
 
+# Server -> simulated node: the per-user bounded item counts of the sampled users (SHARD_USERS),
+# for the private popularity prior (run-config popularity-prior; server/popularity_prior.py).
+# The reply holds under ARRAYS one array POPULARITY_COUNTS, the mean of those users'
+# vectors (each of L2 norm 1: common/popularity.py), and NUM_USERS under METRICS.
+# A real device refuses it (simulation only).
+QUERY_POPULARITY = "query.popularity"
+POPULARITY_COUNTS = "popularity-counts"
+
 # Device -> server metrics.
 # FedAvg weights by this (its `weighted_by_key` default): the users in ARRAYS with DP-SGD
 # (one each: a window count would reveal a window's removal), their windows without it;

@@ -216,7 +216,8 @@ def user_level_state(run_dir: Path, saved: Checkpoint | None) -> dict[str, Any] 
     runs again with fresh noise, and the lost release must stay counted)."""
     state = saved.privacy.get("user_level") if saved is not None else None
     released = last_release(run_dir)
-    if released is not None and released[0] > (saved.round if saved is not None else 0):
+    # Without a checkpoint any release counts, round 0's too (the popularity prior's, server/popularity_prior.py).
+    if released is not None and (saved is None or released[0] > saved.round):
         LOG.warning("fedinterest: round %d was released after the last checkpoint; that release stays counted", released[0])
         state = released[1]
     return state

@@ -15,7 +15,7 @@ uses the device path.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,9 +23,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from fedinterest.common.evaluation import model_ranks
+from fedinterest.common.evaluation import offset_ranks
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel, ModelConfig
+from fedinterest.common.popularity import PRIOR_WEIGHTS
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.wire import (
     ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND, SHARED_EVAL_METRICS, STAGE,
@@ -54,7 +55,13 @@ def initial_arrays(model_config: ModelConfig, seed: int) -> ArrayRecord:
 
 
 class ServerEvaluator:
-    """Ranks every user's held-out item with a given global model (the simulation shortcut)."""
+    """Ranks every user's held-out item with a given global model (the simulation shortcut).
+
+    With a popularity prior (server/popularity_prior.py) a validation evaluation ranks
+    under every blend weight of PRIOR_WEIGHTS in one pass and keeps the best on NDCG@10
+    (ties: the smaller weight) as `prior_weight`; a test evaluation then uses that weight.
+    The returned metrics are the blend's; `valid_by_weight` holds every weight's.
+    """
 
     def __init__(self, split: LeaveOneOut, model_config: ModelConfig) -> None:
         if model_config.num_items != split.num_items:
@@ -63,17 +70,41 @@ class ServerEvaluator:
             raise ValueError("the split has no users to evaluate")
         self.split = split
         self.model = InterestModel(model_config)
+        self.prior: np.ndarray | None = None  # log-prior per item index (common/popularity.log_prior)
+        self.prior_weight: float | None = None
+        self.valid_by_weight: dict[float, dict[str, float]] = {}
 
     def ranks(self, arrays: ArrayRecord, stage: str) -> np.ndarray:
-        """Rank of each user's `stage` target under the model `arrays`."""
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        self.model.load_state_dict(arrays.to_torch_state_dict())
-        return model_ranks(self.model, self.split.users, stage)
+        """Rank of each user's `stage` target under the model `arrays` (blended at `prior_weight`, if any)."""
+        weights = [self.prior_weight or 0.0] if self.prior is not None else [0.0]
+        return self._ranks(arrays, stage, weights)[0]
 
     def evaluate(self, arrays: ArrayRecord, stage: str) -> dict[str, float]:
         """HR@10, NDCG@10, HR@20, NDCG@20, MRR and the user count for `stage`."""
-        return summarize(self.ranks(arrays, stage))
+        if self.prior is None or stage != "valid":
+            return summarize(self.ranks(arrays, stage))
+        self.valid_by_weight = {w: summarize(r) for w, r in zip(PRIOR_WEIGHTS, self._ranks(arrays, stage, PRIOR_WEIGHTS))}
+        self.prior_weight = max(PRIOR_WEIGHTS, key=lambda w: (self.valid_by_weight[w][NDCG_10], -w))
+        return self.valid_by_weight[self.prior_weight]
+
+    def blend_report(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """What best_valid records of the blend ({} without a prior): the chosen weight, every
+        weight's validation NDCG@10, and the model alone's test metrics (reported, never used to choose)."""
+        if self.prior is None:
+            return {}
+        return {
+            "prior_weight": self.prior_weight,
+            "valid_ndcg_by_weight": {f"{w:g}": metrics[NDCG_10] for w, metrics in self.valid_by_weight.items()},
+            "test_model_alone": summarize(self._ranks(arrays, "test", [0.0])[0]),
+        }
+
+    def _ranks(self, arrays: ArrayRecord, stage: str, weights: Sequence[float]) -> np.ndarray:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.model.load_state_dict(arrays.to_torch_state_dict())
+        prior = torch.from_numpy(self.prior if self.prior is not None else np.zeros(self.split.num_items + 1))
+        offsets = torch.stack([float(w) * prior for w in weights]).to(torch.float32)
+        return offset_ranks(self.model, self.split.users, stage, offsets)
 
 
 class FederatedEvaluator:

@@ -81,6 +81,7 @@ from fedinterest.server.cohort import Cohort, addressed, survey
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
+from fedinterest.server.popularity_prior import prior_for_run, prior_summary
 from fedinterest.server.privacy_tally import PrivacyTally
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
 from fedinterest.server.secure_rounds import secure_train_round
@@ -158,6 +159,8 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         strategy.summary()
         if config.user_private:
             user_dp = user_dp or UserLevelAccountant.start(settings_of(config), cohort.population)
+            if config.popularity_prior and isinstance(evaluator, ServerEvaluator):  # released once, before round 1
+                evaluator.prior = prior_for_run(grid, run_dir, cohort, user_dp, num_items, timeout=config.round_timeout)
             _log_user_dp_plan(user_dp, cohort.population, config.num_server_rounds - first + 1)
     elif saved is not None:
         LOG.warning("fedinterest: the checkpoint is at round %d >= num-server-rounds %d: nothing to train", saved.round, config.num_server_rounds)
@@ -186,6 +189,8 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
             if is_better(evaluation, best.get("valid")):
                 # Model selection on validation only; test is recorded, never used to choose.
                 best = {"round": server_round, "valid": evaluation, "test": evaluator.evaluate(arrays, "test")}
+                if isinstance(evaluator, ServerEvaluator):
+                    best |= evaluator.blend_report(arrays)
         saved_at = time.monotonic()
         privacy.update(result.epsilons)
         _add_counts(counts, result)
@@ -211,6 +216,8 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         last_valid = evaluator.evaluate(arrays, "valid")
     test = evaluator.evaluate(arrays, "test")
     final = _final(config, split, run_dir, final_round, first, last_valid, test, best, privacy, user_dp, stopped_early, counts, prior_seconds + time.monotonic() - started)
+    if config.popularity_prior:
+        final["popularity_prior"] = prior_summary(best.get("prior_weight"))
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
     # A deployment's devices may share no metrics (run-config share-metrics): then they are None.
     shown = " ".join(f"{key} {test[key]:.4f}" for key in ("hr@10", "ndcg@10") if test.get(key) is not None) or "no metrics shared"

@@ -298,7 +298,7 @@ def settings_of(config: RunConfig) -> UserDPSettings:
         noise_seed=config.research_noise_seed,
         accountant=config.user_accountant,
         target_epsilon=config.user_target_epsilon,
-        rounds=config.num_server_rounds,
+        rounds=config.num_server_rounds + (1 if config.popularity_prior else 0),  # the prior's release is one more step
         clip_quantile=config.user_clip_quantile,
         clip_lr=config.user_clip_lr,
         clip_count_stddev=config.user_clip_count_stddev,
