@@ -81,6 +81,9 @@ def table() -> str:
         s["user_level"].setdefault("accountant", "opacus rdp")
     for s in sorted(stored, key=lambda s: (s["dataset"], s["label"], s["target_epsilon"])):
         chosen, name = federated._chosen(s)
+        best = s.get("best_valid") or {}
+        if "prior_weight" in best:  # popularity-prior: the blend's figure, and the model's own beside it
+            name += f", prior weight {best['prior_weight']:g}; model alone {best['test_model_alone']['ndcg@10']:.4f}"
         user, central = s["user_level"], federated._centralized(s["dataset"].removesuffix("-private"))
         ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
         popularity = f"{chosen['ndcg@10'] / central['popularity_test']['ndcg@10']:.2f}x" if central else "-"
