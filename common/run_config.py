@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.item_attributes import item_attribute_rows
@@ -32,6 +32,16 @@ USER_ACCOUNTANTS = ("prv", "rdp")  # Opacus accountants of layer 2
 # How the server combines a round's updates: in the clear, or with Flower's SecAgg+
 # (server/secure_rounds.py), where it learns only their sum and the devices add the noise.
 AGGREGATIONS = ("plain", "secagg+")
+# What a key is to the rest of the system, declared on its field (one source of truth,
+# read with `keys_with`): the operator's deployment sets a run-managed key for each run
+# and refuses it in a run's --set (server/deployment.py); an unhashed key may differ
+# between a checkpoint and the run resuming from it (server/checkpoint.py); a
+# resume-overridable key is the only --set that `fedinterest simulate --resume` takes.
+RUN_MANAGED, UNHASHED, RESUME_OVERRIDABLE = "run-managed", "unhashed", "resume-overridable"
+
+
+def _with_roles(default: object, *roles: str):  # a dataclass field: its type is the annotation beside it
+    return field(default=default, metadata={"roles": frozenset(roles)})
 
 
 @dataclass(frozen=True)
@@ -41,14 +51,14 @@ class RunConfig:
     # Data: one user = one partition. dataset = "deployed": real devices hold the data
     # (node config history-db); the server loads none and takes the catalogue size from
     # num-items.
-    dataset: str = "synthetic"
-    data_path: str = ""
-    synthetic_users: int = 600
-    synthetic_items: int = 500
-    synthetic_seed: int = 0
-    num_items: int = 0  # catalogue size of a deployed run (0 in simulation: the dataset decides)
+    dataset: str = _with_roles("synthetic", RUN_MANAGED)
+    data_path: str = _with_roles("", RUN_MANAGED)
+    synthetic_users: int = _with_roles(600, RUN_MANAGED)
+    synthetic_items: int = _with_roles(500, RUN_MANAGED)
+    synthetic_seed: int = _with_roles(0, RUN_MANAGED)
+    num_items: int = _with_roles(0, RUN_MANAGED)  # catalogue size of a deployed run (0 in simulation: the dataset decides)
     # Federation.
-    num_server_rounds: int = 10
+    num_server_rounds: int = _with_roles(10, UNHASHED, RESUME_OVERRIDABLE)
     clients_per_round: int = 50
     strategy: str = "fedavg"
     server_lr: float = 0.0  # FedAdam/FedYogi eta, FedAvgM server lr; 0 = the strategy's Flower default
@@ -142,7 +152,7 @@ class RunConfig:
     # Evaluation and bookkeeping.
     eval_every: int = 5
     seed: int = 0
-    run_dir: str = ""  # where the ServerApp writes checkpoints and metrics (the runner sets it)
+    run_dir: str = _with_roles("", RUN_MANAGED, UNHASHED)  # where the ServerApp writes checkpoints and metrics (the runner sets it)
 
     def __post_init__(self) -> None:
         problems = []
@@ -364,6 +374,11 @@ class RunConfig:
     def to_flower(self) -> dict[str, object]:
         """The kebab-case mapping Flower carries (inverse of `from_flower`)."""
         return {_key(name): value for name, value in asdict(self).items()}
+
+
+def keys_with(role: str) -> tuple[str, ...]:
+    """The run-config keys whose field declares `role` (RUN_MANAGED, UNHASHED, RESUME_OVERRIDABLE), in field order."""
+    return tuple(_key(f.name) for f in fields(RunConfig) if role in f.metadata.get("roles", ()))
 
 
 def _key(name: str) -> str:

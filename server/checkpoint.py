@@ -50,7 +50,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_config import UNHASHED, RunConfig, keys_with
 
 LOG = logging.getLogger("flwr.fedinterest")
 CHECKPOINT_DIR = "checkpoints"
@@ -58,7 +58,7 @@ MANIFEST = "manifest.json"
 RELEASES = "releases.json"
 FORMAT = 1
 # A resumed run may change only where it writes and how many rounds it runs in total.
-UNHASHED_KEYS = ("run-dir", "num-server-rounds")
+UNHASHED_KEYS = keys_with(UNHASHED)
 _ROUND_FILE = re.compile(r"^round-\d{5,}(\.strategy)?\.safetensors$")
 
 

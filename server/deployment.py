@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_config import RUN_MANAGED, RunConfig, keys_with
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server import certificates as certs
 from fedinterest.server.run_overrides import toml_value
@@ -40,7 +40,7 @@ DEFAULT_PORT = 9092
 DEFAULT_HOST = "127.0.0.1"
 ENV_DIR = "FEDINTEREST_SERVER_DIR"
 # Run-config keys `fedinterest server run` sets itself, so they are no run defaults.
-RUN_MANAGED_KEYS = ("dataset", "data-path", "synthetic-users", "synthetic-items", "synthetic-seed", "num-items", "run-dir")
+RUN_MANAGED_KEYS = keys_with(RUN_MANAGED)
 # Loopback SANs are always in the certificate: the SuperLink's own ServerApp process and
 # the operator's `flwr` commands reach it over loopback with the same certificate check.
 LOOPBACK_SANS = ("127.0.0.1", "localhost")

@@ -41,7 +41,7 @@ from typing import Any
 
 import fedinterest.simulations
 from fedinterest.common.datasets import SYNTHETIC, load_split
-from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_config import RESUME_OVERRIDABLE, RunConfig, keys_with
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.flower_processes import ANSI as _ANSI
 from fedinterest.server.flower_processes import (  # noqa: F401
@@ -351,7 +351,7 @@ def prepare_run(config: SimulationConfig, out: Path, *, argv: Sequence[str] = ()
 
 
 # Keys `--set` may change when resuming: the checkpoint accepts no other change (server/checkpoint.py).
-RESUME_OVERRIDABLE = ("num-server-rounds",)
+RESUME_KEYS = keys_with(RESUME_OVERRIDABLE)
 
 
 def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> SimulationConfig:
@@ -369,9 +369,9 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> SimulationCon
     except json.JSONDecodeError as err:
         raise SimulationConfigError(f"{path}: not valid JSON ({err})") from err
     set_values = parse_overrides(overrides)
-    bad = sorted(set(set_values) - set(RESUME_OVERRIDABLE))
+    bad = sorted(set(set_values) - set(RESUME_KEYS))
     if bad:
-        raise SimulationConfigError(f"--resume takes only {', '.join(RESUME_OVERRIDABLE)} as --set; got {bad} (start a new run to change them)")
+        raise SimulationConfigError(f"--resume takes only {', '.join(RESUME_KEYS)} as --set; got {bad} (start a new run to change them)")
     # The directory may have moved since: the run writes where it is now (run-dir is not hashed).
     run_values = {**resolved.get(RUN_TABLE, {}), **set_values, "run-dir": str(run_dir)}
     federation_table = resolved.get(FEDERATION_TABLE, {})

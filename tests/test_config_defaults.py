@@ -30,3 +30,17 @@ def test_a_shipped_config_sets_only_known_keys_that_differ_from_the_defaults(pat
     run = tomllib.loads(path.read_text())["run"]
     assert sorted(set(run) - set(DEFAULTS)) == []
     assert sorted(k for k, v in run.items() if v == DEFAULTS[k]) == []
+
+
+def test_each_key_role_is_declared_once_on_its_field_and_read_by_the_modules_that_use_it() -> None:
+    from fedinterest.common.run_config import RESUME_OVERRIDABLE, RUN_MANAGED, UNHASHED, keys_with
+    from fedinterest.server.checkpoint import UNHASHED_KEYS, config_hash
+    from fedinterest.server.deployment import RUN_MANAGED_KEYS
+
+    assert RUN_MANAGED_KEYS == keys_with(RUN_MANAGED) == ("dataset", "data-path", "synthetic-users", "synthetic-items", "synthetic-seed", "num-items", "run-dir")
+    assert UNHASHED_KEYS == keys_with(UNHASHED) == ("num-server-rounds", "run-dir")
+    assert keys_with(RESUME_OVERRIDABLE) == ("num-server-rounds",)
+    # What the roles mean where they are used: a resumed run may train further and move, nothing else.
+    base = RunConfig(num_server_rounds=5, run_dir="/a")
+    assert config_hash(RunConfig(num_server_rounds=9, run_dir="/b")) == config_hash(base)
+    assert config_hash(RunConfig(num_server_rounds=5, run_dir="/a", seed=1)) != config_hash(base)
