@@ -70,11 +70,12 @@ def device_rounds(device: Device, counts: Counts, start: float, end: float, stag
             continue
         if kind == "train":
             if train % stages == 0:
-                rounds.append({"messages": 0, "bytes_to_devices": 0, "bytes_from_devices": 0})
+                rounds.append({"messages": 0, "bytes_to_devices": 0, "bytes_from_devices": 0, "stages": []})
             to_device, from_device = counts.between(previous, sent)
             rounds[-1]["messages"] += 2  # the message and its reply
             rounds[-1]["bytes_to_devices"] += to_device
             rounds[-1]["bytes_from_devices"] += from_device
+            rounds[-1]["stages"].append([to_device, from_device])  # where in the protocol the bytes go
             train += 1
         previous = sent
     return rounds
@@ -100,6 +101,7 @@ def one_run(fed: Federation, relays: dict[str, Relay], aggregation: str, rounds:
         out.append({
             "round": timing["round"], "devices_answered": len(here), "server_messages": server_count,
             **{k: sum(x[k] for x in here) for k in ("messages", "bytes_to_devices", "bytes_from_devices")},
+            "bytes_by_stage": [[sum(x["stages"][i][j] for x in here) for j in (0, 1)] for i in range(STAGES[aggregation])],
             "seconds": round(timing["seconds"] - (timing["evaluation_seconds"] or 0.0), 3), "protocol_seconds": timing["devices_seconds"],
         })
     return {
@@ -134,9 +136,16 @@ def summary(result: dict) -> dict[str, dict]:
     """Per aggregation: the mean per round of every figure over the runs' rounds, and their count."""
     out = {}
     for aggregation in AGGREGATIONS:
-        rounds = [r for run in result["runs"] if run["aggregation"] == aggregation for r in run["rounds"]]
-        keys = ("messages", "server_messages", "bytes_to_devices", "bytes_from_devices", "seconds", "protocol_seconds")
+        runs = [run["rounds"] for run in result["runs"] if run["aggregation"] == aggregation]
+        rounds = [r for run in runs for r in run]
+        # A run's first round also carries each device's download of the app bundle (FAB), fetched
+        # once per run: bytes are the later rounds', the first round's excess is shown apart.
+        later = [r for run in runs for r in run[1:]] or rounds
+        first = [run[0] for run in runs]
+        keys = ("messages", "server_messages", "seconds", "protocol_seconds")
         out[aggregation] = {"rounds": len(rounds), **{k: statistics.fmean(r[k] for r in rounds) for k in keys}}
+        out[aggregation] |= {k: statistics.fmean(r[k] for r in later) for k in ("bytes_to_devices", "bytes_from_devices")}
+        out[aggregation]["first_round_extra_to_devices"] = statistics.fmean(r["bytes_to_devices"] for r in first) - out[aggregation]["bytes_to_devices"]
         out[aggregation]["seconds_each"] = [r["seconds"] for r in rounds]
     return out
 
@@ -144,8 +153,8 @@ def summary(result: dict) -> dict[str, dict]:
 def table(results: list[dict]) -> str:
     """The docs/benchmarks.md section: a row per aggregation and a ratio row per federation size."""
     lines = [
-        "| devices | aggregation | rounds | messages a round (server's count) | MB to devices a round | MB from devices a round | round s (each, run order) | round s mean | protocol s mean | load avg | commit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| devices | aggregation | rounds | messages a round (server's count) | MB to devices a round | MB from devices a round | + MB to devices in a run's first round | round s (each, run order) | round s mean | protocol s mean | load avg | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in sorted(results, key=lambda r: r["devices"]):
         s = summary(result)
@@ -154,19 +163,20 @@ def table(results: list[dict]) -> str:
             m = s[aggregation]
             lines.append(
                 f"| {result['devices']} | {name} | {m['rounds']} | {m['messages']:.0f} ({m['server_messages']:.0f}) | {m['bytes_to_devices'] / 1e6:.3f} | "
-                f"{m['bytes_from_devices'] / 1e6:.3f} | {', '.join(f'{x:.1f}' for x in m['seconds_each'])} | {m['seconds']:.1f} | {m['protocol_seconds']:.1f} | "
+                f"{m['bytes_from_devices'] / 1e6:.3f} | {m['first_round_extra_to_devices'] / 1e6:.2f} | {', '.join(f'{x:.1f}' for x in m['seconds_each'])} | {m['seconds']:.1f} | {m['protocol_seconds']:.1f} | "
                 f"{min(loads):.1f}–{max(loads):.1f} | {result['commit']} |"
             )
         p, q = s["plain"], s["secagg+"]
         ratio = {k: q[k] / p[k] if p[k] else float("nan") for k in ("messages", "bytes_to_devices", "bytes_from_devices", "seconds", "protocol_seconds")}
         lines.append(
-            f"| {result['devices']} | **SecAgg+ / plain** | | **{ratio['messages']:.1f}×** | **{ratio['bytes_to_devices']:.2f}×** | **{ratio['bytes_from_devices']:.2f}×** | | "
+            f"| {result['devices']} | **SecAgg+ / plain** | | **{ratio['messages']:.1f}×** | **{ratio['bytes_to_devices']:.2f}×** | **{ratio['bytes_from_devices']:.2f}×** | | | "
             f"**{ratio['seconds']:.1f}×** | **{ratio['protocol_seconds']:.1f}×** | | |"
         )
     return "\n".join(lines + [
         "",
         "Bytes on the wire between each device and the SuperLink (TLS records, HTTP/2 and gRPC framing, Flower's polling "
-        "while a device waits), counted by a relay per device; round s: the ServerApp's timings.jsonl without the federated "
+        "while a device waits), counted by a relay per device, in the rounds after a run's first (which adds each device's "
+        "download of the app bundle, the next column); round s: the ServerApp's timings.jsonl without the federated "
         "evaluation; protocol s: from sending the train messages to the decoded sum (SecAgg+) or the last reply (plain).",
         "",
         *sorted({"    " + r["command"] for r in results}),
