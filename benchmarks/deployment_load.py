@@ -30,16 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
+from fedinterest.benchmarks.loopback_federation import cli, federation
 from fedinterest.benchmarks.report import publish
 from fedinterest.server.run_metrics import METRICS_FILE, read_rows
 from fedinterest.simulations.provenance import git_commit
@@ -47,72 +44,8 @@ from fedinterest.simulations.provenance import git_commit
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
 RESULTS = REPO / "benchmarks" / "results" / "deployment_load"
-FEDINTEREST = str(Path(sys.executable).parent / "fedinterest")
-CATALOGUE = 200
-HISTORY = 30
 # Noise 2 lets a 30-interaction device (one batch, q = 1) train 9 rounds within epsilon 8.
 RUN_SETTINGS = ["dim=16", "max-len=20", "num-blocks=1", "batch-size=8", "noise-multiplier=2.0", "round-timeout=900"]
-OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-_RECEIVING = re.compile(r"Receiving: (\w+) message")
-
-
-def _env(home: Path) -> dict[str, str]:
-    return {**os.environ, **OFFLINE, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
-
-
-def _cli(args: list[str], env: dict[str, str]) -> dict:
-    done = subprocess.run([FEDINTEREST, *args, "--json"], capture_output=True, text=True, env=env, timeout=900)
-    if done.returncode != 0:
-        raise RuntimeError(f"fedinterest {' '.join(args)} exited {done.returncode}: {done.stderr[-1500:]}")
-    return json.loads(done.stdout)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Device:
-    """One `device start` child whose output lines are timestamped as they arrive."""
-
-    def __init__(self, name: str, directory: Path, command: list[str], env: dict[str, str]) -> None:
-        self.name, self.directory = name, directory
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        self.lines: list[tuple[float, str]] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.process.stdout is not None
-        for raw in self.process.stdout:
-            self.lines.append((time.monotonic(), raw.decode(errors="replace")))
-
-    def message_seconds(self) -> list[tuple[str, float]]:
-        """(message type, seconds from receiving to sent) of every message this device answered."""
-        found, pending = [], None
-        for stamp, line in self.lines:
-            match = _RECEIVING.search(line)
-            if match:
-                pending = (match.group(1), stamp)
-            elif "Sent successfully" in line and pending is not None:
-                found.append((pending[0], stamp - pending[1]))
-                pending = None
-        return found
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                self.process.wait(timeout=30)
-                return
-            except subprocess.TimeoutExpired:
-                continue
 
 
 def _tree(pid: int) -> list[int]:
@@ -168,69 +101,18 @@ class MemorySampler:
         self._thread.join()
 
 
-def _history(path: Path, k: int) -> Path:
-    rows = [f"u{k},{(k * 37 + i * 7) % CATALOGUE + 1},{1_700_000_000 + 60 * i}" for i in range(1, HISTORY + 1)]
-    path.write_text("user,item,timestamp\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    return path
-
-
-def _wait_online(server_dir: Path, names: set[str], env: dict[str, str], timeout: float) -> float:
-    started = time.monotonic()
-    while True:
-        rows = _cli(["server", "devices", "--dir", str(server_dir)], env)["devices"]
-        if names <= {row["name"] for row in rows if row["status"] == "online"}:
-            return time.monotonic() - started
-        if time.monotonic() - started > timeout:
-            raise RuntimeError(f"devices not online after {timeout:.0f} s: {[(r['name'], r['status']) for r in rows]}")
-        time.sleep(2)
-
-
 def measure(devices: int, rounds: int, resident: bool, work: Path) -> dict:
     """One federation of `devices` SuperNodes, one run of `rounds` rounds; the figures of the module docstring."""
-    env = _env(work / "cli-home")
-    catalogue = work / "catalogue.txt"
-    catalogue.write_text("".join(f"{i}\n" for i in range(1, CATALOGUE + 1)), encoding="utf-8")
-    port = _free_port()
-    server_dir = work / "server"
-    _cli(["server", "init", str(server_dir), "--catalogue", str(catalogue), "--port", str(port)], env)
-    with open(work / "superlink.log", "wb") as log:
-        superlink = subprocess.Popen([FEDINTEREST, "server", "start", "--dir", str(server_dir)], stdout=log, stderr=subprocess.STDOUT,
-                                     env=_env(work / "superlink-home"), start_new_session=True)
-    started: list[Device] = []
-    try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([FEDINTEREST, "server", "devices", "--dir", str(server_dir)], capture_output=True, env=env).stderr.find(b"does not answer") >= 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the SuperLink did not start")
-            time.sleep(1)
-        for k in range(1, devices + 1):
-            directory = work / f"device-{k}"
-            _cli(["device", "init", str(directory), "--catalogue", str(catalogue)], env)
-            _cli(["device", "ingest", str(_history(work / f"history-{k}.csv", k)), "--dir", str(directory)], env)
-            _cli(["server", "enroll", str(directory / "keys/device_key.pub"), "--name", f"device-{k}", "--dir", str(server_dir)], env)
-            command = [FEDINTEREST, "device", "start", "--dir", str(directory), "--server", f"127.0.0.1:{port}", "--ca", str(server_dir / "tls/ca.crt")]
-            started.append(Device(f"device-{k}", directory, command + ([] if resident else ["--process-per-message"]), _env(directory / "home")))
-        online_seconds = _wait_online(server_dir, {d.name for d in started}, env, timeout=300 + 20 * devices)
-        roots = {"superlink": superlink.pid, **{d.name: d.process.pid for d in started}}
-        sets = [a for s in [f"num-server-rounds={rounds}", f"clients-per-round={devices}", f"eval-every={rounds}", *RUN_SETTINGS] for a in ("--set", s)]
+    with federation(devices, work, [] if resident else ["--process-per-message"]) as fed:
+        started = fed.devices
+        roots = {"superlink": fed.superlink.pid, **{d.name: d.process.pid for d in started}}
+        settings = [f"num-server-rounds={rounds}", f"clients-per-round={devices}", f"eval-every={rounds}", *RUN_SETTINGS]
         with MemorySampler(roots) as memory:
-            began = time.monotonic()
-            done = subprocess.run([FEDINTEREST, "server", "run", "--dir", str(server_dir), *sets, "--wait", "--json"], capture_output=True, text=True, env=env, timeout=7200)
-            run_seconds = time.monotonic() - began
-        if not done.stdout.strip():
-            raise RuntimeError(f"server run printed nothing (exit {done.returncode}): {done.stderr[-2000:]}")
-        state = json.loads(done.stdout)["state"]
+            state, run_seconds = fed.run(settings)
         run_dir = Path(state["run_dir"])
         rows = [row.raw for row in read_rows(run_dir / METRICS_FILE)]  # joined with timings.jsonl's seconds
-        ledgers = {d.name: _cli(["device", "budget", "--dir", str(d.directory)], env)["rounds"] for d in started}
-    finally:
-        for device in started:
-            device.stop()
-        try:
-            os.killpg(superlink.pid, signal.SIGTERM)
-            superlink.wait(timeout=60)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            os.killpg(superlink.pid, signal.SIGKILL)
+        ledgers = {d.name: cli(["device", "budget", "--dir", str(d.directory)], fed.env)["rounds"] for d in started}
+        online_seconds = fed.online_seconds
     messages: dict[str, list[float]] = {}
     for device in started:
         for kind, seconds in device.message_seconds():
