@@ -22,16 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedinterest.server.flower_processes import OFFLINE_ENV, free_port
+
 FEDINTEREST = str(Path(sys.executable).parent / "fedinterest")
 CATALOGUE = 200
 HISTORY = 30
-OFFLINE = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 _RECEIVING = re.compile(r"Receiving: (\w+) message")
 
 
 def env_for(home: Path) -> dict[str, str]:
     """A child's environment: offline flags, its own FLWR_HOME, unbuffered output (read as it comes)."""
-    return {**os.environ, **OFFLINE, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    return {**os.environ, **OFFLINE_ENV, "FLWR_HOME": str(home), "PYTHONUNBUFFERED": "1"}
 
 
 def cli(args: list[str], env: dict[str, str]) -> dict:
@@ -40,14 +41,6 @@ def cli(args: list[str], env: dict[str, str]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"fedinterest {' '.join(args)} exited {done.returncode}: {done.stderr[-1500:]}")
     return json.loads(done.stdout)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Device:

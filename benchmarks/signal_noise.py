@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -34,6 +33,7 @@ from fedinterest.common.model import InterestModel
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import initial_arrays
 from fedinterest.server.user_privacy import UserLevelAccountant, settings_of
+from fedinterest.simulations.provenance import git_commit
 from fedinterest.simulations.simulate import resolve_config
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "signal_noise"
@@ -70,12 +70,8 @@ def measure(config_name: str, epsilon: float, run_dir: Path | None, users: int |
         "expected_users_per_round": expected, "sigma": accountant.noise_multiplier, "delta": accountant.delta, "clip_norm": clip,
         "noised_parameters": noised, "signal_norm": float(mean.norm()) / clip, "noise_norm": float(noise_norm) / clip,
         "median_update_norm": float(updates.norms.median()), "clipped_share": float((updates.norms > clip).float().mean()),
-        "seconds": round(seconds, 1), "commit": _commit(),
+        "seconds": round(seconds, 1), "commit": git_commit(federated.REPO),
     }
-
-
-def _commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=federated.REPO).stdout.strip()
 
 
 def table() -> str:
