@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedinterest.client.device_store import DeviceStore
 from fedinterest.common.catalogue import load_catalogue
+from fedinterest.common.errors import FedinterestError
 
 LAYOUT_VERSION = 1
 MARKER = "device.json"
@@ -37,7 +38,7 @@ PUBLIC_KEY = "keys/device_key.pub"
 FLWR_HOME = "flwr-home"
 
 
-class DeviceDirError(ValueError):
+class DeviceDirError(FedinterestError, ValueError):
     """The device directory is missing, not initialised, or would be overwritten."""
 
 

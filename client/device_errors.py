@@ -17,12 +17,14 @@ from collections.abc import Callable
 
 from flwr.app import Context, Message
 
+from fedinterest.common.errors import FedinterestError
+
 LOG = logging.getLogger("flwr.fedinterest")
 
 Handler = Callable[[Message, Context], Message]
 
 
-class ReportableError(Exception):
+class ReportableError(FedinterestError):
     """An error whose text may go to the server: it holds only what the server sent, or fixed text."""
 
 
@@ -30,7 +32,7 @@ class MessageError(ReportableError, ValueError):
     """What the server sent is not what this device can act on (its run config, records or config values)."""
 
 
-class DeviceError(RuntimeError):
+class DeviceError(FedinterestError, RuntimeError):
     """The stand-in for any other failure: the handler and the exception's type, nothing of its text."""
 
 

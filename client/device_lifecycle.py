@@ -27,12 +27,13 @@ from fedinterest.client.device_dir import DeviceDir, public_key_fingerprint
 from fedinterest.client.device_session import last_session, running_session
 from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.privacy_policy import load_policy
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.serialization import atomic_write_text
 
 EXPORT_FORMAT = 1
 
 
-class DeviceBusyError(ValueError):
+class DeviceBusyError(FedinterestError, ValueError):
     """The device's SuperNode is running; the store may not be changed under it."""
 
 

@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedinterest.common.errors import FedinterestError
+
 LOCK_FILE = "supernode.lock"
 ALIVE_EVERY = 5.0
 # Flower 1.41: a node is online until HEARTBEAT_PATIENCE (2) x HEARTBEAT_DEFAULT_INTERVAL (30 s)
@@ -31,7 +33,7 @@ ALIVE_EVERY = 5.0
 STALE_SESSION_SECONDS = 150.0
 
 
-class AlreadyRunning(RuntimeError):
+class AlreadyRunning(FedinterestError, RuntimeError):
     """Another `device start` holds this device directory."""
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from fedinterest.client.sqlite_transaction import write_transaction
 from fedinterest.common.catalogue import Catalogue
+from fedinterest.common.errors import FedinterestError
 
 SCHEMA_VERSION = 1
 # store_meta keys: the privacy settings of the last run the device trained in (written with
@@ -52,7 +53,7 @@ _SCHEMA = (
 )
 
 
-class StoreError(ValueError):
+class StoreError(FedinterestError, ValueError):
     """The device store is missing, of another version, or asked for something it cannot do."""
 
 

@@ -21,12 +21,13 @@ from fedinterest.client.device_store import META_BUDGET, META_DELTA, DeviceStore
 from fedinterest.common.bundle import read_bundle_bytes
 from fedinterest.common.catalogue import Catalogue
 from fedinterest.common.constants import PAD_ID
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.examples import history_batch
 from fedinterest.common.model import InterestModel, ModelConfig
 
 
 
-class NoModelError(LookupError):
+class NoModelError(FedinterestError, LookupError):
     """The device has neither an installed bundle nor a received global model."""
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from cryptography import x509
 
+from fedinterest.common.errors import FedinterestError
 
-class CaFileError(ValueError):
+
+class CaFileError(FedinterestError, ValueError):
     """The --ca file is missing or holds no PEM certificate."""
 
 

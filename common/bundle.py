@@ -41,6 +41,7 @@ from torch import nn
 
 from fedinterest.common.catalogue import Catalogue
 from fedinterest.common.constants import PAD_ID
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.model import InterestModel, ModelConfig
 
 BUNDLE_FORMAT = "fedinterest-bundle"
@@ -51,7 +52,7 @@ _MANIFEST = "MANIFEST.json"
 _MEMBERS = ("model.onnx", "model_config.json", "catalogue.txt", "card.json")
 
 
-class BundleError(ValueError):
+class BundleError(FedinterestError, ValueError):
     """A bundle that is missing, corrupted, or of a format this software does not read."""
 
 

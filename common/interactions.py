@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedinterest.common.constants import PAD_ID
+from fedinterest.common.errors import FedinterestError
 
 
-class DataFormatError(ValueError):
+class DataFormatError(FedinterestError, ValueError):
     """A malformed input: names the file, the 1-based line (when there is one) and why."""
 
     def __init__(self, path: str, line: int | None, reason: str) -> None:

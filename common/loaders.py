@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.interactions import DataFormatError, InteractionTable
 
 GENERIC_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -77,7 +78,7 @@ class ColumnMap:
         return [self.user, self.item, self.timestamp] + ([] if self.rating is None else [self.rating])
 
 
-class _Bad(Exception):
+class _Bad(FedinterestError):
     """A value-level problem; the row loop adds file and line and re-raises it as DataFormatError."""
 
     def __init__(self, reason: str) -> None:

@@ -20,12 +20,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedinterest.common.errors import FedinterestError
+
 CA_DAYS = 3650
 SERVER_DAYS = 825  # the longest lifetime common TLS clients accept for a leaf certificate
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
-class CertificateError(ValueError):
+class CertificateError(FedinterestError, ValueError):
     """A SAN or a certificate file that cannot be used (the message names it)."""
 
 

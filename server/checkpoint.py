@@ -50,6 +50,7 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import UNHASHED, RunConfig, keys_with
 
 LOG = logging.getLogger("flwr.fedinterest")
@@ -62,11 +63,11 @@ UNHASHED_KEYS = keys_with(UNHASHED)
 _ROUND_FILE = re.compile(r"^round-\d{5,}(\.strategy)?\.safetensors$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FedinterestError, RuntimeError):
     """A checkpoint that cannot be read (a referenced file missing or not what was written)."""
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(FedinterestError, ValueError):
     """The run config differs from the one the checkpoint was written with."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import RUN_MANAGED, RunConfig, keys_with
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server import certificates as certs
@@ -47,7 +48,7 @@ LOOPBACK_SANS = ("127.0.0.1", "localhost")
 _BIND_ALL = ("0.0.0.0", "::")
 
 
-class DeploymentError(ValueError):
+class DeploymentError(FedinterestError, ValueError):
     """A deployment directory or setting that cannot be used (the message names what and where)."""
 
 

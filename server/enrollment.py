@@ -21,6 +21,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.deployment import Deployment, DeploymentError
 from fedinterest.server.flower_processes import flwr_json
@@ -31,7 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
 
 
-class EnrollmentError(ValueError):
+class EnrollmentError(FedinterestError, ValueError):
     """An enrolment request that cannot be carried out (the message says what and where)."""
 
 

@@ -31,6 +31,7 @@ from enum import Enum
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.wire import (
     ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, SHARED_TRAIN_METRICS, TRAIN_LOSS, TRAIN_REPLY_METRICS, UNCLIPPED_USERS,
 )
@@ -105,7 +106,7 @@ class CheckedReply:
         return max(self.epsilons) if self.epsilons else None
 
 
-class MalformedReply(ValueError):
+class MalformedReply(FedinterestError, ValueError):
     """A reply that breaks the wire contract (common/wire.py)."""
 
 

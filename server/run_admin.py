@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import fedinterest.server
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import DEPLOYED, RunConfig
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.deployment import (
@@ -45,7 +46,7 @@ RUN_CONFIG_TOML = "run-config.toml"
 RUN_PREFIX = "run-"
 
 
-class RunError(ValueError):
+class RunError(FedinterestError, ValueError):
     """A run that cannot be submitted or found (the message names what and where)."""
 
 

@@ -18,11 +18,12 @@ import urllib.request
 from pathlib import Path
 from types import FrameType
 
+from fedinterest.common.errors import FedinterestError
 from fedinterest.server.deployment import Deployment, write_flower_connection
 from fedinterest.server.flower_processes import executable, flower_env
 
 
-class SuperLinkNotReady(RuntimeError):
+class SuperLinkNotReady(FedinterestError, RuntimeError):
     """The SuperLink did not answer its health check in time."""
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import fedinterest.simulations
 from fedinterest.common.datasets import SYNTHETIC, load_split
+from fedinterest.common.errors import FedinterestError, JobFailed
 from fedinterest.common.run_config import RESUME_OVERRIDABLE, RunConfig, keys_with
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.flower_processes import ANSI as _ANSI
@@ -117,11 +118,11 @@ USER_LEVEL_NOTE = (
 )
 
 
-class SimulationConfigError(ValueError):
+class SimulationConfigError(FedinterestError, ValueError):
     """A simulation config or override that cannot run (the message names the key)."""
 
 
-class SimulationFailed(RuntimeError):
+class SimulationFailed(JobFailed, RuntimeError):
     """The Flower run did not complete; `reason` says why and `log_tail` shows flwr's last lines."""
 
     def __init__(self, reason: str, run_dir: Path, log_tail: str = "") -> None:
