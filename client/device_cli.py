@@ -1,7 +1,9 @@
 """`fedinterest device ...`: the commands a user's device runs (never imports the server side).
 
 Each command parses its options and delegates to one library function of `client/`;
-errors are printed as one line naming what and where, with exit code 2.
+errors are printed as one `error:` line naming what and where, with the exit code of every
+fedinterest command (common/errors.py): 2 for anything the user can fix. `device start`
+passes on the SuperNode's exit code, or 3 / 4 (the SuperLink unreachable / the device not enrolled).
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ import json
 import math
 import signal
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Optional
@@ -25,9 +25,21 @@ from fedinterest.client.budget import privacy_budget
 from fedinterest.client.device_dir import init_device_dir, open_device_dir
 from fedinterest.client.personalization_settings import DEFAULT_STEPS, PersonalizationSettings
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
+from fedinterest.common.cli_errors import ReportingGroup
+from fedinterest.common.errors import UsageError
 from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
 
+
+
+class _DeviceGroup(ReportingGroup):
+    """The device commands: a FedinterestError exits 2 by the common rule; so do a ValueError
+    (e.g. a policy value out of range) and an OSError (an unreadable or unwritable file)."""
+
+    user_errors = (ValueError, OSError)
+
+
 app = typer.Typer(
+    cls=_DeviceGroup,
     help="Run fedinterest on a device: local store, federation client, local ranking.",
     no_args_is_help=True,
     add_completion=False,
@@ -46,17 +58,6 @@ PersonalizeOpt = Annotated[int, typer.Option(
 )]
 MaxDeltaOpt = Annotated[float, typer.Option("--max-delta", help="The largest delta this device accepts a run to state epsilon at.")]
 
-@contextmanager
-def _clear_errors() -> Iterator[None]:
-    """What a command may fail with for a reason the user can fix: printed as one line, exit 2.
-
-    DeviceDirError, StoreError, DataFormatError and BundleError are ValueErrors."""
-    try:
-        yield
-    except (ValueError, OSError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from err
-
 
 def _emit(payload: dict, as_json: bool, lines: list[str]) -> None:
     typer.echo(json.dumps(payload, indent=2, default=str) if as_json else "\n".join(lines))
@@ -71,12 +72,11 @@ def init(
     as_json: JsonOpt = False,
 ) -> None:
     """Create a device directory: an EC key pair (OpenSSH), the local store with the catalogue, the privacy policy."""
-    with _clear_errors():
-        policy = PrivacyPolicy(max_epsilon=max_epsilon, max_delta=max_delta)  # checked before anything is written
-        device = init_device_dir(directory, catalogue)
-        with device.store() as store:
-            save_policy(store, policy)
-            items = len(store.catalogue())
+    policy = PrivacyPolicy(max_epsilon=max_epsilon, max_delta=max_delta)  # checked before anything is written
+    device = init_device_dir(directory, catalogue)
+    with device.store() as store:
+        save_policy(store, policy)
+        items = len(store.catalogue())
     _emit(
         {"dir": str(device.root), "public_key": str(device.public_key), "store": str(device.store_path), "catalogue_items": items,
          "privacy_policy": asdict(policy)},
@@ -101,16 +101,15 @@ def policy(
     """Show or change the device's privacy floor: runs that turn DP off or ask for a larger delta are refused,
     no run spends more than the maximum epsilon, and noiseless metrics are sent only if allowed here,
     whatever the operator's run config says."""
-    with _clear_errors():
-        with open_device_dir(directory).store() as store:
-            current = load_policy(store)
-            if max_epsilon is not None or max_delta is not None or share_metrics is not None:
-                current = PrivacyPolicy(
-                    max_epsilon=current.max_epsilon if max_epsilon is None else max_epsilon,
-                    max_delta=current.max_delta if max_delta is None else max_delta,
-                    share_metrics=current.share_metrics if share_metrics is None else share_metrics,
-                )
-                save_policy(store, current)
+    with open_device_dir(directory).store() as store:
+        current = load_policy(store)
+        if max_epsilon is not None or max_delta is not None or share_metrics is not None:
+            current = PrivacyPolicy(
+                max_epsilon=current.max_epsilon if max_epsilon is None else max_epsilon,
+                max_delta=current.max_delta if max_delta is None else max_delta,
+                share_metrics=current.share_metrics if share_metrics is None else share_metrics,
+            )
+            save_policy(store, current)
     _emit(asdict(current), as_json, [
         f"at most epsilon {current.max_epsilon:g} at delta {current.max_delta:g} (example-level, layer 1); DP required",
         f"noiseless metrics (training loss, held-out rank): {'sent when a run asks' if current.share_metrics else 'never sent'}",
@@ -132,14 +131,13 @@ def ingest(
     """Import the user's interactions (validated; all or nothing; importing the same file again adds nothing)."""
     from fedinterest.client.ingest import ingest_file
 
-    with _clear_errors():
-        if fmt is not None and fmt not in ALL_FORMATS:
-            raise ValueError(f"--format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
-        columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col, rating=rating_col)
-        # The fixed layouts have no named columns: only a generic format takes the mapping.
-        generic = fmt is None or fmt in ("csv", "tsv", "jsonl", "parquet")
-        with open_device_dir(directory).store() as store:
-            result = ingest_file(store, file, fmt=fmt, columns=columns if generic else ColumnMap(), user=user)
+    if fmt is not None and fmt not in ALL_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
+    columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col, rating=rating_col)
+    # The fixed layouts have no named columns: only a generic format takes the mapping.
+    generic = fmt is None or fmt in ("csv", "tsv", "jsonl", "parquet")
+    with open_device_dir(directory).store() as store:
+        result = ingest_file(store, file, fmt=fmt, columns=columns if generic else ColumnMap(), user=user)
     if result.already_imported:
         summary = f"{file}: already imported (SHA-256 {result.sha256[:12]}...); nothing added"
     else:
@@ -165,19 +163,13 @@ def start(
     Checks first that the CA file is a certificate and that the SuperLink answers through TLS
     (waiting, with the reason, while nothing answers); one start per device directory. Exit codes:
     2 bad input or already running, 3 the SuperLink cannot be reached, 4 the device is not enrolled."""
-    from fedinterest.client.device_session import AlreadyRunning
     from fedinterest.client.device_start import start_device
     from fedinterest.client.supernode import supernode_launch
 
-    with _clear_errors():
-        device = open_device_dir(directory)
-        launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time, resident=resident)
+    device = open_device_dir(directory)
+    launch = supernode_launch(device, server=server, ca=ca, runtime_port=runtime_port, max_retries=max_retries, max_wait_time=max_wait_time, resident=resident)
     say = lambda line: typer.echo(line, err=True)  # noqa: E731
-    try:
-        code = start_device(device, launch, server=server, ca=ca, max_retries=max_retries, max_wait_time=max_wait_time, say=say)
-    except AlreadyRunning as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(code=2) from None
+    code = start_device(device, launch, server=server, ca=ca, max_retries=max_retries, max_wait_time=max_wait_time, say=say)  # AlreadyRunning: exit 2
     raise typer.Exit(code=code)
 
 
@@ -194,9 +186,8 @@ def install_bundle(
     A bundle whose catalogue shares no item with the device's is refused (it belongs to another federation)."""
     from fedinterest.client.bundle_install import install_bundle as install
 
-    with _clear_errors():
-        with open_device_dir(directory).store() as store:
-            installed = install(store, bundle, expected_sha256=sha256, allow_other_catalogue=allow_other_catalogue)
+    with open_device_dir(directory).store() as store:
+        installed = install(store, bundle, expected_sha256=sha256, allow_other_catalogue=allow_other_catalogue)
     payload = asdict(installed)
     lines = [f"installed bundle {bundle} (SHA-256 {installed.sha256}, {installed.catalogue_items} items) as the latest model"]
     if installed.shared_items != installed.catalogue_items:
@@ -216,10 +207,9 @@ def recommend(
     Before any model arrives, items are ranked by catalogue order (the catalogue's popularity order)."""
     from fedinterest.client.recommend import recommend as recommend_items
 
-    with _clear_errors():
-        settings = PersonalizationSettings(steps=personalize_steps)
-        with open_device_dir(directory).store() as store:
-            result = recommend_items(store, k, personalization=settings)
+    settings = PersonalizationSettings(steps=personalize_steps)
+    with open_device_dir(directory).store() as store:
+        result = recommend_items(store, k, personalization=settings)
     payload = {"items": [{"item_id": item, "score": score} for item, score in result.items], "model": result.model,
                "history_used": result.history_used, "history_unknown": result.history_unknown}
     lines = [f"{rank:>3}. {item}  ({score:.4f})" for rank, (item, score) in enumerate(result.items, start=1)]
@@ -240,9 +230,8 @@ def budget(
     as_json: JsonOpt = False,
 ) -> None:
     """Example-level privacy spent by this device (from its ledger), the budget and what remains."""
-    with _clear_errors():
-        with open_device_dir(directory).store() as store:
-            report = privacy_budget(store, delta=delta, budget=epsilon_budget)
+    with open_device_dir(directory).store() as store:
+        report = privacy_budget(store, delta=delta, budget=epsilon_budget)
     payload = {k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in asdict(report).items()}
     payload["epsilon_is_infinite"] = math.isinf(report.epsilon)  # a round without noise: no guarantee
     _emit(payload, as_json, [
@@ -257,8 +246,7 @@ def status(directory: DirOpt, as_json: JsonOpt = False) -> None:
     """History size, model, privacy budget, key and connection of this device."""
     from fedinterest.client.device_lifecycle import device_status
 
-    with _clear_errors():
-        facts = device_status(open_device_dir(directory))
+    facts = device_status(open_device_dir(directory))
     history, budget, connection, model = facts["history"], facts["budget"], facts["connection"], facts["model"]
     eps = "inf" if budget["epsilon"] is None and budget["rounds"] else f"{budget['epsilon'] or 0:.4g}"
     _emit(facts, as_json, [
@@ -282,8 +270,7 @@ def export_(
     """Write everything this device holds about its user (history, imports, ledger, policy) to one JSON file."""
     from fedinterest.client.device_lifecycle import export_device
 
-    with _clear_errors():
-        result = export_device(open_device_dir(directory), out)
+    result = export_device(open_device_dir(directory), out)
     _emit(result, as_json, [f"wrote {result['out']}: {result['interactions']} interactions, {result['imports']} import(s), {result['ledger_rounds']} ledger round(s)"])
 
 
@@ -300,11 +287,10 @@ def forget(
     that keeps its user keeps its ledger. The privacy policy, key and catalogue stay."""
     from fedinterest.client.device_lifecycle import forget_device
 
-    with _clear_errors():
-        device = open_device_dir(directory)
-        if not yes:
-            raise ValueError(f"{device.root}: `device forget` deletes the history and models for good; run it again with --yes")
-        removed = forget_device(device, reset_ledger=reset_ledger)
+    device = open_device_dir(directory)
+    if not yes:
+        raise UsageError(f"{device.root}: `device forget` deletes the history and models for good; run it again with --yes")
+    removed = forget_device(device, reset_ledger=reset_ledger)
     _emit(removed, as_json, [
         f"deleted {removed['store_events']} interactions, {removed['store_imports']} import(s), {removed['store_models']} model(s)"
         + (f" and {removed['ledger_steps']} ledger round(s)" if reset_ledger else "; the privacy ledger is kept (--reset-ledger clears it)")
@@ -322,10 +308,9 @@ def serve(
     The service offers gRPC server reflection, so standard clients (grpcurl) need no .proto file."""
     from fedinterest.client.ranking_service import start_server
 
-    with _clear_errors():
-        settings = PersonalizationSettings(steps=personalize_steps)
-        device = open_device_dir(directory)
-        server, bound = start_server(device.store_path, address, personalization=settings)
+    settings = PersonalizationSettings(steps=personalize_steps)
+    device = open_device_dir(directory)
+    server, bound = start_server(device.store_path, address, personalization=settings)
     typer.echo(f"ranking service for {device.root} listening on {bound}", err=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

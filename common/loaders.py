@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fedinterest.common.errors import FedinterestError
+from fedinterest.common.errors import FedinterestError, UsageError
 from fedinterest.common.interactions import DataFormatError, InteractionTable
 
 GENERIC_FORMATS = ("csv", "tsv", "jsonl", "parquet")
@@ -68,10 +68,10 @@ class ColumnMap:
     def __post_init__(self) -> None:
         names = [self.user, self.item, self.timestamp] + ([] if self.rating is None else [self.rating])
         if any(not isinstance(n, str) or not n.strip() for n in names):
-            raise ValueError(f"column names must be non-empty strings, got {self}")
+            raise UsageError(f"column names must be non-empty strings, got {self}")
         # Two roles on one column would silently read the same values twice.
         if len(set(names)) != len(names):
-            raise ValueError(f"column names must be distinct, got {self}")
+            raise UsageError(f"column names must be distinct, got {self}")
 
     def required(self) -> list[str]:
         """The mapped column names, in the order user, item, timestamp[, rating]."""

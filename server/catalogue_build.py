@@ -22,10 +22,15 @@ from typing import Any
 import numpy as np
 
 from fedinterest.common.catalogue import write_catalogue
+from fedinterest.common.errors import FedinterestError
 from fedinterest.common.loaders import ColumnMap, load_interactions
 from fedinterest.common.serialization import atomic_write_text
 
 POPULARITY_SUFFIX = ".popularity.json"
+
+
+class CatalogueExistsError(FedinterestError, FileExistsError):
+    """The catalogue to write exists already: a catalogue is never overwritten."""
 
 
 def popularity_file(catalogue: Path) -> Path:
@@ -42,7 +47,7 @@ def build_catalogue(source: Path, out: Path, *, fmt: str, columns: ColumnMap = C
 
     out = Path(out)
     if out.exists():
-        raise FileExistsError(f"{out}: already exists; a catalogue is never overwritten (a run's model indexes it)")
+        raise CatalogueExistsError(f"{out}: already exists; a catalogue is never overwritten (a run's model indexes it)")
     table = load_interactions(source, format=fmt, columns=columns)  # DataFormatError names file and line
     counts = Counter(table.items)
     first = {item: i for i, item in reversed(list(enumerate(table.items)))}

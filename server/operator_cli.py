@@ -3,20 +3,21 @@
 Each command parses its options and delegates to one module: deployment.py (init),
 superlink.py (start), enrollment.py (enroll/revoke/devices), run_admin.py
 (run/status/stop), export.py, report.py. Errors are printed as `error: ...` naming
-what and where, with exit code 1 (2 for a usage error).
+what and where, with the exit code of every fedinterest command (common/errors.py): 2 for
+anything the operator can fix, 1 for `run --wait` whose run did not complete.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from fedinterest.common.cli_errors import ReportingGroup
+from fedinterest.common.errors import JobFailed, UsageError
 from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from fedinterest.server.run_metrics import RoundRow
 
 app = typer.Typer(
+    cls=ReportingGroup,
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
     no_args_is_help=True,
     add_completion=False,
@@ -35,23 +37,6 @@ DirOption = Annotated[
     typer.Option("--dir", envvar=ENV_DIR, help=f"The deployment directory (made by `server init`); or set {ENV_DIR}."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-
-
-@contextmanager
-def _errors(*extra: type[Exception]) -> Iterator[None]:
-    """Known failures become one `error:` line and exit code 1, never a traceback."""
-    from fedinterest.server.certificates import CertificateError
-    from fedinterest.server.checkpoint import CheckpointError
-    from fedinterest.server.deployment import DeploymentError
-    from fedinterest.server.enrollment import EnrollmentError
-    from fedinterest.server.run_admin import RunError
-    from fedinterest.server.superlink import SuperLinkNotReady
-
-    try:
-        yield
-    except (DeploymentError, CertificateError, EnrollmentError, RunError, CheckpointError, SuperLinkNotReady, *extra) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _deployment(directory: Path | None) -> Deployment:
@@ -81,20 +66,19 @@ def init(
     from fedinterest.server.certificates import certificate_sans, fingerprint, load_certificate
     from fedinterest.server.deployment import exposure_warning, init_deployment
 
-    with _errors():
-        deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
-        ca = load_certificate(deployment.ca_cert)
-        facts = {
-            "dir": str(deployment.root),
-            "config": str(deployment.config_file),
-            "ca_certificate": str(deployment.ca_cert),
-            "ca_sha256": fingerprint(ca),
-            "server_certificate": str(deployment.server_cert),
-            "sans": certificate_sans(load_certificate(deployment.server_cert)),
-            "listen": f"{deployment.server.host}:{deployment.server.port}",
-            "catalogue": str(deployment.catalogue) if deployment.catalogue.is_file() else None,
-            "exposed": exposure_warning(deployment.server) is not None,
-        }
+    deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
+    ca = load_certificate(deployment.ca_cert)
+    facts = {
+        "dir": str(deployment.root),
+        "config": str(deployment.config_file),
+        "ca_certificate": str(deployment.ca_cert),
+        "ca_sha256": fingerprint(ca),
+        "server_certificate": str(deployment.server_cert),
+        "sans": certificate_sans(load_certificate(deployment.server_cert)),
+        "listen": f"{deployment.server.host}:{deployment.server.port}",
+        "catalogue": str(deployment.catalogue) if deployment.catalogue.is_file() else None,
+        "exposed": exposure_warning(deployment.server) is not None,
+    }
     warning = exposure_warning(deployment.server)
     if warning:
         typer.echo(f"warning: {warning}", err=True)
@@ -127,12 +111,11 @@ def catalogue(
     from fedinterest.common.loaders import GENERIC_FORMATS, ColumnMap, suffix_format
     from fedinterest.server.catalogue_build import build_catalogue
 
-    with _errors(ValueError, FileExistsError, FileNotFoundError):
-        chosen = fmt or suffix_format(source)
-        if chosen is None:
-            raise ValueError(f"{source}: cannot tell the format from the file name; pass --format")
-        columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col) if chosen in GENERIC_FORMATS else ColumnMap()
-        facts = build_catalogue(source, out, fmt=chosen, columns=columns)
+    chosen = fmt or suffix_format(source)
+    if chosen is None:
+        raise UsageError(f"{source}: cannot tell the format from the file name; pass --format")
+    columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col) if chosen in GENERIC_FORMATS else ColumnMap()
+    facts = build_catalogue(source, out, fmt=chosen, columns=columns)
     if as_json:
         _print_json(facts)
         return
@@ -148,13 +131,12 @@ def start(directory: DirOption = None) -> None:
     from fedinterest.server.deployment import exposure_warning
     from fedinterest.server.superlink import run_superlink, superlink_command
 
-    with _errors():
-        deployment = _deployment(directory)
-        warning = exposure_warning(deployment.server)
-        if warning:
-            typer.echo(f"warning: {warning}", err=True)
-        typer.echo(f"Starting the SuperLink of {deployment.root} on {deployment.server.host}:{deployment.server.port} (Ctrl-C stops it)", err=True)
-        typer.echo("$ " + " ".join(superlink_command(deployment)), err=True)
+    deployment = _deployment(directory)
+    warning = exposure_warning(deployment.server)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"Starting the SuperLink of {deployment.root} on {deployment.server.host}:{deployment.server.port} (Ctrl-C stops it)", err=True)
+    typer.echo("$ " + " ".join(superlink_command(deployment)), err=True)
     code = run_superlink(deployment)
     raise typer.Exit(code)
 
@@ -170,8 +152,7 @@ def enroll(
     from fedinterest.server.enrollment import device_json
     from fedinterest.server.enrollment import enroll as do_enroll
 
-    with _errors():
-        device = do_enroll(_deployment(directory), public_key, name)
+    device = do_enroll(_deployment(directory), public_key, name)
     if as_json:
         _print_json(device_json(device))
     else:
@@ -188,8 +169,7 @@ def revoke(
     from fedinterest.server.enrollment import device_json
     from fedinterest.server.enrollment import revoke as do_revoke
 
-    with _errors():
-        device = do_revoke(_deployment(directory), name)
+    device = do_revoke(_deployment(directory), name)
     if as_json:
         _print_json(device_json(device))
     else:
@@ -205,8 +185,7 @@ def devices(
     """List enrolled devices with their Flower node id and live status."""
     from fedinterest.server.enrollment import device_rows
 
-    with _errors():
-        rows, problem = device_rows(_deployment(directory), include_revoked=include_revoked)
+    rows, problem = device_rows(_deployment(directory), include_revoked=include_revoked)
     if as_json:
         _print_json({"devices": rows, "status_error": problem})
         return
@@ -240,26 +219,26 @@ def run(
     With --wait, exits 1 unless the run completed and at least one device's update was aggregated."""
     from fedinterest.server.run_admin import check_run, submit_run, wait_finished
 
-    with _errors():
-        deployment = _deployment(directory)
-        _, warnings = check_run(deployment, list(set_ or []))
-        for warning in warnings:
-            typer.echo(f"warning: {warning}", err=True)
-        submitted = submit_run(deployment, list(set_ or []), warnings)
+    deployment = _deployment(directory)
+    _, warnings = check_run(deployment, list(set_ or []))
+    for warning in warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    submitted = submit_run(deployment, list(set_ or []), warnings)
     facts: dict[str, Any] = {"run_id": str(submitted.run_id), "run": submitted.run_dir.name, "run_dir": str(submitted.run_dir), "warnings": list(warnings)}
     if not as_json:
         typer.echo(f"Submitted run {submitted.run_id} ({submitted.run_dir.name}); follow it with `fedinterest server status {submitted.run_id}`")
     if wait:
         # Live progress goes to stderr, so --json keeps stdout one JSON document.
-        with _errors():
-            state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60, on_round=_echo_round)
+        state = wait_finished(deployment, str(submitted.run_id), timeout_minutes * 60, on_round=_echo_round)
         facts["state"] = state
         if not as_json:
             _echo_state(state)
     if as_json:
         _print_json(facts)
     if wait and not facts["state"]["completed"]:
-        raise typer.Exit(1)
+        state = facts["state"]
+        why = state["outcome_why"] if state["finished"] else f"not finished after {timeout_minutes:g} minutes ({state['status'] or 'state unknown'})"
+        raise JobFailed(f"run {state['run_id']} ({state['run']}) did not complete: {why or state['status']}")
 
 
 def _echo_round(row: RoundRow) -> None:
@@ -329,8 +308,7 @@ def status(
     """A run's state from Flower (`flwr ls`) and its progress: rounds, device replies, metrics, privacy spent."""
     from fedinterest.server.run_admin import run_state
 
-    with _errors():
-        state = run_state(_deployment(directory), run_ref)
+    state = run_state(_deployment(directory), run_ref)
     if as_json:
         _print_json(state)
     else:
@@ -346,8 +324,7 @@ def stop(
     """Stop a run that is still pending or running."""
     from fedinterest.server.run_admin import stop as do_stop
 
-    with _errors():
-        result = do_stop(_deployment(directory), run_ref)
+    result = do_stop(_deployment(directory), run_ref)
     if as_json:
         _print_json(result)
     else:
@@ -362,11 +339,9 @@ def export_(
     as_json: JsonOption = False,
 ) -> None:
     """Write a device bundle of a finished run: global model, catalogue, model card, checksum."""
-    from fedinterest.common.bundle import BundleError
     from fedinterest.server.export import export_run
 
-    with _errors(BundleError):
-        result = export_run(_deployment(directory), run_ref, out)
+    result = export_run(_deployment(directory), run_ref, out)
     if as_json:
         _print_json(result)
         return
@@ -386,8 +361,7 @@ def report(
     """Write a run's plots and summary table (report.md) and print the table."""
     from fedinterest.server.report import write_report
 
-    with _errors():
-        facts, text, _ = write_report(_deployment(directory), run_ref, out)
+    facts, text, _ = write_report(_deployment(directory), run_ref, out)
     if as_json:
         _print_json(facts)
     else:

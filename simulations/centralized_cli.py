@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedinterest.common.interactions import DataFormatError
+from fedinterest.common.errors import JobFailed
 from fedinterest.common.model_config import ModelConfig
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.simulations import cli_options as opt
@@ -94,14 +94,11 @@ def centralized(
             # Logs and CI have no live bar: one line per epoch instead.
             console.print(f"epoch {report.epoch}: {status}  ({report.elapsed:.0f} s)", soft_wrap=True)
 
-    try:
+    try:  # a DataFormatError ends the command by the rule of common/errors.py (exit 2), as the `fedinterest` group applies it
         run_dir, payload = run_centralized(
             spec, model_options, train_config, threads=threads, out=out, on_epoch=on_epoch, on_data=on_data,
             item_attributes=item_attributes
         )
-    except (DataFormatError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(code=2) from err
     finally:
         if progress.live.is_started:
             progress.stop()
@@ -113,8 +110,8 @@ def centralized(
         try:
             payload["bundle"] = export_centralized(run_dir, item_ids[0], payload, export_bundle)
         except (BundleError, OSError, ValueError) as err:
-            console.print(f"[red]error:[/red] the run finished in {run_dir}, but its bundle was not written: {err}", soft_wrap=True)
-            raise typer.Exit(code=2) from err
+            # The training ran: a bundle it could not write fails the job (exit 1), its results stay in run_dir.
+            raise JobFailed(f"the run finished in {run_dir}, but its bundle was not written: {err}") from err
         if not as_json:
             console.print(f"bundle {payload['bundle']['bundle']} (catalogue {payload['bundle']['catalogue']})")
     if as_json:

@@ -4,6 +4,9 @@
 every command module is loaded only when one of its commands runs or shows its own help,
 so that `--help` and the operator's and device's quick commands answer in a fraction of a
 second (issue 16; benchmarks/cli_latency.py).
+
+Every command ends by one rule (common/errors.py): 0 done, 2 a usage or user-fixable error
+(nothing ran), 1 a job that ran and failed; the groups of common/cli_errors.py apply it.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from typing import Any
 
 import click
 import typer
-from typer.core import TyperGroup
+
+from fedinterest.common.cli_errors import ReportingGroup
 
 # name -> (module, a command function or a typer app of a group, the one-line help of
 # `fedinterest --help`: the start of the command's own help; tests/test_cli_imports.py checks it)
@@ -25,10 +29,13 @@ LAZY_COMMANDS = {
 }
 
 
-class _LazyGroup(TyperGroup):
+class _LazyGroup(ReportingGroup):
     """A typer group whose heavy commands are imported on first use, not to list them."""
 
     _listing = False
+    # A file a command was pointed at is missing: the user's to fix (the groups of
+    # `server` and `device` apply their own rule first).
+    user_errors = (FileNotFoundError,)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})

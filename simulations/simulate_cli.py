@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedinterest.common.interactions import DataFormatError
 from fedinterest.simulations.simulate import (
     PreparedRun,
     RoundRow,
@@ -45,13 +44,11 @@ def simulate(
     With --resume RUN_DIR, continue an interrupted run after its last checkpoint."""
     console = Console(stderr=True)
     overrides = list(set_ or [])
-    try:
-        if (config is None) == (resume is None):
-            raise SimulationConfigError("give either CONFIG (a new run) or --resume RUN_DIR (continue one), not both or neither")
-        resolved = resolve_config(config, overrides) if config is not None else resume_config(resume, overrides)
-    except SimulationConfigError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(code=2) from err
+    # A SimulationConfigError or DataFormatError (exit 2) or SimulationFailed (exit 1) ends the
+    # command by the rule of common/errors.py, applied by the `fedinterest` group.
+    if (config is None) == (resume is None):
+        raise SimulationConfigError("give either CONFIG (a new run) or --resume RUN_DIR (continue one), not both or neither")
+    resolved = resolve_config(config, overrides) if config is not None else resume_config(resume, overrides)
 
     run = resolved.run
     total = run.num_server_rounds
@@ -94,20 +91,16 @@ def simulate(
                 on_prepared=on_prepared, on_started=on_started, on_round=on_round,
                 timeout=None if timeout_minutes is None else timeout_minutes * 60,
             )
-        except (SimulationConfigError, DataFormatError, FileNotFoundError) as err:
-            progress.stop()
-            console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-            raise typer.Exit(code=2) from err
         except SimulationFailed as err:
+            # What a failed run leaves to look at; the reason is the `error:` line after it (exit 1).
             progress.stop()
-            console.print(f"[red]simulation failed:[/red] {err.reason}", soft_wrap=True, highlight=False)
             console.print(f"run dir: {err.run_dir}", soft_wrap=True, highlight=False)
             if err.log_tail:
                 console.print("last lines of flwr.log:", highlight=False)
                 console.print(err.log_tail, markup=False, highlight=False, soft_wrap=True)
             if as_json:
                 typer.echo(json.dumps({"success": False, "reason": err.reason, "run_dir": str(err.run_dir)}, indent=2))
-            raise typer.Exit(code=1) from err
+            raise
 
     if as_json:
         typer.echo(json.dumps(result_payload(result), indent=2))

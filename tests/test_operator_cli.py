@@ -117,7 +117,7 @@ def test_start_command_has_tls_auth_and_database_in_dir(deployment_dir: Path) ->
 )
 def test_init_bad_input_leaves_nothing(tmp_path: Path, args: list[str], message: str) -> None:
     result = invoke("init", str(tmp_path / "dep"), *args)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert message in result.output
     assert not (tmp_path / "dep").exists()
 
@@ -126,7 +126,7 @@ def test_init_bad_catalogue_leaves_nothing(tmp_path: Path) -> None:
     bad = tmp_path / "items.txt"
     bad.write_text("a\n\nb\n")
     result = invoke("init", str(tmp_path / "dep"), "--catalogue", str(bad))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "blank line" in result.output
     assert not (tmp_path / "dep").exists()
 
@@ -134,7 +134,7 @@ def test_init_bad_catalogue_leaves_nothing(tmp_path: Path) -> None:
 def test_init_refuses_an_existing_deployment(deployment_dir: Path) -> None:
     before = (deployment_dir / "tls/ca.crt").read_bytes()
     result = invoke("init", str(deployment_dir))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "already exists" in result.output
     assert (deployment_dir / "tls/ca.crt").read_bytes() == before
 
@@ -142,10 +142,10 @@ def test_init_refuses_an_existing_deployment(deployment_dir: Path) -> None:
 def test_commands_name_a_missing_deployment(tmp_path: Path) -> None:
     for args in (["start"], ["devices"], ["status"], ["run"], ["revoke", "x"], ["stop", "1"], ["report", "1"]):
         result = invoke(*args, "--dir", str(tmp_path / "nowhere"))
-        assert result.exit_code == 1, args
+        assert result.exit_code == 2, args
         assert "not a deployment directory" in result.output, args
     result = invoke("devices", env={"FEDINTEREST_SERVER_DIR": ""})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "--dir DIR" in result.output
 
 
@@ -161,7 +161,7 @@ def test_bad_config_file_is_named(deployment_dir: Path) -> None:
     config = deployment_dir / "fedinterest-server.toml"
     config.write_text(config.read_text() + "no-such-key = 1\n")
     result = invoke("devices", "--dir", str(deployment_dir))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "fedinterest-server.toml" in result.output and "no-such-key" in result.output
 
 
@@ -176,18 +176,18 @@ def test_enroll_bad_input_is_refused_before_the_superlink(deployment_dir: Path, 
     ]
     for args, message in cases:
         result = invoke("enroll", *args, "--dir", str(deployment_dir))
-        assert result.exit_code == 1, args
+        assert result.exit_code == 2, args
         assert message in result.output, (args, result.output)
     # A good key with the SuperLink down: the error names the address to start.
     result = invoke("enroll", str(public), "--name", "a", "--dir", str(deployment_dir))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "does not answer at https://127.0.0.1:1" in result.output
     assert json.loads((deployment_dir / "devices.json").read_text()) == []
 
 
 def test_revoke_unknown_name(deployment_dir: Path) -> None:
     result = invoke("revoke", "nobody", "--dir", str(deployment_dir))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "no enrolled device called 'nobody'" in result.output
 
 
@@ -202,14 +202,14 @@ def test_run_refuses_keys_it_sets_and_unknown_keys(deployment_dir: Path) -> None
         with pytest.raises(RunError, match=message):
             resolve_run_config(deployment, [item], deployment_dir / "runs" / "x")
     result = invoke("run", "--set", "dataset=ml-100k", "--dir", str(deployment_dir))
-    assert result.exit_code == 1  # the SuperLink is down, or the key is refused: either way nothing is submitted
+    assert result.exit_code == 2  # the SuperLink is down, or the key is refused: either way nothing is submitted
     assert list((deployment_dir / "runs").iterdir()) == []
 
 
 def test_run_needs_a_catalogue(tmp_path: Path) -> None:
     assert invoke("init", str(tmp_path / "dep"), "--host", "127.0.0.1", "--port", "1").exit_code == 0
     result = invoke("run", "--dir", str(tmp_path / "dep"))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "catalogue.txt: no catalogue" in result.output
 
 
@@ -251,7 +251,7 @@ def test_status_from_the_run_directory_when_flower_is_unreachable(deployment_dir
     text = invoke("status", "1234", "--dir", str(deployment_dir))
     assert text.exit_code == 0 and "rounds: 1 of 2" in text.output
     missing = invoke("status", "999", "--dir", str(deployment_dir))
-    assert missing.exit_code == 1 and "no run '999'" in missing.output
+    assert missing.exit_code == 2 and "no run '999'" in missing.output
 
 
 def test_report_writes_plots_and_table(deployment_dir: Path) -> None:
@@ -287,7 +287,7 @@ def test_export_writes_a_bundle_a_device_can_load(deployment_dir: Path, tmp_path
 def test_export_refuses_an_unfinished_run(deployment_dir: Path, tmp_path: Path) -> None:
     _fake_run(deployment_dir, finished=False)
     result = invoke("export", "1234", "--out", str(tmp_path / "b"), "--dir", str(deployment_dir))
-    assert result.exit_code == 1 and "has not finished" in result.output
+    assert result.exit_code == 2 and "has not finished" in result.output
     assert not (tmp_path / "b").exists()
 
 
@@ -295,7 +295,7 @@ def test_export_refuses_a_changed_catalogue(deployment_dir: Path, tmp_path: Path
     _fake_run(deployment_dir)
     write_catalogue(deployment_dir / "catalogue.txt", 41)
     result = invoke("export", "1234", "--out", str(tmp_path / "b"), "--dir", str(deployment_dir))
-    assert result.exit_code == 1 and "changed since run" in result.output
+    assert result.exit_code == 2 and "changed since run" in result.output
 
 
 def test_report_shows_the_user_level_epsilon_of_a_layer_two_run(deployment_dir: Path) -> None:
@@ -374,7 +374,7 @@ def test_submitting_warns_when_device_budgets_cannot_cover_the_rounds(deployment
     assert len(warnings) == 1 and "device phone-1 already spent epsilon 7.5" in warnings[0] and "at most 0 more" in warnings[0]
     # `server run` prints the warning before it tries the SuperLink (down here).
     result = invoke("run", "--dir", str(deployment_dir))
-    assert result.exit_code == 1 and "warning: the devices' privacy budgets cannot cover this run" in result.output
+    assert result.exit_code == 2 and "warning: the devices' privacy budgets cannot cover this run" in result.output
 
 
 def test_run_directory_file_names_agree_with_the_server_app() -> None:

@@ -36,7 +36,7 @@ def test_catalogue_by_popularity_with_its_baseline_reaches_status_and_report(tmp
     assert list(load_catalogue(out).ids) == sorted(counts, key=lambda i: (-counts[i], [r[1] for r in rows].index(i)))
     assert facts["items"] == 5 and facts["users_evaluated"] == 7 and 0 <= facts["popularity_test"]["ndcg@10"] <= 1
     again = runner.invoke(app, ["server", "catalogue", str(source), "--out", str(out)])
-    assert again.exit_code == 1 and "never overwritten" in again.output
+    assert again.exit_code == 2 and "never overwritten" in again.output
     # The deployment made from it shows the baseline beside the run.
     assert runner.invoke(app, ["server", "init", str(tmp_path / "dep"), "--catalogue", str(out), "--port", "1"]).exit_code == 0
     from test_operator_cli import _fake_run

@@ -54,9 +54,9 @@ def test_enroll_devices_revoke(server: Deployment, tmp_path: Path) -> None:
     node_a = json.loads(first.stdout)["node_id"]
     assert invoke("enroll", str(key_b), "--name", "phone-b", "--dir", root).exit_code == 0
     again = invoke("enroll", str(key_a), "--name", "other", "--dir", root)
-    assert again.exit_code == 1 and "already enrolled as 'phone-a'" in again.output
+    assert again.exit_code == 2 and "already enrolled as 'phone-a'" in again.output
     taken = invoke("enroll", str(key_b), "--name", "phone-a", "--dir", root)
-    assert taken.exit_code == 1 and "already enrolled" in taken.output
+    assert taken.exit_code == 2 and "already enrolled" in taken.output
 
     listing = json.loads(invoke("devices", "--dir", root, "--json").stdout)
     assert listing["status_error"] is None
@@ -72,9 +72,9 @@ def test_enroll_devices_revoke(server: Deployment, tmp_path: Path) -> None:
     assert {d["name"]: d["status"] for d in every["devices"]} == {"phone-a": "unregistered", "phone-b": "registered"}
     # Flower never takes a revoked key back: the operator is told why.
     back = invoke("enroll", str(key_a), "--name", "phone-a", "--dir", root)
-    assert back.exit_code == 1 and "was revoked" in back.output
+    assert back.exit_code == 2 and "was revoked" in back.output
     gone = invoke("revoke", "phone-a", "--dir", root)
-    assert gone.exit_code == 1 and "was revoked" in gone.output
+    assert gone.exit_code == 2 and "was revoked" in gone.output
     table = invoke("devices", "--dir", root)
     assert table.exit_code == 0 and "phone-b" in table.output and "registered" in table.output
 
@@ -95,7 +95,7 @@ def test_run_without_devices_fails_and_status_says_so_from_flower(server: Deploy
     status = invoke("status", str(facts["run_id"]), "--dir", root)
     assert status.exit_code == 0 and "finished:failed" in status.output
     stopped = invoke("stop", str(facts["run_id"]), "--dir", root)
-    assert stopped.exit_code == 1 and "already finished" in stopped.output
+    assert stopped.exit_code == 2 and "already finished" in stopped.output
 
 
 def test_stop_a_waiting_run(server: Deployment) -> None:
