@@ -21,8 +21,9 @@ from fedinterest.common.errors import run_command
 class ReportingGroup(TyperGroup):
     """A typer group whose commands end by the rule of common/errors.py, never with a traceback of a product error."""
 
-    # Builtin exceptions this command line treats as the user's to fix too (exit 2).
-    user_errors: tuple[type[BaseException], ...] = ()
+    # Builtin exceptions this command line treats as the user's to fix too (exit 2): a file
+    # a command was pointed at is missing (the device commands add ValueError and OSError).
+    user_errors: tuple[type[BaseException], ...] = (FileNotFoundError,)
 
     def invoke(self, ctx: click.Context) -> Any:
         result: list[Any] = []

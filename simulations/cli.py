@@ -33,9 +33,6 @@ class _LazyGroup(ReportingGroup):
     """A typer group whose heavy commands are imported on first use, not to list them."""
 
     _listing = False
-    # A file a command was pointed at is missing: the user's to fix (the groups of
-    # `server` and `device` apply their own rule first).
-    user_errors = (FileNotFoundError,)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})

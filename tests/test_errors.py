@@ -111,6 +111,35 @@ def test_simulate_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert json.loads(ran.stdout) == {"success": False, "reason": "the Flower run ended finished:failed", "run_dir": str(tmp_path / "run")}
 
 
+def test_centralized_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedinterest.simulations import centralized_cli, centralized_export
+    from fedinterest.simulations.cli import app
+
+    usage = runner.invoke(app, ["centralized", "--dataset", "ml-100k", "--data", str(tmp_path / "missing.data"), "--out", str(tmp_path)])
+    assert usage.exit_code == 2 and "error: " in usage.stderr and "missing.data" in usage.stderr
+
+    # The training ran; the bundle asked for could not be written: the job failed (exit 1).
+    class Split:
+        dataset = SimpleNamespace(item_ids=("a", "b"), reports=[])
+        users_left_out = 0
+
+        def __len__(self) -> int:
+            return 2
+
+    def trained(*_args, on_data, **_kwargs):
+        on_data(Split())
+        return tmp_path / "run", {"test": {}}
+
+    def refused(*_args):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(centralized_cli, "run_centralized", trained)
+    monkeypatch.setattr(centralized_export, "export_centralized", refused)
+    ran = runner.invoke(app, ["centralized", "--out", str(tmp_path), "--export-bundle", str(tmp_path / "m.bundle")])
+    assert ran.exit_code == 1, ran.output
+    assert f"error: the run finished in {tmp_path / 'run'}, but its bundle was not written: no space left on device" in ran.stderr
+
+
 # ------------------------------------------------------------------- `fedinterest server`
 
 
