@@ -71,7 +71,7 @@ from fedinterest.common.run_config import RunConfig
 from fedinterest.common.split import LeaveOneOut, UserSplit
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.rounds import FINAL_FILE
-from fedinterest.server.run_metrics import RoundRow
+from fedinterest.common.run_files import DEVICES_DIR, FLWR_LOG, NDCG_10, RESOLVED_JSON, RoundRow
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "simulations" / "configs"
@@ -86,10 +86,6 @@ TARGET_EPSILON = 8.0
 # calibrated for the target exactly, so the budget sits a hair above it for rounding.
 USER_BUDGET_SLACK = 0.05
 USER_CLIP_NORM = 1.0
-# The files a simulation's run directory holds (simulations/simulate.py writes them).
-RESOLVED_JSON = "config.resolved.json"
-DEVICES_DIR = "devices"
-FLWR_LOG = "flwr.log"
 _LEDGER = re.compile(r"^partition-(\d+)\.sqlite$")
 _REGISTERED = re.compile(r"fedinterest: (\d+)(?: of (\d+) expected)? nodes registered")
 
@@ -230,8 +226,8 @@ def attack(model: InterestModel, split: LeaveOneOut, num_members: int) -> dict[s
         return {"auc": auc, "se": auc_standard_error(auc, int(m.sum()), int(n.sum()))}
 
     # Ranking quality on each side (test split): the generalisation gap the attack exploits.
-    member_ndcg = summarize(model_ranks(model, [split.users[i] for i in groups.members], "test"))["ndcg@10"]
-    nonmember_ndcg = summarize(model_ranks(model, [split.users[i] for i in groups.nonmembers], "test"))["ndcg@10"]
+    member_ndcg = summarize(model_ranks(model, [split.users[i] for i in groups.members], "test"))[NDCG_10]
+    nonmember_ndcg = summarize(model_ranks(model, [split.users[i] for i in groups.nonmembers], "test"))[NDCG_10]
     return {
         "members": int(m.sum()),
         "nonmembers": int(n.sum()),
@@ -369,13 +365,14 @@ def _store(summary: dict[str, Any]) -> Path:
 
 
 def _progress(row: RoundRow) -> None:
-    fields = ("sampled", "answered", "refused", "train_loss", "ndcg@10", "epsilon_max")
+    fields = ("sampled", "answered", "refused", "train_loss", NDCG_10, "epsilon_max")
     print(f"  round {row.round}: " + " ".join(f"{key} {row.get(key)}" for key in fields), file=sys.stderr, flush=True)
 
 
 def run(models: Sequence[str], *, members: int | None, rounds: int, clients_per_round: int, out: Path, target_epsilon: float) -> None:
     """Simulate and audit each model in turn, storing each result as it comes."""
-    from fedinterest.simulations.simulate import count_users, resolve_config, run_simulation
+    from fedinterest.simulations.simulate import run_simulation
+    from fedinterest.simulations.simulation_config import count_users, resolve_config
 
     config_path = CONFIGS / f"{DATASET}.toml"
     if members is None:
@@ -405,8 +402,8 @@ def _auc(entry: dict[str, float]) -> str:
 def _chosen_ndcg(summary: dict[str, Any]) -> str:
     best = summary.get("best_valid")
     if best and best.get("test"):
-        return f"{best['test']['ndcg@10']:.4f} (round {best['round']})"
-    return f"{summary['test']['ndcg@10']:.4f} (last round)"
+        return f"{best['test'][NDCG_10]:.4f} (round {best['round']})"
+    return f"{summary['test'][NDCG_10]:.4f} (last round)"
 
 
 def _user_epsilon(summary: dict[str, Any]) -> str:
@@ -426,7 +423,7 @@ def stored() -> list[dict[str, Any]]:
 def popularity_ndcg(dataset: str = DATASET) -> float | None:
     """Test NDCG@10 of the popularity baseline (the quality benchmark's stored result), if stored."""
     path = QUALITY / f"{dataset}-sasrec-seed0.json"
-    return json.loads(path.read_text(encoding="utf-8"))["popularity_test"]["ndcg@10"] if path.is_file() else None
+    return json.loads(path.read_text(encoding="utf-8"))["popularity_test"][NDCG_10] if path.is_file() else None
 
 
 def target_sentence(
@@ -452,9 +449,9 @@ def target_sentence(
             f"Target (attack AUC ≤ {target_auc} for the layers 1+2 model at user-level ε {target_epsilon:g}): {verdict} — "
             f"AUC {auc:.3f} at ε {eps:.2f} ({s['rounds']} rounds x {s['clients_per_round']} devices){why}{margin}."
         )
-        if popularity is not None and s["test"]["ndcg@10"] < popularity:
+        if popularity is not None and s["test"][NDCG_10] < popularity:
             lines[-1] += (
-                f" But this model does not learn: its test NDCG@10 {s['test']['ndcg@10']:.4f} is below popularity's "
+                f" But this model does not learn: its test NDCG@10 {s['test'][NDCG_10]:.4f} is below popularity's "
                 f"{popularity:.4f}, so the low AUC reflects a model that fits nothing, not privacy at a useful model."
             )
     for s in (s for s in results if s["model"] == "no-dp"):
@@ -463,7 +460,7 @@ def target_sentence(
         lines.append(
             f"Without DP the attack {'detects' if detected else 'does not clearly detect'} membership: AUC {loss['auc']:.3f} "
             f"(95% interval {loss['auc'] - 1.96 * loss['se']:.3f}–{loss['auc'] + 1.96 * loss['se']:.3f}), calibrated "
-            f"{calibrated['auc']:.3f}, at test NDCG@10 {s['test']['ndcg@10']:.4f} ({s['rounds']} rounds x {s['clients_per_round']} devices)."
+            f"{calibrated['auc']:.3f}, at test NDCG@10 {s['test'][NDCG_10]:.4f} ({s['rounds']} rounds x {s['clients_per_round']} devices)."
         )
     useful = [s for s in results if s["model"] == "layer-2" and (s.get("user_level") or {}).get("epsilon") is not None]
     for s in useful:
@@ -471,7 +468,7 @@ def target_sentence(
         versus = f" (popularity {popularity:.4f})" if popularity is not None else ""
         lines.append(
             f"Layer 2 alone (devices train without DP) at user-level ε {eps:.2f}: attack AUC {auc:.3f} "
-            f"(calibrated {s['attack']['calibrated']['auc']:.3f}), test NDCG@10 {s['test']['ndcg@10']:.4f}{versus}."
+            f"(calibrated {s['attack']['calibrated']['auc']:.3f}), test NDCG@10 {s['test'][NDCG_10]:.4f}{versus}."
         )
     if results:
         control = results[0]["attack"]["control_popularity"]["auc"]
@@ -517,7 +514,7 @@ def table(results: Sequence[dict[str, Any]] | None = None) -> str:
         rounds = f"{s['rounds']} x {s['clients_per_round']}" + (" (stopped at the user-level budget)" if s.get("stopped_early") else "")
         lines.append(
             f"| {LABELS.get(s['model'], s['model'])} | {_auc(a['loss'])} | {_auc(a['calibrated'])} | {_auc(a['control_popularity'])} | "
-            f"{a['members']} / {a['nonmembers']} | {_chosen_ndcg(s)} | {s['test']['ndcg@10']:.4f} | "
+            f"{a['members']} / {a['nonmembers']} | {_chosen_ndcg(s)} | {s['test'][NDCG_10]:.4f} | "
             f"{a['test_ndcg@10']['members']:.4f} / {a['test_ndcg@10']['nonmembers']:.4f} | {layer1_epsilon(s)} | {_user_epsilon(s)} | "
             f"{rounds} | {s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )

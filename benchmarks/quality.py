@@ -17,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10
 from fedinterest.benchmarks.report import publish
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.simulations.centralized import CentralizedConfig, run_centralized
@@ -115,7 +116,7 @@ def table() -> str:
             continue
         popularity = runs_of_dataset[0][1][0]["popularity_test"]
         lines.append(
-            f"| {DATASET_LABELS[dataset]} | popularity | {popularity['hr@10']:.4f} | {popularity['ndcg@10']:.4f} | "
+            f"| {DATASET_LABELS[dataset]} | popularity | {popularity[HIT_RATE_10]:.4f} | {popularity[NDCG_10]:.4f} | "
             f"{popularity['ndcg@20']:.4f} | {popularity['mrr']:.4f} | - | - | - | - |"
         )
         for method, payloads in sorted(runs_of_dataset):
@@ -125,8 +126,8 @@ def table() -> str:
             seeds = ", ".join(str(p["training"]["seed"]) for p in payloads)
             commits = ", ".join(sorted({str(p.get("commit")) for p in payloads}))
             lines.append(
-                f"| {DATASET_LABELS[dataset]} | {method} | {_mean([t['hr@10'] for t in test])} | "
-                f"{_mean([t['ndcg@10'] for t in test])} | {_mean([t['ndcg@20'] for t in test])} | "
+                f"| {DATASET_LABELS[dataset]} | {method} | {_mean([t[HIT_RATE_10] for t in test])} | "
+                f"{_mean([t[NDCG_10] for t in test])} | {_mean([t['ndcg@20'] for t in test])} | "
                 f"{_mean([t['mrr'] for t in test])} | {minutes} | {epochs} | {seeds} | {commits} |"
             )
     return "\n".join(lines)

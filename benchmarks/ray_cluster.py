@@ -38,7 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.common.run_files import RESOLVED_JSON
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODE_START_SECONDS = 90.0
@@ -209,9 +211,9 @@ def run(out: Path) -> dict[str, Any]:
         "address": cluster.address,
         "ray_start": commands,
         "run_dir": str(result.run_dir),
-        "recorded_ray_address": json.loads((result.run_dir / "config.resolved.json").read_text()).get("ray_address"),
+        "recorded_ray_address": json.loads((result.run_dir / RESOLVED_JSON).read_text()).get("ray_address"),
         "rounds": len(result.rows),
-        "aggregated": (result.final.get("counts") or {}).get("aggregated"),
+        "aggregated": result.final.counts.get("aggregated"),
         **facts,
     }
     verdict["used_cluster"] = (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX
+
 import json
 import sys
 from pathlib import Path
@@ -24,7 +26,7 @@ def layer1_epsilon(summary: dict[str, Any]) -> str:
     privacy = summary["privacy"]
     if not privacy.get("dp"):
         return "no DP"
-    value = privacy.get("device_epsilon_max")
+    value = privacy.get(DEVICE_EPSILON_MAX)
     text = f"{'-' if value is None else format(value, '.2f')} ({privacy['delta']:g})"
     return text if summary.get(WINDOW_COUNT_HIDDEN) else f"{text} {OLD_RELATION_MARK}"
 

@@ -34,7 +34,7 @@ from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import initial_arrays
 from fedinterest.server.user_privacy import UserLevelAccountant, settings_of
 from fedinterest.simulations.provenance import git_commit
-from fedinterest.simulations.simulate import resolve_config
+from fedinterest.simulations.simulation_config import resolve_config
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "signal_noise"
 

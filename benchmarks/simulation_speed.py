@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fedinterest.common.run_files import METRICS_FILE, RESOLVED_JSON, read_jsonl
 from fedinterest.benchmarks import cohort_speed
 from fedinterest.benchmarks.federated import CONFIGS, DATASETS, VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish
@@ -41,7 +42,8 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
 from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.simulation_dispatch import SWITCH
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "simulation_speed"
@@ -56,9 +58,9 @@ def overrides(rounds: int) -> list[str]:
 
 def summarize_run_dir(run_dir: Path, lookup: str) -> dict:
     """Seconds per round (median over rounds 2..R-1) and per device update of one run."""
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
     final = json.loads((run_dir / FINAL_FILE).read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run_dir / METRICS_FILE)
     middle = [row["seconds"] for row in rows[1:-1]] or [row["seconds"] for row in rows]
     per_round = statistics.median(middle)
     return {

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from fedinterest.common.run_files import DEVICES_DIR
 from fedinterest.client.device_store import DeviceStore
 from fedinterest.client.ledger import DEVICE_USER
 from fedinterest.common.constants import MIN_INTERACTIONS_FOR_SPLIT
@@ -128,4 +129,4 @@ def load_store_data(path: object, run: RunConfig) -> DeviceData:
 
 def simulation_ledger_path(run_dir: str, partition_id: int) -> Path | None:
     """`{run_dir}/devices/partition-{id}.sqlite` (one account per user of the shard), or None when the run has no directory."""
-    return Path(run_dir) / "devices" / f"partition-{partition_id}.sqlite" if run_dir else None
+    return Path(run_dir) / DEVICES_DIR / f"partition-{partition_id}.sqlite" if run_dir else None

@@ -50,10 +50,11 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from fedinterest.common.run_files import CHECKPOINT_DIR
 from fedinterest.common.run_config import UNHASHED, RunConfig, keys_with
 
 LOG = logging.getLogger("flwr.fedinterest")
-CHECKPOINT_DIR = "checkpoints"
+
 MANIFEST = "manifest.json"
 RELEASES = "releases.json"
 FORMAT = 1

@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.deployment import Deployment, DeploymentError
 from fedinterest.server.flower_processes import flwr_json
-from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
+from fedinterest.server.flower_processes import SuperLinkNotReady
+from fedinterest.server.superlink import require_ready, superlink_env
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The curves Flower's node authentication accepts (NIST P-curves).

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX, METRIC_KEYS, NDCG_10
 from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 if TYPE_CHECKING:
     from fedinterest.server.deployment import Deployment
-    from fedinterest.server.run_metrics import RoundRow
+    from fedinterest.common.run_files import RoundRow
 
 app = typer.Typer(
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
@@ -45,7 +46,7 @@ def _errors(*extra: type[Exception]) -> Iterator[None]:
     from fedinterest.server.deployment import DeploymentError
     from fedinterest.server.enrollment import EnrollmentError
     from fedinterest.server.run_admin import RunError
-    from fedinterest.server.superlink import SuperLinkNotReady
+    from fedinterest.server.flower_processes import SuperLinkNotReady
 
     try:
         yield
@@ -264,7 +265,7 @@ def run(
 
 def _echo_round(row: RoundRow) -> None:
     """One line per finished round, as `run --wait` follows the run."""
-    shown = ", ".join(f"{k} {row.number(k):.4g}" for k in ("train_loss", "epsilon_max", "ndcg@10") if row.number(k) is not None)
+    shown = ", ".join(f"{k} {row.number(k):.4g}" for k in ("train_loss", "epsilon_max", NDCG_10) if row.number(k) is not None)
     typer.echo(
         f"round {row.round}: {row.get('answered')} of {row.get('sampled')} devices answered, {row.get('refused')} refused, "
         f"{row.get('failed')} failed, {row.get('rejected')} rejected" + (f"; {shown}" if shown else "; no update aggregated")
@@ -299,7 +300,7 @@ def _echo_state(state: dict[str, Any]) -> None:
     )
     latest = state["latest_round"]
     if latest:
-        shown = {k: latest.get(k) for k in ("train_loss", "hr@10", "ndcg@10") if latest.get(k) is not None}
+        shown = {k: latest.get(k) for k in ("train_loss", *METRIC_KEYS) if latest.get(k) is not None}
         typer.echo(f"  latest round {latest.get('round')}: " + (", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "no metrics"))
     privacy = state["privacy"]
     if privacy["dp"]:
@@ -315,7 +316,7 @@ def _echo_state(state: dict[str, Any]) -> None:
     popular = (state.get("popularity_baseline") or {}).get("popularity_test")
     if popular:
         typer.echo("  popularity baseline (test, on the catalogue's source data, not the devices'): "
-                   + ", ".join(f"{k} {popular[k]:.4g}" for k in ("hr@10", "ndcg@10") if k in popular))
+                   + ", ".join(f"{k} {popular[k]:.4g}" for k in METRIC_KEYS if k in popular))
     for reason in state.get("device_reasons") or []:
         typer.echo(f"  {reason}")
 
@@ -373,7 +374,7 @@ def export_(
     card = result["card"]["privacy"]
     typer.echo(f"Wrote {result['bundle']} ({result['bytes']} bytes, sha256 {result['sha256']})")
     typer.echo(f"  run {result['run_id']} ({result['run']}), global model after round {result['round']}")
-    typer.echo(f"  privacy: device epsilon max {_number(card['device_epsilon_max'], '-')} at delta {card['delta']:g} ({'DP-SGD on' if card['dp'] else 'DP off'})")
+    typer.echo(f"  privacy: device epsilon max {_number(card[DEVICE_EPSILON_MAX], '-')} at delta {card['delta']:g} ({'DP-SGD on' if card['dp'] else 'DP off'})")
 
 
 @app.command()

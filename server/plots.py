@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from fedinterest.common.run_files import NDCG_10
+
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,7 +50,7 @@ def _save(plt, fig, ax, path: Path, empty: bool, empty_text: str) -> Path:  # no
 def plot_ndcg(rows: Sequence[_Row], path: Path, final_test: float | None = None, baseline: float | None = None) -> Path:
     """Validation NDCG@10 of the global model against the server round."""
     plt, fig, ax = _figure()
-    x, y = _series(rows, "ndcg@10")
+    x, y = _series(rows, NDCG_10)
     if x:
         ax.plot(x, y, marker="o", label="validation NDCG@10 (rounds it was measured)")
     if final_test is not None and math.isfinite(final_test) and rows:

@@ -73,6 +73,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FINAL_FILE, METRIC_KEYS
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.wire import ARRAYS, CLIP_NORM, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND
@@ -85,14 +86,12 @@ from fedinterest.server.popularity_prior import prior_for_run, prior_summary
 from fedinterest.server.privacy_tally import PrivacyTally
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
 from fedinterest.server.secure_rounds import secure_train_round
-from fedinterest.server.run_rows import METRICS_FILE, ROW_FIELDS, append_round, metrics_row, read_metrics, reconcile, timing_row
+from fedinterest.server.run_rows import append_round, metrics_row, reconcile, timing_row
 from fedinterest.server.strategies import build_strategy, fit_sampling, load_strategy_state, strategy_state
 from fedinterest.server.user_privacy import UserLevelAccountant, noised_mean_update, settings_of
 
 LOG = logging.getLogger("flwr.fedinterest")  # a child of Flower's logger: shown in its run log
 
-FINAL_FILE = "final.json"
-__all__ = ["FINAL_FILE", "METRICS_FILE", "ROW_FIELDS", "read_metrics", "run", "wait_for_nodes"]
 # Stop waiting for more nodes once the registered count has not moved for this long.
 SETTLE_SECONDS = 15.0
 COUNT_KEYS = ("sampled", "answered", "refused", "failed", "rejected", "empty", "aggregated", "rounds_without_update")
@@ -220,7 +219,7 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
         final["popularity_prior"] = prior_summary(best.get("prior_weight"))
     atomic_write_text(run_dir / FINAL_FILE, json.dumps(final, indent=2, allow_nan=False) + "\n")
     # A deployment's devices may share no metrics (run-config share-metrics): then they are None.
-    shown = " ".join(f"{key} {test[key]:.4f}" for key in ("hr@10", "ndcg@10") if test.get(key) is not None) or "no metrics shared"
+    shown = " ".join(f"{key} {test[key]:.4f}" for key in METRIC_KEYS if test.get(key) is not None) or "no metrics shared"
     LOG.info("fedinterest: done after round %d: test %s; %s", final_round, shown, run_dir / FINAL_FILE)
     return final
 

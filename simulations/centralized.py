@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from fedinterest.common.run_files import NDCG_10
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.item_attributes import item_attribute_rows
@@ -113,7 +114,7 @@ def train_centralized(
         loss, _ = train_epoch(model, batches, optimizer, loss_fn)
         valid_ndcg = None
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid_ndcg = summarize(model_ranks(model, split.users, "valid"))["ndcg@10"]
+            valid_ndcg = summarize(model_ranks(model, split.users, "valid"))[NDCG_10]
             if valid_ndcg > best_ndcg:
                 best_ndcg, best_epoch, best_state, stale = valid_ndcg, epoch, copy.deepcopy(model.state_dict()), 0
             else:

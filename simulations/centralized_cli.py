@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10
 from fedinterest.common.interactions import DataFormatError
 from fedinterest.common.model_config import ModelConfig
 from fedinterest.common.split import LeaveOneOut
@@ -123,8 +124,8 @@ def centralized(
     console.print(f"results in {run_dir}")
     t, p = payload["test"], payload["popularity_test"]
     typer.echo(f"{'method':<12} {'HR@10':>7} {'NDCG@10':>8} {'NDCG@20':>8} {'MRR':>7}")
-    typer.echo(f"{'sasrec':<12} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['ndcg@20']:>8.4f} {t['mrr']:>7.4f}")
-    typer.echo(f"{'popularity':<12} {p['hr@10']:>7.4f} {p['ndcg@10']:>8.4f} {p['ndcg@20']:>8.4f} {p['mrr']:>7.4f}")
+    typer.echo(f"{'sasrec':<12} {t[HIT_RATE_10]:>7.4f} {t[NDCG_10]:>8.4f} {t['ndcg@20']:>8.4f} {t['mrr']:>7.4f}")
+    typer.echo(f"{'popularity':<12} {p[HIT_RATE_10]:>7.4f} {p[NDCG_10]:>8.4f} {p['ndcg@20']:>8.4f} {p['mrr']:>7.4f}")
     typer.echo(
         f"trained {payload['epochs_run']} epochs in {payload['train_seconds']:.0f} s "
         f"(best epoch {payload['best_epoch']}; stopped: {payload['stopped_because']})"

@@ -12,16 +12,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedinterest.common.interactions import DataFormatError
-from fedinterest.simulations.simulate import (
-    PreparedRun,
-    RoundRow,
-    SimulationConfigError,
-    SimulationFailed,
-    SimulationResult,
-    resolve_config,
-    resume_config,
-    run_simulation,
-)
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RoundRow
+from fedinterest.simulations.flower_run import SimulationFailed
+from fedinterest.simulations.run_directory import PreparedRun
+from fedinterest.simulations.simulate import SimulationResult, run_simulation
+from fedinterest.simulations.simulation_config import SimulationConfigError, resolve_config, resume_config
 
 
 def simulate(
@@ -129,7 +124,7 @@ def round_status(row: RoundRow) -> str:
     if failed:
         devices += f" failed/rejected {failed}"
     line = (
-        f"{devices} | loss {num('train_loss', '.4f')} | NDCG@10 {num('ndcg@10', '.4f')} | "
+        f"{devices} | loss {num('train_loss', '.4f')} | NDCG@10 {num(NDCG_10, '.4f')} | "
         f"eps max {num('epsilon_max', '.3g')} mean {num('epsilon_mean', '.3g')}"
     )
     return line + (f" | user eps {num('user_epsilon', '.3g')}" if row.number("user_epsilon") is not None else "")
@@ -144,7 +139,7 @@ def print_table(result: SimulationResult) -> None:
     """The final table: quality of the global model, device epsilon, wall time."""
     s = result.summary
     typer.echo(f"results in {result.run_dir}")
-    keys = ("hr@10", "ndcg@10", "ndcg@20", "mrr")
+    keys = (HIT_RATE_10, NDCG_10, "ndcg@20", "mrr")
     typer.echo(f"{'split':<8}" + "".join(f"{k.upper() if k != 'mrr' else 'MRR':>9}" for k in keys))
     for split in ("valid", "test"):
         metrics = s[split]

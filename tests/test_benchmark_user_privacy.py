@@ -4,7 +4,7 @@ what sigma is calibrated to and the budget the server enforces."""
 from __future__ import annotations
 
 from fedinterest.benchmarks.user_privacy import overrides
-from fedinterest.simulations.simulate import resolve_config
+from fedinterest.simulations.simulation_config import resolve_config
 from fedinterest.benchmarks import federated
 
 

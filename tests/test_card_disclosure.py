@@ -17,6 +17,7 @@ import pytest
 
 from reply_helpers import deployed_device
 
+from fedinterest.common.run_files import FinalReport
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common import wire
 from fedinterest.server import checkpoint as ckpt
@@ -43,7 +44,7 @@ def _card(tmp_path: Path, **changes) -> dict:
     cfg = dataclasses.replace(RUN, run_dir=str(tmp_path), **changes)
     final = run(ScriptedGrid({n: deployed_device(epsilon=3.0) for n in range(1, 7)}), cfg)
     record = {"run_id": 99, "submitted_at": "2026-01-01T00:00:00+00:00", "run_config": cfg.to_flower(), "catalogue_sha256": "0" * 64}
-    return model_card(None, tmp_path, record, final, ckpt.latest(tmp_path).round, "completed")
+    return model_card(None, tmp_path, record, FinalReport(final), ckpt.latest(tmp_path).round, "completed")
 
 
 @pytest.mark.parametrize("layers", ["1", "1+2"])

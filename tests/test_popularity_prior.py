@@ -26,7 +26,8 @@ from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, NUM_USERS, POPULARI
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.popularity_prior import PRIOR_FILE, release_counts
-from fedinterest.server.rounds import FINAL_FILE, run
+from fedinterest.common.run_files import FINAL_FILE
+from fedinterest.server.rounds import run
 from fedinterest.server.cohort import Cohort, NodeShard
 from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant
 from fedinterest.simulations.cli import app

@@ -187,7 +187,7 @@ def test_overrides_reuse_the_federated_variants() -> None:
 
 
 def test_layers_1_and_2_overrides_are_a_valid_simulation_config() -> None:
-    from fedinterest.simulations.simulate import resolve_config
+    from fedinterest.simulations.simulation_config import resolve_config
 
     overrides = audit.overrides_for("layers-1+2", members=50, rounds=10, clients_per_round=10)
     config = resolve_config(audit.CONFIGS / "ml-100k.toml", overrides)

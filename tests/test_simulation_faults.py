@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fedinterest.simulations.cli import app
-from fedinterest.simulations.simulate import ledger_epsilons
+from fedinterest.simulations.privacy_report import ledger_epsilons
 from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 
 runner = CliRunner()
