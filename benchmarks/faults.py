@@ -23,8 +23,7 @@ from pathlib import Path
 
 from fedinterest.benchmarks.federated import VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish, store_result
-from fedinterest.server.rounds import FINAL_FILE
-from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
+from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 

@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 
 from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish, store_result
-from fedinterest.server.rounds import FINAL_FILE
-from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
+from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import parse_overrides, resolve_config
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from fedinterest.common.run_files import METRICS_FILE, RESOLVED_JSON, read_jsonl
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, RESOLVED_JSON, read_jsonl
 from fedinterest.benchmarks import cohort_speed
 from fedinterest.benchmarks.federated import CONFIGS, DATASETS, VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish
@@ -40,7 +40,6 @@ from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_training import train_locally
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
-from fedinterest.server.rounds import FINAL_FILE
 from fedinterest.server.simulation_dispatch import SWITCH
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config

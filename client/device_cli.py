@@ -25,7 +25,8 @@ from fedinterest.client.budget import privacy_budget
 from fedinterest.client.device_dir import init_device_dir, open_device_dir
 from fedinterest.client.personalization_settings import DEFAULT_STEPS, PersonalizationSettings
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
+from fedinterest.common.column_values import ColumnMap
+from fedinterest.common.interaction_loader import ALL_FORMATS
 
 app = typer.Typer(
     help="Run fedinterest on a device: local store, federation client, local ranking.",

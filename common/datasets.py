@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.filters import apply_filters
+from fedinterest.common.interaction_loader import ALL_FORMATS, load_interactions
 from fedinterest.common.interactions import SequenceDataset, to_sequences
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions
 from fedinterest.common.split import LeaveOneOut, leave_one_out
 from fedinterest.common.synthetic import PlantedTruth, SyntheticConfig, generate
 

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from fedinterest.common.catalogue import write_catalogue
-from fedinterest.common.loaders import ColumnMap, load_interactions
+from fedinterest.common.column_values import ColumnMap
+from fedinterest.common.interaction_loader import load_interactions
 from fedinterest.common.serialization import atomic_write_text
 
 POPULARITY_SUFFIX = ".popularity.json"

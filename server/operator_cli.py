@@ -125,7 +125,8 @@ def catalogue(
     """Build the item catalogue from an interactions file, most popular item first, with its popularity baseline beside it.
 
     Devices without a model rank by this order; `status` and `report` show the baseline."""
-    from fedinterest.common.loaders import GENERIC_FORMATS, ColumnMap, suffix_format
+    from fedinterest.common.column_values import ColumnMap
+    from fedinterest.common.table_loader import GENERIC_FORMATS, suffix_format
     from fedinterest.server.catalogue_build import build_catalogue
 
     with _errors(ValueError, FileExistsError, FileNotFoundError):

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.datasets import DATASET_KINDS, SYNTHETIC, DatasetSpec
-from fedinterest.common.loaders import ColumnMap
 from fedinterest.common.synthetic import SyntheticConfig
 
 DatasetOpt = Annotated[str, typer.Option("--dataset", help=f"One of: {', '.join(DATASET_KINDS)}.")]
