@@ -1,4 +1,4 @@
-"""`server report`: a run's plots (server/plots.py) and a summary table, from its run directory."""
+"""`server report`: a run's plots (common/run_plots.py) and a summary table, from its run directory."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from fedinterest.common.run_files import (
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.deployment import Deployment
-from fedinterest.server.plots import plot_epsilon, plot_ndcg
+from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 from fedinterest.server.run_admin import find_run, read_record
 from fedinterest.server.run_outcome import outcome
 

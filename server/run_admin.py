@@ -37,7 +37,7 @@ from fedinterest.server.flower_processes import (
 )
 from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.run_outcome import outcome
-from fedinterest.server.run_overrides import flat_toml, parse_set_items
+from fedinterest.common.run_overrides import flat_toml, parse_set_items
 from fedinterest.server.flower_processes import SuperLinkNotReady
 from fedinterest.server.superlink import require_ready, superlink_env
 

@@ -23,7 +23,7 @@ from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.flower_processes import (
     ANSI, COMPLETED, SuperLinkNotReady, SuperLinkProcess, executable, flower_env, free_port, log_tail, run_status, stop_run,
 )
-from fedinterest.server.run_overrides import flat_toml
+from fedinterest.common.run_overrides import flat_toml
 from fedinterest.simulations.run_directory import PreparedRun
 from fedinterest.simulations.runs import write_json
 from fedinterest.simulations.simulation_config import project_dir

@@ -13,7 +13,7 @@ from typing import Any
 from fedinterest.common.datasets import SYNTHETIC
 from fedinterest.common.run_files import FLWR_HOME_DIR, RESOLVED_JSON, RESOLVED_TOML
 from fedinterest.common.serialization import atomic_write_text
-from fedinterest.server.run_overrides import toml_value
+from fedinterest.common.run_overrides import toml_value
 from fedinterest.simulations.provenance import git_commit, machine
 from fedinterest.simulations.runs import new_run_dir, write_json
 from fedinterest.simulations.simulation_config import (

@@ -72,7 +72,7 @@ def private_popularity_test(run: RunConfig, user_level: Any) -> dict[str, Any] |
 
 def write_report(config: SimulationConfig, run_dir: Path, wall_seconds: float) -> tuple[list[RoundRow], FinalReport, dict[str, Any], dict[str, Any]]:
     """privacy_report.json/.md and the plots of a completed run; (rows, final, privacy, summary)."""
-    from fedinterest.server.plots import plot_epsilon, plot_ndcg
+    from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 
     rows = read_rows(run_dir)
     final = FinalReport.read(run_dir)

@@ -27,7 +27,7 @@ import fedinterest.simulations
 from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RESUME_OVERRIDABLE, RunConfig, keys_with
 from fedinterest.common.run_files import RESOLVED_JSON
-from fedinterest.server.run_overrides import parse_set_items
+from fedinterest.common.run_overrides import parse_set_items
 
 RUN_TABLE = "run"
 # Run keys naming files: relative to the config file (in it) or to the current directory (--set).

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from fedinterest.common.run_config import RunConfig
 import fedinterest.simulations
 from fedinterest.server.flower_processes import OFFLINE_ENV, flower_env, last_exception
-from fedinterest.server.run_overrides import flat_toml, toml_value
+from fedinterest.common.run_overrides import flat_toml, toml_value
 from fedinterest.simulations.flower_run import SimulationFailed, write_flower_config
 from fedinterest.simulations.privacy_report import privacy_markdown, privacy_report
 from fedinterest.simulations.run_directory import prepare_run
@@ -249,7 +249,7 @@ def test_privacy_report_and_plots(tmp_path: Path) -> None:
     markdown = privacy_markdown(report)
     assert "| 3 | 3 | 2 | 1.4 | 1 | 1 |" in markdown and "delta" in markdown
 
-    from fedinterest.simulations.plots import plot_epsilon, plot_ndcg
+    from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 
     for path in (plot_ndcg(rows, tmp_path / "ndcg.png", final_test=0.12), plot_epsilon(rows, tmp_path / "eps.png", budget=4.0)):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
