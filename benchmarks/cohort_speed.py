@@ -45,8 +45,8 @@ from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
-from fedinterest.server.rounds import round_seed
 from fedinterest.server import simulation_dispatch
+from fedinterest.server.rounds import round_seed
 from fedinterest.server.run_metrics import read_rows
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict, DEFAULT_TTL
+from flwr.app import DEFAULT_TTL, ConfigRecord, Message, Metadata, RecordDict
 
 from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.client.app import app

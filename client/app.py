@@ -17,20 +17,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from fedinterest.client.data_source import DeviceData, load_device_data
-from fedinterest.client.device_errors import MessageError, reported_errors
-from fedinterest.client.device_logging import drop_opacus_root_handler, refusal_reason
-from fedinterest.client.faults import act_out, requested_fault
-from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
-from fedinterest.client.local_models import save_global_model
-from fedinterest.client.privacy_policy import run_for_device
-from fedinterest.client.secure_contribution import contribution, fit_instructions, is_secure, masked_fit_reply, protocol_min_survivors, secure_aggregation_mod
-from fedinterest.client.shard_training import refused_round, train_shard
-from fedinterest.client.warm_node import fresh_model, node_ledger
-from fedinterest.common import wire
-from fedinterest.common.model import InterestModel
-from fedinterest.common.popularity import user_count_vector
-from fedinterest.common.run_config import RunConfig
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -41,6 +27,28 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+
+from fedinterest.client.data_source import DeviceData, load_device_data
+from fedinterest.client.device_errors import MessageError, reported_errors
+from fedinterest.client.device_logging import drop_opacus_root_handler, refusal_reason
+from fedinterest.client.faults import act_out, requested_fault
+from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
+from fedinterest.client.local_models import save_global_model
+from fedinterest.client.privacy_policy import run_for_device
+from fedinterest.client.secure_contribution import (
+    contribution,
+    fit_instructions,
+    is_secure,
+    masked_fit_reply,
+    protocol_min_survivors,
+    secure_aggregation_mod,
+)
+from fedinterest.client.shard_training import refused_round, train_shard
+from fedinterest.client.warm_node import fresh_model, node_ledger
+from fedinterest.common import wire
+from fedinterest.common.model import InterestModel
+from fedinterest.common.popularity import user_count_vector
+from fedinterest.common.run_config import RunConfig
 
 app = ClientApp()
 LOG = logging.getLogger("flwr.fedinterest")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedinterest.client.sqlite_transaction import write_transaction
 from fedinterest.common.catalogue import Catalogue
 

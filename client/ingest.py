@@ -17,7 +17,6 @@ from fedinterest.common.interactions import DataFormatError
 from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions, suffix_format
 
 
-
 def infer_format(path: str | Path) -> str:
     """The format a file's suffix names; ValueError asking for --format otherwise."""
     fmt = suffix_format(path)

@@ -46,9 +46,9 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedinterest.client.sqlite_transaction import write_transaction
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # Flower and Opacus (with torch) only where used: `device budget` of a fresh device needs neither
     from flwr.app import RecordDict

@@ -26,10 +26,9 @@ both pass the check; a round that then fails stays charged (over-, never under-c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +37,12 @@ from opacus import PrivacyEngine
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from fedinterest.client import opacus_layers  # noqa: F401 -- registers ItemBias's per-sample gradient with Opacus
+from fedinterest.client.ledger import Charge, LedgerEntry, PrivacyLedger
 from fedinterest.common.examples import training_windows
 from fedinterest.common.model import InterestModel, sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
-from fedinterest.client import opacus_layers  # noqa: F401 -- registers ItemBias's per-sample gradient with Opacus
-from fedinterest.client.ledger import Charge, LedgerEntry, PrivacyLedger
 
 
 @dataclass(frozen=True)

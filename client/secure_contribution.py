@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import secrets
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict

@@ -42,7 +42,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "elapsed_seconds": checkpoint.elapsed_seconds,
         "metrics_row": checkpoint.metrics_row,
         "best": checkpoint.best,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _commit_manifest(directory, manifest)
     _remove_stale(directory, keep={weights, state_name})

@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from fedinterest.common.wire import ARRAYS, CONFIG, SIMULATED_FAULT
 from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedinterest.common.wire import ARRAYS, CONFIG, SIMULATED_FAULT
 
 
 def pick_faulty(node_ids: Sequence[int], fraction: float, seed: int, server_round: int) -> list[int]:

@@ -32,7 +32,16 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedinterest.common.wire import (
-    ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, SHARED_TRAIN_METRICS, TRAIN_LOSS, TRAIN_REPLY_METRICS, UNCLIPPED_USERS,
+    ARRAYS,
+    EPSILON,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_USERS,
+    REFUSED,
+    SHARED_TRAIN_METRICS,
+    TRAIN_LOSS,
+    TRAIN_REPLY_METRICS,
+    UNCLIPPED_USERS,
 )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,7 @@ def timing_row(server_round: int, seconds: float, phases: dict[str, float] | Non
     phases = phases or {}
     row = {"round": server_round, "seconds": round(seconds, 3)}
     row |= {f"{name}_seconds": round(phases[name], 3) if name in phases else None for name in ("devices", "evaluation", "checkpoint")}
-    row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    row["time"] = datetime.now(UTC).isoformat(timespec="seconds")
     assert tuple(row) == TIMING_FIELDS
     return row
 

@@ -51,10 +51,10 @@ from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.cohort import Cohort
 from fedinterest.server.evaluation import arrays_from_numpy, arrays_to_numpy
 from fedinterest.server.faults import pick_faulty
-from fedinterest.server.strategies import fit_sampling
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.reply_checks import CheckedReply, ReplyKind, RoundReplies, check_masked_reply
-from fedinterest.server.secure_plan import SecureRoundPlan, plan_round
+from fedinterest.server.secure_plan import plan_round
+from fedinterest.server.strategies import fit_sampling
 from fedinterest.server.user_privacy import UserLevelAccountant
 
 LOG = logging.getLogger("flwr.fedinterest")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import signal
 import ssl
-import sys
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from fedinterest.server.deployment import Deployment, write_flower_connection
-from fedinterest.server.flower_processes import executable, flower_env
+from fedinterest.server.flower_processes import flower_env
 
 
 class SuperLinkNotReady(RuntimeError):

@@ -13,12 +13,12 @@ import torch
 
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.evaluation import model_ranks
-from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.examples import bucketed_batches, stack_windows
+from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel, ModelConfig, packed_sequence_loss, sampled_sequence_loss
-from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.serialization import save_model
+from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.training import train_epoch
 from fedinterest.simulations.baselines import popularity_ranks
 from fedinterest.simulations.provenance import git_commit, machine

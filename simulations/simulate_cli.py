@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -26,17 +26,17 @@ from fedinterest.simulations.simulate import (
 
 def simulate(
     config: Annotated[
-        Optional[Path], typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
+        Path | None, typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
     ] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override a key, e.g. --set noise-multiplier=0.5 --set dataset=ml-100k (repeatable)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
-    timeout_minutes: Annotated[Optional[float], typer.Option(help="Stop the run and fail after this many minutes.")] = None,
+    timeout_minutes: Annotated[float | None, typer.Option(help="Stop the run and fail after this many minutes.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     resume: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Resume an interrupted run directory in place, with its resolved config (instead of CONFIG)."),
     ] = None,
 ) -> None:

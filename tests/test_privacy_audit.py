@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from fedinterest.benchmarks import privacy_audit as audit
+from fedinterest.common.examples import training_windows
 from fedinterest.common.interactions import SequenceDataset
 from fedinterest.common.model import InterestModel, ModelConfig, sequence_loss
 from fedinterest.common.split import UserSplit, leave_one_out
-from fedinterest.common.examples import training_windows
-
 
 # --------------------------------------------------------------------------- AUC
 

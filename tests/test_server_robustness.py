@@ -8,15 +8,16 @@ import logging
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from scripted_grid import ScriptedGrid, as_server_task
+from test_server_rounds import broken, config, metrics, trainer
+
 from fedinterest.common.datasets import load_split
 from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, SIMULATED_FAULT
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
 from fedinterest.server.rounds import FINAL_FILE, METRICS_FILE, read_metrics, run
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
-from scripted_grid import ScriptedGrid, as_server_task
-from test_server_rounds import broken, config, metrics, trainer
 
 HONEST = (1, 2, 3, 4)
 POISON = 100.0  # added to every weight: finite, well formed, passes every check but the norm bound
