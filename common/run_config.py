@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.item_attributes import item_attribute_rows
@@ -358,7 +359,7 @@ class RunConfig:
         unknown = sorted((str(k) for k in set(run_config) - set(by_key)), key=str)  # keys of any type, never a TypeError
         if unknown:
             raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(by_key)}")
-        values = {}
+        values: dict[str, Any] = {}
         for key, value in run_config.items():
             field = by_key[key]
             expected = type(getattr(cls, field.name))
