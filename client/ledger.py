@@ -116,6 +116,8 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
 class PrivacyLedger:
     """The accountant history of one device, persisted in SQLite (see the module docstring)."""
 
+    _view: bool  # True on the views for_user makes (which close nothing); unset on the owner
+
     def __init__(self, db_path: str | Path, user: str = DEVICE_USER) -> None:
         """Open (creating if needed) the ledger in the SQLite file `db_path`, or ":memory:";
         the single-user methods read and write the account of `user`."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -63,7 +63,7 @@ def centralized(
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, max_minutes=max_minutes, seed=seed,
             loss=loss, negatives=negatives,
         )
-        model_options = dict(
+        model_options: dict[str, Any] = dict(
             max_len=max_len, dim=dim, num_blocks=blocks, num_heads=heads, dropout=dropout, item_vectors=item_vectors, tie_item_vectors=tie_item_vectors,
         )
         if (item_vectors == "attributes") != (item_attributes is not None):
