@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.deployment_load import RUN_SETTINGS
 from fedinterest.benchmarks.loopback_federation import Device, Federation, federation
@@ -134,7 +135,7 @@ def measure(devices: int, rounds: int, pairs: int, work: Path) -> dict:
 
 def summary(result: dict) -> dict[str, dict]:
     """Per aggregation: the mean per round of every figure over the runs' rounds, and their count."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for aggregation in AGGREGATIONS:
         runs = [run["rounds"] for run in result["runs"] if run["aggregation"] == aggregation]
         rounds = [r for run in runs for r in run]

@@ -92,8 +92,10 @@ def local_training_seconds(dataset: str, rounds: int, users: int = 50) -> float:
         device = load_device_data({"partition-id": partition}, run)
         model = InterestModel(run.model_config(device.num_items))
         model.load_state_dict(global_state)
+        user = device.user
+        assert user is not None  # the simulated partitions measured each hold a user
         start = time.perf_counter()
-        train_locally(model=model, train_history=device.user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
+        train_locally(model=model, train_history=user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
         seconds.append(time.perf_counter() - start)
     return statistics.mean(seconds[1:])
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def _copy_parameters(model: InterestModel) -> InterestModel:
     """A copy with its own storage for every parameter. Shared, because never written to: the buffers
     (the constant item -> attribute tables; torch cannot deep-copy their sparse CSR one) and the frozen
     config (copying its per-item attribute rows took most of the time)."""
-    shared = {id(buffer): buffer for buffer in model.buffers()}
+    shared: dict[int, Any] = {id(buffer): buffer for buffer in model.buffers()}
     shared[id(model.config)] = model.config
     return copy.deepcopy(model, memo=shared).eval()
 

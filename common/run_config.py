@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from flwr.app import UserConfig
+
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.model_config import ITEM_VECTORS, ModelConfig
@@ -372,7 +374,7 @@ class RunConfig:
             values[field.name] = value
         return cls(**values)
 
-    def to_flower(self) -> dict[str, object]:
+    def to_flower(self) -> UserConfig:
         """The kebab-case mapping Flower carries (inverse of `from_flower`)."""
         return {_key(name): value for name, value in asdict(self).items()}
 

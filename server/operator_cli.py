@@ -47,9 +47,10 @@ def _errors(*extra: type[Exception]) -> Iterator[None]:
     from fedinterest.server.run_admin import RunError
     from fedinterest.server.superlink import SuperLinkNotReady
 
+    known: tuple[type[Exception], ...] = (DeploymentError, CertificateError, EnrollmentError, RunError, CheckpointError, SuperLinkNotReady, *extra)
     try:
         yield
-    except (DeploymentError, CertificateError, EnrollmentError, RunError, CheckpointError, SuperLinkNotReady, *extra) as err:
+    except known as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 
@@ -84,7 +85,7 @@ def init(
     with _errors():
         deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
         ca = load_certificate(deployment.ca_cert)
-        facts = {
+        facts: dict[str, Any] = {
             "dir": str(deployment.root),
             "config": str(deployment.config_file),
             "ca_certificate": str(deployment.ca_cert),

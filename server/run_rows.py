@@ -71,7 +71,7 @@ def metrics_row(
 def timing_row(server_round: int, seconds: float, phases: dict[str, float] | None = None) -> dict[str, Any]:
     """The timings.jsonl row of one round (exactly TIMING_FIELDS); `phases`: devices, evaluation, checkpoint seconds."""
     phases = phases or {}
-    row = {"round": server_round, "seconds": round(seconds, 3)}
+    row: dict[str, Any] = {"round": server_round, "seconds": round(seconds, 3)}
     row |= {f"{name}_seconds": round(phases[name], 3) if name in phases else None for name in ("devices", "evaluation", "checkpoint")}
     row["time"] = datetime.now(UTC).isoformat(timespec="seconds")
     assert tuple(row) == TIMING_FIELDS

@@ -48,7 +48,11 @@ def simulate(
     try:
         if (config is None) == (resume is None):
             raise SimulationConfigError("give either CONFIG (a new run) or --resume RUN_DIR (continue one), not both or neither")
-        resolved = resolve_config(config, overrides) if config is not None else resume_config(resume, overrides)
+        if config is not None:
+            resolved = resolve_config(config, overrides)
+        else:
+            assert resume is not None  # exactly one of the two, checked just above
+            resolved = resume_config(resume, overrides)
     except SimulationConfigError as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from err
