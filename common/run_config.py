@@ -10,14 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
-
-from flwr.app import UserConfig
+from typing import TYPE_CHECKING, Any
 
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.model_config import ITEM_VECTORS, ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
+
+if TYPE_CHECKING:  # the annotation only: this module itself does not import Flower
+    from flwr.app import UserConfig
 
 # Integers beyond this are typos or attacks, never settings (and would overflow numpy/torch).
 MAX_INT = 2**31 - 1
