@@ -44,10 +44,10 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import RESOLVED_JSON, RoundRow, read_rows
 from fedinterest.common.training import train_epoch
-from fedinterest.server.rounds import round_seed
 from fedinterest.server import simulation_dispatch
-from fedinterest.common.run_files import RESOLVED_JSON, read_rows
+from fedinterest.server.rounds import round_seed
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 
@@ -116,7 +116,7 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     load_after_simulation = os.getloadavg()[0]
     rows = read_rows(result.run_dir)
-    seconds = [row.number("seconds") for row in rows]
+    seconds = [_seconds(row) for row in rows]
     per_round = statistics.median(seconds[1:-1] or seconds)
     measured = [row.round for row in rows][1:-1] or [row.round for row in rows]
     floor = floor_seconds_per_user(config.run, measured)
@@ -271,3 +271,10 @@ def parse_case(text: str) -> Case:
     except ValueError as err:
         raise ValueError(f"case {text!r}: users per node must be a number or 'half', cohort and population numbers") from err
 
+
+def _seconds(row: RoundRow) -> float:
+    """The round's seconds (timings.jsonl), which every round the ServerApp finished has."""
+    seconds = row.number("seconds")
+    if seconds is None:
+        raise ValueError(f"round {row.round} has no seconds in its timings")
+    return seconds

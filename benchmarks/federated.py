@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish, store_result
 from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
@@ -77,7 +78,7 @@ VARIANTS: dict[str, list[str]] = {
 def variant_of(overrides: list[str]) -> str:
     """The variant whose overrides a run used: its noise multiplier, then its strategy if not FedAvg."""
     settings = parse_overrides(overrides)  # as `fedinterest simulate` reads them: a later --set wins
-    noise = settings.get("noise-multiplier")
+    noise: Any = settings.get("noise-multiplier")  # a TOML literal; float() reads the numbers
     if noise is None:
         base = "config-default"
     else:

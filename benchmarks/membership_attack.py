@@ -8,19 +8,20 @@ how the audited models are trained.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedinterest.common.run_files import NDCG_10
 from fedinterest.common.constants import PAD_ID
 from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.examples import training_windows
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel
+from fedinterest.common.run_files import NDCG_10
 from fedinterest.common.split import LeaveOneOut, UserSplit
 
 

@@ -35,7 +35,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from fedinterest.common.run_files import CHECKPOINT_DIR, RESOLVED_JSON
 from fedinterest.benchmarks.report import publish
 from fedinterest.client.personalization import PersonalizationSettings, adaptation_path
 from fedinterest.common.datasets import load_split
@@ -43,6 +42,8 @@ from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import hit_rate, ndcg
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import CHECKPOINT_DIR, RESOLVED_JSON
+from fedinterest.common.split import LeaveOneOut
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
@@ -62,7 +63,7 @@ def _commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
-def load_global_model(run_dir: Path, checkpoint: str) -> tuple[InterestModel, object]:
+def load_global_model(run_dir: Path, checkpoint: str) -> tuple[InterestModel, LeaveOneOut]:
     """The run's global model (as server/evaluation.py builds it) and its leave-one-out split."""
     run = RunConfig.from_flower(json.loads((run_dir / RESOLVED_JSON).read_text(encoding="utf-8"))["run"])
     split = load_split(run.dataset_spec())

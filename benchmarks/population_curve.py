@@ -20,9 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedinterest.common.run_files import NDCG_10
 from fedinterest.benchmarks import federated, user_privacy
 from fedinterest.benchmarks.report import publish, store_result
+from fedinterest.common.run_files import NDCG_10
 from fedinterest.simulations.centralized import CentralizedConfig, run_centralized
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config

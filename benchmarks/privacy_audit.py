@@ -47,8 +47,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from fedinterest.benchmarks.privacy_audit_models import DATASET, MODELS, TARGET_EPSILON, overrides_for
 from fedinterest.benchmarks.privacy_audit_results import store, table

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from fedinterest.common.run_files import NDCG_10
 from fedinterest.benchmarks.privacy_audit_models import DATASET, LABELS, MODELS, TARGET_EPSILON, USER_BUDGET_SLACK
 from fedinterest.benchmarks.report import layer1_epsilon, old_relation_note, store_result
+from fedinterest.common.run_files import NDCG_10
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "privacy_audit"

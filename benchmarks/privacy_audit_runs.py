@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedinterest.common.run_files import DEVICES_DIR, FINAL_FILE, FLWR_LOG, RESOLVED_JSON
 from fedinterest.benchmarks.membership_attack import attack
 from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import DEVICES_DIR, FINAL_FILE, FLWR_LOG, RESOLVED_JSON
 from fedinterest.server import checkpoint as ckpt
 
 _LEDGER = re.compile(r"^partition-(\d+)\.sqlite$")

@@ -16,10 +16,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from fedinterest.common.run_files import HIT_RATE_10, NDCG_10
 from fedinterest.benchmarks.report import publish
 from fedinterest.common.datasets import DatasetSpec
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10
 from fedinterest.simulations.centralized import CentralizedConfig, run_centralized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 # Real datasets as found under the data root (read by path, never copied).
 DATA_FILES = {"ml-100k": ("ml-100k", "ml-100k/u.data"), "ml-1m": ("ml-1m", "ml-1m/ratings_u1-2999.dat")}
 DATASET_LABELS = {"synthetic": "synthetic (600 users)", "ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999"}
-METHODS = {"sasrec": {"loss": "full"}, "sasrec-sampled": {"loss": "sampled", "negatives": 256}}
+METHODS: dict[str, dict[str, Any]] = {"sasrec": {"loss": "full"}, "sasrec-sampled": {"loss": "sampled", "negatives": 256}}
 MODEL_OPTIONS = dict(max_len=200, dim=64, num_blocks=2, num_heads=1, dropout=0.2)
 
 

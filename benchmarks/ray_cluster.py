@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -129,7 +130,7 @@ class LoopbackRayCluster:
         """Until `count` nodes are alive (`ray status` at the cluster's address), else RuntimeError."""
         deadline = time.monotonic() + NODE_START_SECONDS
         while time.monotonic() < deadline:
-            dead = [p.args for p in self.processes if p.poll() is not None]
+            dead = [str(p.args) for p in self.processes if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a Ray node exited while starting: {dead[0]} (logs in {self.root})")
             status = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True, check=False)
@@ -176,7 +177,7 @@ def cluster_facts(address: str) -> dict[str, Any]:
     """The cluster's nodes, and on which nodes the ClientApp actors of finished jobs ran, from its GCS tables."""
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         this_job = ray.get_runtime_context().get_job_id()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fedinterest.common.run_files import DEVICE_EPSILON_MAX
-
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX
 
 # Results measured since issue 13 (defect 1) carry this key: their devices hid their window
 # count. Before, a device's layer-1 epsilon was accounted for adding or removing a window

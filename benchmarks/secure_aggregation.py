@@ -30,10 +30,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict, DEFAULT_TTL
+from flwr.app import DEFAULT_TTL, ConfigRecord, Metadata, RecordDict
+from flwr.app.message import make_message
 
 from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.client.app import app
@@ -43,8 +45,8 @@ from fedinterest.common.run_config import RunConfig
 from fedinterest.server.cohort import survey
 from fedinterest.server.evaluation import arrays_to_numpy, initial_arrays
 from fedinterest.server.reply_checks import ArraySpec
-from fedinterest.server.rounds import train_round
-from fedinterest.server.secure_rounds import secure_train_round
+from fedinterest.server.rounds import RoundResult, train_round
+from fedinterest.server.secure_rounds import SecureRound, secure_train_round
 from fedinterest.server.strategies import build_strategy
 from fedinterest.server.user_privacy import UserLevelAccountant, settings_of
 from fedinterest.simulations.inprocess_grid import InProcessGrid, node_contexts, server_task
@@ -53,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "secure_aggregation"
 SECTION = "secure-aggregation"
 # FedSGD devices on a small synthetic catalogue: the protocol's cost, not training, is measured.
-MODEL = dict(
+MODEL: dict[str, Any] = dict(
     synthetic_items=1000, max_len=20, dim=32, num_blocks=1, dropout=0.0, batch_size=16, local_optimizer="sgd",
     local_lr=1.0, local_epochs=1, noise_multiplier=0.0, round_timeout=600.0, user_clip_norm=1.0, user_delta=1e-3,
 )
@@ -77,6 +79,7 @@ def one_round(config: RunConfig, devices: int) -> dict:
         strategy = build_strategy(config, devices)
         accountant = UserLevelAccountant.start(settings_of(config), cohort.population) if config.user_private else None
         started = time.perf_counter()
+        result: SecureRound | RoundResult
         if config.secure_aggregation:  # what train_round delegates to, called directly for its plan and decoded sum
             result = secure_train_round(grid, strategy, arrays, 1, config, cohort, cohort.assign(range(devices)), accountant)
         else:
@@ -103,7 +106,7 @@ def quantization_error(config: RunConfig, devices: int) -> dict:
             group_id="1", created_at=0.0, ttl=DEFAULT_TTL, message_type="train",
         )
         content = RecordDict({wire.ARRAYS: secure["arrays"], wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1, wire.SHARD_USERS: [0]})})
-        trained = arrays_to_numpy(app(Message(content, metadata=metadata), context).content[wire.ARRAYS])
+        trained = arrays_to_numpy(app(make_message(metadata, content), context).content.array_records[wire.ARRAYS])
         for k in reference:
             reference[k] += trained[k].astype(np.float64) - global_arrays[k]
     errors = np.concatenate([(decoded[k] - reference[k]).ravel() for k in reference])

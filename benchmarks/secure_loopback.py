@@ -36,14 +36,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.deployment_load import RUN_SETTINGS
 from fedinterest.benchmarks.loopback_federation import Device, Federation, federation
 from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.benchmarks.tcp_meter import Counts, Relay
-from fedinterest.common.run_files import TIMINGS_FILE
-from fedinterest.common.run_files import METRICS_FILE
-from fedinterest.common.run_files import read_jsonl
+from fedinterest.common.run_files import METRICS_FILE, TIMINGS_FILE, read_jsonl
 from fedinterest.server.secure_rounds import SECURE_ROUNDS_FILE
 from fedinterest.simulations.provenance import git_commit
 
@@ -135,7 +134,7 @@ def measure(devices: int, rounds: int, pairs: int, work: Path) -> dict:
 
 def summary(result: dict) -> dict[str, dict]:
     """Per aggregation: the mean per round of every figure over the runs' rounds, and their count."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for aggregation in AGGREGATIONS:
         runs = [run["rounds"] for run in result["runs"] if run["aggregation"] == aggregation]
         rounds = [r for run in runs for r in run]

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, RESOLVED_JSON, read_jsonl
 from fedinterest.benchmarks import cohort_speed
 from fedinterest.benchmarks.federated import CONFIGS, DATASETS, VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish
@@ -40,6 +39,7 @@ from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_training import train_locally
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, RESOLVED_JSON, read_jsonl
 from fedinterest.server.simulation_dispatch import SWITCH
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
@@ -93,8 +93,10 @@ def local_training_seconds(dataset: str, rounds: int, users: int = 50) -> float:
         device = load_device_data({"partition-id": partition}, run)
         model = InterestModel(run.model_config(device.num_items))
         model.load_state_dict(global_state)
+        user = device.user
+        assert user is not None  # the simulated partitions measured each hold a user
         start = time.perf_counter()
-        train_locally(model=model, train_history=device.user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
+        train_locally(model=model, train_history=user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
         seconds.append(time.perf_counter() - start)
     return statistics.mean(seconds[1:])
 

@@ -20,9 +20,9 @@ import json
 import sys
 from pathlib import Path
 
-from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RESOLVED_JSON
 from fedinterest.benchmarks import federated
 from fedinterest.benchmarks.report import publish, store_result
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RESOLVED_JSON
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 

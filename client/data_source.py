@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from fedinterest.common.run_files import DEVICES_DIR
 from fedinterest.client.device_store import DeviceStore
 from fedinterest.client.ledger import DEVICE_USER
 from fedinterest.common.constants import MIN_INTERACTIONS_FOR_SPLIT
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.interactions import SequenceDataset
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import DEVICES_DIR
 from fedinterest.common.split import LeaveOneOut, UserSplit, leave_one_out
 
 LOG = logging.getLogger("flwr.fedinterest")

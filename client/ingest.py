@@ -19,7 +19,6 @@ from fedinterest.common.interactions import DataFormatError
 from fedinterest.common.table_loader import suffix_format
 
 
-
 def infer_format(path: str | Path) -> str:
     """The format a file's suffix names; ValueError asking for --format otherwise."""
     fmt = suffix_format(path)

@@ -25,7 +25,6 @@ from fedinterest.common.examples import history_batch
 from fedinterest.common.model import InterestModel, ModelConfig
 
 
-
 class NoModelError(LookupError):
     """The device has neither an installed bundle nor a received global model."""
 

@@ -11,7 +11,7 @@ import math
 import numbers
 from collections import Counter
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,7 @@ def _float_text(s: str) -> float | None:
 def _datetime_seconds(moment: datetime) -> float:
     # A time without zone is taken as UTC, so the result never depends on the machine's zone.
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 

@@ -56,6 +56,7 @@ def load_dataset(spec: DatasetSpec) -> tuple[SequenceDataset, PlantedTruth | Non
     if spec.kind == SYNTHETIC:
         table, truth = generate(spec.synthetic)
     else:
+        assert spec.path is not None  # DatasetSpec requires a path for every kind but synthetic
         table = load_interactions(spec.path, format=spec.kind, columns=spec.columns)
     table, reports = apply_filters(table, rating_threshold=spec.min_rating, core=spec.k_core, min_user_length=spec.min_length)
     dataset = to_sequences(table, spec.label)

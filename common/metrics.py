@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 from fedinterest.common.constants import PAD_ID
+from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 
 
 def target_ranks(scores: torch.Tensor, targets: Sequence[int], seen: Sequence[np.ndarray]) -> np.ndarray:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,8 @@ from fedinterest.common.run_files import DEVICE_EPSILON_MAX, DEVICE_EPSILON_MEAN
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.card_disclosure import OUTSIDE_THE_GUARANTEE
 from fedinterest.server.deployment import Deployment
-from fedinterest.server.flower_processes import run_status
+from fedinterest.server.flower_processes import SuperLinkNotReady, run_status
 from fedinterest.server.run_admin import RunError, find_run, read_record
-from fedinterest.server.flower_processes import SuperLinkNotReady
 from fedinterest.server.superlink import require_ready, superlink_env
 
 CARD_FORMAT = 1
@@ -97,7 +96,7 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
             # The card's fields no guarantee covers (server/card_disclosure.py; docs/privacy.md).
             "outside_the_guarantee": dict(OUTSIDE_THE_GUARANTEE),
         },
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

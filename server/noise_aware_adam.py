@@ -22,6 +22,7 @@ The moments `m_t` / `v_t` are Flower's, so checkpoints keep them as for FedAdam.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -31,7 +32,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 class NoiseAwareFedAdam(FedAdam):
     """Flower's FedAdam with the second moment corrected for a known noise variance."""
 
-    def __init__(self, *args: object, noise_floor: float = 1.0, **kwargs: object) -> None:
+    def __init__(self, *args: Any, noise_floor: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not noise_floor > 0:
             raise ValueError(f"noise_floor must be positive, got {noise_floor}")
@@ -50,6 +51,7 @@ class NoiseAwareFedAdam(FedAdam):
         m_scale, v_scale = 1 - self.beta_1**server_round, 1 - self.beta_2**server_round
         phi = self.noise_variance
         new = {}
+        assert self.current_arrays is not None  # _compute_deltat_and_mt raises without them
         for key, current in self.current_arrays.items():
             v_hat = self.v_t[key] / v_scale
             if phi > 0:

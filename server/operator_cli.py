@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,8 +21,8 @@ from fedinterest.common.run_files import DEVICE_EPSILON_MAX, METRIC_KEYS, NDCG_1
 from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 if TYPE_CHECKING:
-    from fedinterest.server.deployment import Deployment
     from fedinterest.common.run_files import RoundRow
+    from fedinterest.server.deployment import Deployment
 
 app = typer.Typer(
     help="Operate a deployed federation: deployment directory, SuperLink, devices, runs.",
@@ -32,7 +32,7 @@ app = typer.Typer(
 )
 
 DirOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--dir", envvar=ENV_DIR, help=f"The deployment directory (made by `server init`); or set {ENV_DIR}."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -45,12 +45,13 @@ def _errors(*extra: type[Exception]) -> Iterator[None]:
     from fedinterest.server.checkpoint import CheckpointError
     from fedinterest.server.deployment import DeploymentError
     from fedinterest.server.enrollment import EnrollmentError
-    from fedinterest.server.run_admin import RunError
     from fedinterest.server.flower_processes import SuperLinkNotReady
+    from fedinterest.server.run_admin import RunError
 
+    known: tuple[type[Exception], ...] = (DeploymentError, CertificateError, EnrollmentError, RunError, CheckpointError, SuperLinkNotReady, *extra)
     try:
         yield
-    except (DeploymentError, CertificateError, EnrollmentError, RunError, CheckpointError, SuperLinkNotReady, *extra) as err:
+    except known as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
 
@@ -69,10 +70,10 @@ def _print_json(payload: Any) -> None:
 def init(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The deployment directory to create (must not exist, or be empty).")],
     san: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--san", help="An IP address or DNS name devices use to reach the server (repeatable); 127.0.0.1 and localhost are always added."),
     ] = None,
-    catalogue: Annotated[Optional[Path], typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
+    catalogue: Annotated[Path | None, typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on. Default loopback only; "
         "give the interface devices use (or 0.0.0.0) to expose it, Control API included.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port (devices, the operator's flwr commands).")] = DEFAULT_PORT,
@@ -85,7 +86,7 @@ def init(
     with _errors():
         deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
         ca = load_certificate(deployment.ca_cert)
-        facts = {
+        facts: dict[str, Any] = {
             "dir": str(deployment.root),
             "config": str(deployment.config_file),
             "ca_certificate": str(deployment.ca_cert),
@@ -116,7 +117,7 @@ def init(
 def catalogue(
     source: Annotated[Path, typer.Argument(help="An interactions file listing every item (the operator's own log, a product export).")],
     out: Annotated[Path, typer.Option("--out", help="The catalogue to write (give it to `server init --catalogue` and to devices).")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="csv, tsv, jsonl (also .json), parquet, ml-100k, ml-1m, sequences (default: from the suffix).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="csv, tsv, jsonl (also .json), parquet, ml-100k, ml-1m, sequences (default: from the suffix).")] = None,
     user_col: Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")] = "user",
     item_col: Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")] = "item",
     time_col: Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")] = "timestamp",
@@ -228,7 +229,7 @@ def devices(
 @app.command()
 def run(
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override a run default, e.g. --set num-server-rounds=5 --set dim=16 (repeatable)."),
     ] = None,
     directory: DirOption = None,
@@ -324,7 +325,7 @@ def _echo_state(state: dict[str, Any]) -> None:
 
 @app.command()
 def status(
-    run_ref: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="Flower run id or run directory name (default: the latest run).")] = None,
+    run_ref: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Flower run id or run directory name (default: the latest run).")] = None,
     directory: DirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -382,7 +383,7 @@ def export_(
 def report(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Flower run id or run directory name.")],
     directory: DirOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write report.md and the plots (default: the run directory).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write report.md and the plots (default: the run directory).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write a run's plots and summary table (report.md) and print the table."""

@@ -8,13 +8,24 @@ from typing import Any
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.run_files import (
-    DEVICE_EPSILON_MAX, DEVICE_EPSILON_MEAN, EPSILON_MAX, EPSILON_MEAN, EPSILON_PNG, METRIC_KEYS, NDCG_10, NDCG_PNG, REPLY_COUNTS,
-    FinalReport, RoundRow, as_number, read_rows,
+    DEVICE_EPSILON_MAX,
+    DEVICE_EPSILON_MEAN,
+    EPSILON_MAX,
+    EPSILON_MEAN,
+    EPSILON_PNG,
+    METRIC_KEYS,
+    NDCG_10,
+    NDCG_PNG,
+    REPLY_COUNTS,
+    FinalReport,
+    RoundRow,
+    as_number,
+    read_rows,
 )
+from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.deployment import Deployment
-from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 from fedinterest.server.run_admin import find_run, read_record
 from fedinterest.server.run_outcome import outcome
 

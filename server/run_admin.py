@@ -15,14 +15,24 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fedinterest.server
 from fedinterest.common.run_config import DEPLOYED, RunConfig
-from fedinterest.common.run_files import REPLY_COUNTS, RUN_JSON, FinalReport, MetricsFollower, RoundRow, device_epsilon, read_rows
+from fedinterest.common.run_files import (
+    REPLY_COUNTS,
+    RUN_JSON,
+    FinalReport,
+    MetricsFollower,
+    RoundRow,
+    device_epsilon,
+    read_rows,
+)
+from fedinterest.common.run_overrides import flat_toml, parse_set_items
 from fedinterest.common.serialization import atomic_write_text
+from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.deployment import (
     RUN_MANAGED_KEYS,
     Deployment,
@@ -31,14 +41,12 @@ from fedinterest.server.deployment import (
 )
 from fedinterest.server.flower_processes import (
     COMPLETED,
+    SuperLinkNotReady,
     flwr_json,
     run_status,
     stop_run,
 )
-from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.run_outcome import outcome
-from fedinterest.common.run_overrides import flat_toml, parse_set_items
-from fedinterest.server.flower_processes import SuperLinkNotReady
 from fedinterest.server.superlink import require_ready, superlink_env
 
 RUN_CONFIG_TOML = "run-config.toml"
@@ -127,7 +135,7 @@ def submit_run(deployment: Deployment, overrides: Sequence[str] = (), warnings: 
     run_id = int(reply["run-id"])
     record = {
         "run_id": run_id,
-        "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "submitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_config": config.to_flower(),
         "catalogue_sha256": hashlib.sha256(deployment.catalogue.read_bytes()).hexdigest(),
         "fab": {k: reply.get(k) for k in ("fab-id", "fab-version", "fab-hash")},

@@ -25,11 +25,19 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from fedinterest.common.run_files import EPSILON_MAX, EPSILON_MEAN, METRICS_FILE, ROW_FIELDS, TIMING_FIELDS, TIMINGS_FILE, read_jsonl
+from fedinterest.common.run_files import (
+    EPSILON_MAX,
+    EPSILON_MEAN,
+    METRICS_FILE,
+    ROW_FIELDS,
+    TIMING_FIELDS,
+    TIMINGS_FILE,
+    read_jsonl,
+)
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 from fedinterest.server.reply_checks import ReplyKind, RoundReplies
@@ -64,9 +72,9 @@ def metrics_row(
 def timing_row(server_round: int, seconds: float, phases: dict[str, float] | None = None) -> dict[str, Any]:
     """The timings.jsonl row of one round (exactly TIMING_FIELDS); `phases`: devices, evaluation, checkpoint seconds."""
     phases = phases or {}
-    row = {"round": server_round, "seconds": round(seconds, 3)}
+    row: dict[str, Any] = {"round": server_round, "seconds": round(seconds, 3)}
     row |= {f"{name}_seconds": round(phases[name], 3) if name in phases else None for name in ("devices", "evaluation", "checkpoint")}
-    row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    row["time"] = datetime.now(UTC).isoformat(timespec="seconds")
     assert tuple(row) == TIMING_FIELDS
     return row
 

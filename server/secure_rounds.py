@@ -30,6 +30,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -51,10 +52,10 @@ from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.cohort import Cohort
 from fedinterest.server.evaluation import arrays_from_numpy, arrays_to_numpy
 from fedinterest.server.faults import pick_faulty
-from fedinterest.server.strategies import fit_sampling
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.reply_checks import CheckedReply, ReplyKind, RoundReplies, check_masked_reply
-from fedinterest.server.secure_plan import SecureRoundPlan, plan_round
+from fedinterest.server.secure_plan import plan_round
+from fedinterest.server.strategies import fit_sampling
 from fedinterest.server.user_privacy import UserLevelAccountant
 
 LOG = logging.getLogger("flwr.fedinterest")
@@ -96,7 +97,7 @@ def secure_train_round(
             shares, threshold, max_weight=1.0, clipping_range=plan.clipping_range, quantization_range=2**plan.bits,
             timeout=config.round_timeout,
         )
-        workflow(observed, _legacy_context(collector, server_round))
+        workflow(cast(Grid, observed), _legacy_context(collector, server_round))  # a proxy: the rest of Grid is delegated
         if observed.threshold_sent not in (None, plan.threshold):
             raise RuntimeError(f"SecAgg+ sent threshold {observed.threshold_sent}, the plan's noise is for {plan.threshold}")
         if collector.mean is not None:
@@ -107,7 +108,7 @@ def secure_train_round(
     devices_seconds = time.monotonic() - started
     replies = _classified(sampled, observed)
     epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
-    row = {"round": server_round, **(plan.summary() if plan else {"nodes": len(nodes)}), "survivors": survivors, "completed": summed is not None}
+    row: dict[str, object] = {"round": server_round, **(plan.summary() if plan else {"nodes": len(nodes)}), "survivors": survivors, "completed": summed is not None}
     if plan is not None and summed is not None:
         row |= {"quantization_error_bound": plan.quantization_error_bound(survivors), "sum_noise_std": plan.sum_noise_std(survivors)}
     row |= {"messages": observed.messages, "seconds": round(devices_seconds, 3)}
@@ -117,6 +118,7 @@ def secure_train_round(
         if user_dp is not None:  # the unchanged model is released; charging it keeps the count conservative
             user_dp.record_release(cohort.population)
         return SecureRound(arrays, replies, False, epsilons, devices_seconds, row, None)
+    assert plan is not None  # a sum is decoded only in a planned round (two nodes or more)
     if user_dp is not None:
         divisor = user_dp.sample_rate(cohort.population) * cohort.population
         user_dp.record_release(cohort.population)
@@ -139,8 +141,8 @@ def _fit_configs(
     server optimizers (FedAdam, ...) keep the arrays it is given as the base of their step.
     """
     fit_sampling(strategy, len(nodes), len(nodes))
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _RoundNodes(grid, nodes)))
-    common = dict(messages[0].content[wire.CONFIG]) if messages else {wire.SERVER_ROUND: server_round}
+    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), cast(Grid, _RoundNodes(grid, nodes))))  # a proxy, as above
+    common: dict[str, object] = dict(messages[0].content.config_records[wire.CONFIG]) if messages else {wire.SERVER_ROUND: server_round}
     common |= {wire.SECURE_ARRAY_KEYS: names, wire.SECURE_NOISE_MULTIPLIER: float(sigma)}
     faulty = set(pick_faulty(nodes, config.fault_fraction, config.seed, server_round)) if config.fault_fraction > 0 else set()
     return {

@@ -31,6 +31,8 @@ State that must survive a restart for an exact resume (`strategy_state`):
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
@@ -49,9 +51,9 @@ _MOMENTUM = "momentum"
 
 def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     """The strategy named by `config.strategy`, sampling for `num_nodes` registered nodes."""
-    common = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+    common: dict[str, Any] = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     # server-lr = 0 keeps each strategy's own Flower default (FedAdam 0.1, FedYogi 0.01, FedAvgM 1.0).
-    server_lr = {"eta": config.server_lr} if config.server_lr > 0 else {}
+    server_lr: dict[str, Any] = {"eta": config.server_lr} if config.server_lr > 0 else {}
     # server-tau = 0 keeps Flower's tau (1e-3 for both).
     server_lr |= {"tau": config.server_tau} if config.server_tau > 0 else {}
     name = config.strategy
@@ -66,7 +68,7 @@ def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     elif name == "fedprox":
         strategy = FedProx(**common, proximal_mu=config.proximal_mu)
     elif name == "fedavgm":
-        momentum_lr = {"server_learning_rate": config.server_lr} if config.server_lr > 0 else {}
+        momentum_lr: dict[str, Any] = {"server_learning_rate": config.server_lr} if config.server_lr > 0 else {}
         strategy = FedAvgM(**common, **momentum_lr, server_momentum=config.server_momentum)
     elif name == "fedmedian":
         strategy = FedMedian(**common)

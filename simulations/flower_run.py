@@ -19,11 +19,20 @@ from pathlib import Path
 from typing import Any
 
 from fedinterest.common.run_files import FINAL_FILE, FLOWER_RUN_JSON, FLWR_LOG, SUPERLINK_LOG, MetricsFollower, RoundRow
+from fedinterest.common.run_overrides import flat_toml
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.flower_processes import (
-    ANSI, COMPLETED, SuperLinkNotReady, SuperLinkProcess, executable, flower_env, free_port, log_tail, run_status, stop_run,
+    ANSI,
+    COMPLETED,
+    SuperLinkNotReady,
+    SuperLinkProcess,
+    executable,
+    flower_env,
+    free_port,
+    log_tail,
+    run_status,
+    stop_run,
 )
-from fedinterest.common.run_overrides import flat_toml
 from fedinterest.simulations.run_directory import PreparedRun
 from fedinterest.simulations.runs import write_json
 from fedinterest.simulations.simulation_config import project_dir

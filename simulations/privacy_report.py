@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.run_files import DEVICES_DIR, EPSILON_MAX, EPSILON_MEAN, FinalReport, RoundRow, device_epsilon, json_number
+from fedinterest.common.run_files import (
+    DEVICES_DIR,
+    EPSILON_MAX,
+    EPSILON_MEAN,
+    FinalReport,
+    RoundRow,
+    device_epsilon,
+    json_number,
+)
 from fedinterest.simulations.simulation_config import SimulationConfig
 
 # What on-device DP-SGD protects (common/examples.py defines the training example).

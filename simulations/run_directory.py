@@ -12,12 +12,18 @@ from typing import Any
 
 from fedinterest.common.datasets import SYNTHETIC
 from fedinterest.common.run_files import FLWR_HOME_DIR, RESOLVED_JSON, RESOLVED_TOML
-from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.run_overrides import toml_value
+from fedinterest.common.serialization import atomic_write_text
 from fedinterest.simulations.provenance import git_commit, machine
 from fedinterest.simulations.runs import new_run_dir, write_json
 from fedinterest.simulations.simulation_config import (
-    CLIENT_CPUS, FEDERATION_TABLE, NUM_SUPERNODES, RUN_TABLE, SimulationConfig, SimulationConfigError, count_users,
+    CLIENT_CPUS,
+    FEDERATION_TABLE,
+    NUM_SUPERNODES,
+    RUN_TABLE,
+    SimulationConfig,
+    SimulationConfigError,
+    count_users,
 )
 
 

@@ -8,7 +8,18 @@ from typing import Any
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.run_files import (
-    EPSILON_PNG, FINAL_FILE, FLWR_LOG, NDCG_10, NDCG_PNG, PRIVACY_JSON, PRIVACY_MD, FinalReport, RoundRow, as_number, best_valid_test, read_rows,
+    EPSILON_PNG,
+    FINAL_FILE,
+    FLWR_LOG,
+    NDCG_10,
+    NDCG_PNG,
+    PRIVACY_JSON,
+    PRIVACY_MD,
+    FinalReport,
+    RoundRow,
+    as_number,
+    best_valid_test,
+    read_rows,
 )
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.flower_processes import last_exception, log_tail
@@ -16,6 +27,7 @@ from fedinterest.simulations.flower_run import SimulationFailed
 from fedinterest.simulations.privacy_report import ledger_epsilons, privacy_markdown, privacy_report
 from fedinterest.simulations.runs import write_json
 from fedinterest.simulations.simulation_config import SimulationConfig
+
 
 def summarize_run(config: SimulationConfig, rows: Sequence[RoundRow], final: FinalReport, privacy: Mapping[str, Any], wall_seconds: float) -> dict[str, Any]:
     """The numbers of the final table (and of `--json`)."""

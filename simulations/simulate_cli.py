@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -21,17 +21,17 @@ from fedinterest.simulations.simulation_config import SimulationConfigError, res
 
 def simulate(
     config: Annotated[
-        Optional[Path], typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
+        Path | None, typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
     ] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override a key, e.g. --set noise-multiplier=0.5 --set dataset=ml-100k (repeatable)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
-    timeout_minutes: Annotated[Optional[float], typer.Option(help="Stop the run and fail after this many minutes.")] = None,
+    timeout_minutes: Annotated[float | None, typer.Option(help="Stop the run and fail after this many minutes.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     resume: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Resume an interrupted run directory in place, with its resolved config (instead of CONFIG)."),
     ] = None,
 ) -> None:
@@ -43,7 +43,11 @@ def simulate(
     try:
         if (config is None) == (resume is None):
             raise SimulationConfigError("give either CONFIG (a new run) or --resume RUN_DIR (continue one), not both or neither")
-        resolved = resolve_config(config, overrides) if config is not None else resume_config(resume, overrides)
+        if config is not None:
+            resolved = resolve_config(config, overrides)
+        else:
+            assert resume is not None  # exactly one of the two, checked just above
+            resolved = resume_config(resume, overrides)
     except SimulationConfigError as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from err

@@ -14,17 +14,16 @@ import re
 from pathlib import Path
 
 import pytest
-
 from reply_helpers import deployed_device
+from scripted_grid import ScriptedGrid, as_server_task
 
-from fedinterest.common.run_files import FinalReport
-from fedinterest.common.run_config import RunConfig
 from fedinterest.common import wire
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.card_disclosure import OUTSIDE_THE_GUARANTEE, classify, unclassified
 from fedinterest.server.export import model_card
 from fedinterest.server.rounds import run
-from scripted_grid import ScriptedGrid, as_server_task
 
 PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
 RUN = RunConfig(

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import Result
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from operator_helpers import write_catalogue, write_ec_key, write_rsa_public_key
-from click.testing import Result
 from typer.testing import CliRunner
 
-from fedinterest.common.run_files import FinalReport
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.deployment import load_deployment
 from fedinterest.server.superlink import superlink_command

@@ -10,13 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from fedinterest.benchmarks import membership_attack, privacy_audit, privacy_audit_models, privacy_audit_results, privacy_audit_runs
+from fedinterest.benchmarks import (
+    membership_attack,
+    privacy_audit,
+    privacy_audit_models,
+    privacy_audit_results,
+    privacy_audit_runs,
+)
 from fedinterest.benchmarks.federated import VARIANTS
+from fedinterest.common.examples import training_windows
 from fedinterest.common.interactions import SequenceDataset
 from fedinterest.common.model import InterestModel, ModelConfig, sequence_loss
 from fedinterest.common.split import UserSplit, leave_one_out
-from fedinterest.common.examples import training_windows
-
 
 # --------------------------------------------------------------------------- AUC
 

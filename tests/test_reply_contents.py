@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from device_helpers import make_device, partition_context, store_context, tiny_run, user_rows, write_csv
 from device_helpers import message as device_message
 from reply_helpers import deployed_device
+from scripted_grid import ScriptedGrid, as_server_task
+
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
 from fedinterest.client.ingest import ingest_file
@@ -26,10 +27,8 @@ from fedinterest.client.privacy_policy import PrivacyPolicy, save_policy
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.run_files import METRICS_FILE
-from fedinterest.common.run_files import read_jsonl
+from fedinterest.common.run_files import METRICS_FILE, read_jsonl
 from fedinterest.server.rounds import run
-from scripted_grid import ScriptedGrid, as_server_task
 
 torch.set_num_threads(1)
 PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 
 from fedinterest.common.run_files import (
-    FINAL_FILE, METRICS_FILE, ROW_FIELDS, TIMING_FIELDS, TIMINGS_FILE, FinalReport, RunFileError, device_epsilon, read_jsonl, read_rows,
+    FINAL_FILE,
+    METRICS_FILE,
+    ROW_FIELDS,
+    TIMING_FIELDS,
+    TIMINGS_FILE,
+    FinalReport,
+    RunFileError,
+    device_epsilon,
+    read_jsonl,
+    read_rows,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +69,7 @@ def test_final_report_reads_what_the_round_loop_wrote(tmp_path: Path) -> None:
 
 
 def test_no_module_spells_a_run_file_key_itself() -> None:
-    pattern = re.compile(r"""["'](%s)["']""" % "|".join(re.escape(k) for k in KEYS))
+    pattern = re.compile("[\"'](" + "|".join(re.escape(k) for k in KEYS) + ")[\"']")
     found = [
         f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
         for package in PACKAGES

@@ -8,17 +8,17 @@ import logging
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from scripted_grid import ScriptedGrid, as_server_task
+from test_server_rounds import broken, config, metrics, trainer
+
 from fedinterest.common.datasets import load_split
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, read_jsonl
 from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, SIMULATED_FAULT
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
-from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE
-from fedinterest.common.run_files import read_jsonl
 from fedinterest.server.rounds import run
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
-from scripted_grid import ScriptedGrid, as_server_task
-from test_server_rounds import broken, config, metrics, trainer
 
 HONEST = (1, 2, 3, 4)
 POISON = 100.0  # added to every weight: finite, well formed, passes every check but the norm bound

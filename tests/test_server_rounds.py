@@ -11,20 +11,28 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-
 from reply_helpers import train_metrics
+from scripted_grid import ScriptedGrid, as_server_task
+
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import hit_rate, ndcg
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, ROW_FIELDS, read_jsonl
+from fedinterest.common.wire import (
+    ARRAYS,
+    CONFIG,
+    EPSILON,
+    HIT_RATE_10,
+    METRICS,
+    NDCG_10,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+)
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import STAGE, ServerEvaluator, federated_evaluate, initial_arrays
-from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, ROW_FIELDS
-from fedinterest.common.run_files import read_jsonl
 from fedinterest.server.rounds import run, wait_for_nodes
-from scripted_grid import ScriptedGrid, as_server_task
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,6 @@ import torch
 from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
-from fedinterest.common.run_files import FinalReport
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
 from fedinterest.client.ledger import PrivacyLedger
@@ -21,6 +20,7 @@ from fedinterest.client.shard_training import _fedsgd_round, _loop_round, train_
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport
 from fedinterest.server.evaluation import arrays_to_numpy
 from fedinterest.server.user_privacy import noised_mean_update
 

@@ -10,18 +10,25 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedinterest.common.run_config import RunConfig
 import fedinterest.simulations
-from fedinterest.server.flower_processes import OFFLINE_ENV, flower_env, last_exception
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport, MetricsFollower, RoundRow
 from fedinterest.common.run_overrides import flat_toml, toml_value
+from fedinterest.server.flower_processes import OFFLINE_ENV, flower_env, last_exception
+from fedinterest.simulations.cli import app
 from fedinterest.simulations.flower_run import SimulationFailed, write_flower_config
 from fedinterest.simulations.privacy_report import privacy_markdown, privacy_report
 from fedinterest.simulations.run_directory import prepare_run
 from fedinterest.simulations.run_summary import check_updates, summarize_run
-from fedinterest.simulations.simulation_config import SimulationConfig, check_project, project_dir
-from fedinterest.simulations.cli import app
-from fedinterest.common.run_files import FinalReport, MetricsFollower, RoundRow
-from fedinterest.simulations.simulation_config import FederationConfig, SimulationConfigError, parse_overrides, resolve_config
+from fedinterest.simulations.simulation_config import (
+    FederationConfig,
+    SimulationConfig,
+    SimulationConfigError,
+    check_project,
+    parse_overrides,
+    project_dir,
+    resolve_config,
+)
 
 CONFIGS = Path(fedinterest.simulations.__file__).resolve().parent / "configs"
 runner = CliRunner()

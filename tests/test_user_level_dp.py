@@ -11,23 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from opacus.accountants import RDPAccountant
+from reply_helpers import train_metrics
+from scripted_grid import ScriptedGrid, as_server_task
+from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 from typer.testing import CliRunner
 
-from reply_helpers import train_metrics
 from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, read_jsonl
+from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import initial_arrays
-from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE
-from fedinterest.common.run_files import read_jsonl
 from fedinterest.server.rounds import STOPPED_AT_USER_BUDGET, run
 from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant, clip_update, noised_mean_update
 from fedinterest.simulations.cli import app
-from scripted_grid import ScriptedGrid, as_server_task
-from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 
 torch.set_num_threads(1)
 
