@@ -45,9 +45,9 @@ from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
-from fedinterest.server.rounds import round_seed
 from fedinterest.server import simulation_dispatch
 from fedinterest.server.run_metrics import read_rows
+from fedinterest.server.train_round import round_seed
 from fedinterest.simulations.simulate import resolve_config, run_simulation
 
 REPO = Path(__file__).resolve().parents[1]
