@@ -33,7 +33,7 @@ from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator
 from fedinterest.server.loop_state import LoopState
 from fedinterest.server.reply_checks import ReplyKind
 from fedinterest.server.strategies import base_strategy, strategy_state
-from fedinterest.server.train_round import RoundResult
+from fedinterest.server.round_result import RoundResult
 
 LOG = logging.getLogger("flwr.fedinterest")
 # Why a run ended before num-server-rounds (final.json "stopped_early").

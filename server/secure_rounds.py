@@ -54,6 +54,7 @@ from fedinterest.server.faults import pick_faulty
 from fedinterest.server.strategies import train_messages
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.reply_checks import CheckedReply, ReplyKind, RoundReplies, check_masked_reply
+from fedinterest.server.round_result import RoundResult
 from fedinterest.server.secure_plan import SecureRoundPlan, plan_round
 from fedinterest.server.user_dp_strategy import released_reply
 from fedinterest.server.user_privacy import UserLevelAccountant
@@ -62,15 +63,10 @@ LOG = logging.getLogger("flwr.fedinterest")
 SECURE_ROUNDS_FILE = "secure_aggregation.jsonl"  # one row per secure round: the plan and the protocol's outcome
 
 
-@dataclass
-class SecureRound:
-    """What one secure round produced (the round loop turns it into its RoundResult)."""
+@dataclass(frozen=True)
+class SecureRound(RoundResult):
+    """A RoundResult with what only a secure round has."""
 
-    arrays: ArrayRecord
-    replies: RoundReplies
-    aggregated: bool
-    epsilons: dict[str, float]
-    devices_seconds: float
     row: dict[str, object] = field(default_factory=dict)  # the round's line of secure_aggregation.jsonl
     # What the server learns: the decoded sum of the survivors' vectors (None when the protocol halted).
     decoded_sum: dict[str, np.ndarray] | None = None

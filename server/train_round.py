@@ -22,10 +22,10 @@ model stays, it is logged as a warning and counted in `rounds_without_update`. W
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
-from dataclasses import dataclass
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
@@ -36,22 +36,12 @@ from fedinterest.server.cohort import Cohort, addressed
 from fedinterest.server.evaluation import arrays_to_numpy
 from fedinterest.server.faults import mark_faults, pick_faulty
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, RoundReplies, UpdateBound, classify_replies
+from fedinterest.server.round_result import RoundResult
 from fedinterest.server.secure_rounds import secure_train_round
 from fedinterest.server.strategies import base_strategy, train_messages
 from fedinterest.server.user_dp_strategy import UserLevelDP, user_updates
 
 LOG = logging.getLogger("flwr.fedinterest")
-
-
-@dataclass(frozen=True)
-class RoundResult:
-    """What one training round produced; `epsilons` by user name (server/cohort.py)."""
-
-    arrays: ArrayRecord
-    replies: RoundReplies
-    aggregated: bool
-    epsilons: dict[str, float]
-    devices_seconds: float = 0.0  # from sending the train messages to the last reply (or the timeout)
 
 
 def train_round(
@@ -70,7 +60,7 @@ def train_round(
     if config.secure_aggregation:  # Flower's SecAgg+: the server learns only the sum (server/secure_rounds.py)
         accountant = strategy.accountant if private else None
         done = secure_train_round(grid, base_strategy(strategy), arrays, server_round, config, cohort, assignment, accountant)
-        return RoundResult(_as_dtypes(done.arrays, spec), done.replies, done.aggregated, done.epsilons, done.devices_seconds)
+        return dataclasses.replace(done, arrays=_as_dtypes(done.arrays, spec))
     messages = _train_messages(strategy, arrays, server_round, grid, cohort, assignment)
     if config.fault_fraction > 0:
         faulty = pick_faulty([m.metadata.dst_node_id for m in messages], config.fault_fraction, config.seed, server_round)
