@@ -151,7 +151,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [
         "",
         "One round, user-level DP at sigma 1, C 1, the model of the synthetic catalogue the n users touch (at most 1,000 items, dim 32, one block; FedSGD devices), "
-        "every device sampled; `server.rounds.train_round` on the in-process Grid of real ClientApps "
+        "every device sampled; `server.train_round.train_round` on the in-process Grid of real ClientApps "
         "(benchmarks/secure_aggregation.py: protobuf bytes as Flower sends them, devices one after another on one core, no network). "
         "Quantization error: per coordinate of the decoded sum against the plain sum of the same clipped updates, noise off.",
         "",

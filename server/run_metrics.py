@@ -1,4 +1,4 @@
-"""Reading a run's metrics.jsonl (one row per round, written by server/rounds.py), with
+"""Reading a run's metrics.jsonl (one row per round, written by server/run_outputs.py), with
 each round's wall time from the timings.jsonl beside it (server/run_rows.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The files the ServerApp writes into a run directory (server/rounds.py owns them and
+# The files the ServerApp writes into a run directory (server/rounds.py exports them and
 # imports Flower and torch; these copies let the operator's quick commands read a run
 # without either; tests/test_operator_cli.py checks that they agree).
 METRICS_FILE = "metrics.jsonl"
