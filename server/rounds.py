@@ -102,12 +102,11 @@ def run(grid: Grid, config: RunConfig, *, poll_interval: float = 1.0) -> dict[st
     spec, files = ArraySpec.of(state.arrays), RunFiles(run_dir)
     training = state.round < config.num_server_rounds
     files.resume(state, training)
-    callbacks: list[RoundCallback] = []
-    if training:
-        strategy, cohort = _start_training(grid, config, data, state, run_dir, poll_interval)
-        callbacks = round_callbacks(config, run_dir, data.evaluator, strategy, files)
-    else:
+    if not training:
         LOG.warning("fedinterest: the checkpoint is at round %d >= num-server-rounds %d: nothing to train", state.round, config.num_server_rounds)
+        return _finish(config, run_dir, state, data, files)
+    strategy, cohort = _start_training(grid, config, data, state, run_dir, poll_interval)
+    callbacks = round_callbacks(config, run_dir, data.evaluator, strategy, files)
     for server_round in range(state.round + 1, config.num_server_rounds + 1):
         round_start = time.monotonic()
         if config.deployed:  # devices come and go: each registered node is one user
