@@ -6,10 +6,15 @@ the reason, final.json "stopped_early") and updates the loop's state after it
 (server/rounds.round_callbacks); the time each takes counts toward its `phase`, a
 column of timings.jsonl. After a round, in order:
 
-    ReleaseJournal (layer 2: the release's accountant step persisted, before the model
-    leaves the server) -> Validation (every eval_every rounds and at the last; best
-    validation) -> RunTally (privacy tally, reply counts) -> MetricsRow -> Checkpointing
-    -> RunFiles (a row of metrics.jsonl and of timings.jsonl; server/run_outputs.py)
+    ReleaseJournal (layer 2: the release's accountant step persisted) -> Validation
+    (every eval_every rounds and at the last; the best round by it) -> RunTally (privacy
+    tally, reply counts) -> MetricsRow -> Checkpointing -> RunFiles (a row of
+    metrics.jsonl and of timings.jsonl; server/run_outputs.py)
+
+Why this order: the release is counted on disk before the model leaves the server (a
+deployment's evaluation sends it to the devices; checkpoint.record_release); the row
+is part of the checkpoint, and the checkpoint is written before the row, so a crash
+between the two is repaired from the checkpoint on resume (run_rows.reconcile).
 
 Before a round, UserBudgetStop ends a layer-2 run before a release that would pass
 `user-epsilon-budget`.
@@ -32,8 +37,8 @@ from fedinterest.server.cohort import Cohort
 from fedinterest.server.evaluation import FederatedEvaluator, ServerEvaluator
 from fedinterest.server.loop_state import LoopState
 from fedinterest.server.reply_checks import ReplyKind
-from fedinterest.server.strategies import base_strategy, strategy_state
 from fedinterest.server.round_result import RoundResult
+from fedinterest.server.strategies import base_strategy, strategy_state
 
 LOG = logging.getLogger("flwr.fedinterest")
 # Why a run ended before num-server-rounds (final.json "stopped_early").

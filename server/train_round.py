@@ -11,11 +11,12 @@ by (seed, round) over the cohort's fixed order of users, so a run samples the sa
 users whatever node ids Flower assigns. Under layer 2 the strategy is wrapped
 (server/user_dp_strategy.py): the wrapper draws a Poisson sample and releases the
 clipped, noised mean of every sampled round. Under secure aggregation the round goes
-through Flower's SecAgg+ instead (server/secure_rounds.py), with the wrapped strategy.
+through Flower's SecAgg+ instead (server/secure_rounds.py), which is handed the strategy
+under the wrapper and layer 2's accountant: there the devices add the noise.
 
 A round with fewer than `min-replies` valid replies (at least one is always needed)
-completes without aggregation -- except under layer 2, which releases every round; the
-model stays, it is logged as a warning and counted in `rounds_without_update`. With
+completes without aggregation: the model stays, it is logged as a warning and counted in
+`rounds_without_update` (not under layer 2, which releases every sampled round). With
 `fault-fraction` > 0 that fraction of the sampled devices' train messages is marked
 (server/faults.py) so that simulated devices fail or stall.
 """
