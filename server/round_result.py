@@ -12,7 +12,10 @@ from fedinterest.server.reply_checks import RoundReplies
 
 @dataclass(frozen=True)
 class RoundResult:
-    """The new global model, the round's classified replies and whether they moved it; `epsilons` by user name (server/cohort.py)."""
+    """The new global model, the round's classified replies and whether they moved it.
+
+    `epsilons`: the example-level epsilon each user reported, by user name (server/cohort.py).
+    """
 
     arrays: ArrayRecord
     replies: RoundReplies
