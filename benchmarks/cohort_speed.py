@@ -47,7 +47,7 @@ from fedinterest.common.run_config import RunConfig
 from fedinterest.common.run_files import RESOLVED_JSON, RoundRow, read_rows
 from fedinterest.common.training import train_epoch
 from fedinterest.server import simulation_dispatch
-from fedinterest.server.rounds import round_seed
+from fedinterest.server.train_round import round_seed
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 

@@ -1,7 +1,7 @@
 """Secure aggregation's cost: messages, bytes and seconds of one round, secure against plain.
 
 Each case is one training round of n devices (one user each, all sampled: Poisson at
-q = 1) run by the ServerApp's own round code (`server.rounds.train_round`) with user-level
+q = 1) run by the ServerApp's own round code (`server.train_round.train_round`) with user-level
 DP (sigma 1, C 1), once with `aggregation = "plain"` (every clipped update to the server,
 which adds the noise) and once with `"secagg+"` (Flower's SecAgg+ workflow and mod, noise
 shares on the devices). The devices are fedinterest's real ClientApp (FedSGD, no
@@ -45,9 +45,11 @@ from fedinterest.common.run_config import RunConfig
 from fedinterest.server.cohort import survey
 from fedinterest.server.evaluation import arrays_to_numpy, initial_arrays
 from fedinterest.server.reply_checks import ArraySpec
-from fedinterest.server.rounds import RoundResult, train_round
+from fedinterest.server.round_result import RoundResult
 from fedinterest.server.secure_rounds import SecureRound, secure_train_round
 from fedinterest.server.strategies import build_strategy
+from fedinterest.server.train_round import train_round
+from fedinterest.server.user_dp_strategy import UserLevelDP
 from fedinterest.server.user_privacy import UserLevelAccountant, settings_of
 from fedinterest.simulations.inprocess_grid import InProcessGrid, node_contexts, server_task
 
@@ -83,7 +85,8 @@ def one_round(config: RunConfig, devices: int) -> dict:
         if config.secure_aggregation:  # what train_round delegates to, called directly for its plan and decoded sum
             result = secure_train_round(grid, strategy, arrays, 1, config, cohort, cohort.assign(range(devices)), accountant)
         else:
-            result = train_round(grid, strategy, arrays, 1, config, ArraySpec.of(arrays), cohort, accountant)
+            private = UserLevelDP(strategy, accountant) if accountant is not None else strategy  # layer 2 wraps the strategy
+            result = train_round(grid, private, arrays, 1, config, ArraySpec.of(arrays), cohort)
         seconds = time.perf_counter() - started
     totals = grid.traffic.totals()
     return {
@@ -152,7 +155,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [
         "",
         "One round, user-level DP at sigma 1, C 1, the model of the synthetic catalogue the n users touch (at most 1,000 items, dim 32, one block; FedSGD devices), "
-        "every device sampled; `server.rounds.train_round` on the in-process Grid of real ClientApps "
+        "every device sampled; `server.train_round.train_round` on the in-process Grid of real ClientApps "
         "(benchmarks/secure_aggregation.py: protobuf bytes as Flower sends them, devices one after another on one core, no network). "
         "Quantization error: per coordinate of the decoded sum against the plain sum of the same clipped updates, noise off.",
         "",

@@ -14,7 +14,8 @@ dividing by zero:
     x  += eta * (m_t / (1 - b1^t)) / (sqrt(max(v_t / (1 - b2^t) - Phi, floor * Phi)) + tau)
 
 It is post-processing of the released models (the noise is already in them), so it
-costs no privacy. The round loop sets `noise_variance` before every aggregation; with
+costs no privacy. Layer 2 sets `noise_variance` before every aggregation (its strategy
+wrapper, server/user_dp_strategy.py, or server/secure_rounds.py under SecAgg+); with
 `noise_variance` 0 the step is Flower's FedAdam's form with Kingma & Ba's bias correction.
 The moments `m_t` / `v_t` are Flower's, so checkpoints keep them as for FedAdam.
 """

@@ -24,7 +24,8 @@ from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, read_jsonl
 from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import initial_arrays
-from fedinterest.server.rounds import STOPPED_AT_USER_BUDGET, run
+from fedinterest.server.round_callbacks import STOPPED_AT_USER_BUDGET
+from fedinterest.server.rounds import run
 from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant, clip_update, noised_mean_update
 from fedinterest.simulations.cli import app
 
