@@ -18,5 +18,8 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/fedinterest simulate simulations/configs/demo.toml --out runs
 
+# Static checks first (configured in pyproject.toml; together well under a minute), then the tests.
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/pytest

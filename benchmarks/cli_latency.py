@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.report import publish
 from fedinterest.simulations.provenance import git_commit
@@ -60,7 +61,7 @@ def _fixtures(work: Path, env: dict[str, str]) -> tuple[Path, Path]:
     return server, device
 
 
-def measure(repeat: int) -> list[dict[str, object]]:
+def measure(repeat: int) -> list[dict[str, Any]]:
     """One row per command: median and max seconds over `repeat` runs."""
     env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,7 +81,7 @@ def measure(repeat: int) -> list[dict[str, object]]:
     return rows
 
 
-def table(results: list[dict[str, object]]) -> str:
+def table(results: list[dict[str, Any]]) -> str:
     """The markdown table of every kept result (one column per label)."""
     labels = [r["label"] for r in results]
     commands = [row["command"] for row in results[0]["rows"]]

@@ -44,11 +44,12 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import RESOLVED_JSON, RoundRow, read_rows
 from fedinterest.common.training import train_epoch
-from fedinterest.server.rounds import round_seed
 from fedinterest.server import simulation_dispatch
-from fedinterest.server.run_metrics import read_rows
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.server.train_round import round_seed
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "simulations" / "configs"
@@ -114,13 +115,13 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     load_after_simulation = os.getloadavg()[0]
-    rows = read_rows(result.run_dir / "metrics.jsonl")
-    seconds = [row.number("seconds") for row in rows]
+    rows = read_rows(result.run_dir)
+    seconds = [_seconds(row) for row in rows]
     per_round = statistics.median(seconds[1:-1] or seconds)
     measured = [row.round for row in rows][1:-1] or [row.round for row in rows]
     floor = floor_seconds_per_user(config.run, measured)
     load_after = os.getloadavg()[0]
-    resolved = json.loads((result.run_dir / "config.resolved.json").read_text())
+    resolved = json.loads((result.run_dir / RESOLVED_JSON).read_text())
     per_update = per_round / case.cohort
     return {
         "case": case.name, "dataset": case.dataset, "population": population, "users_per_node": config.run.users_per_node,
@@ -270,3 +271,10 @@ def parse_case(text: str) -> Case:
     except ValueError as err:
         raise ValueError(f"case {text!r}: users per node must be a number or 'half', cohort and population numbers") from err
 
+
+def _seconds(row: RoundRow) -> float:
+    """The round's seconds (timings.jsonl), which every round the ServerApp finished has."""
+    seconds = row.number("seconds")
+    if seconds is None:
+        raise ValueError(f"round {row.round} has no seconds in its timings")
+    return seconds

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from fedinterest.benchmarks.loopback_federation import cli, federation
 from fedinterest.benchmarks.report import publish
-from fedinterest.server.run_metrics import METRICS_FILE, read_rows
+from fedinterest.common.run_files import read_rows
 from fedinterest.simulations.provenance import git_commit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def measure(devices: int, rounds: int, resident: bool, work: Path) -> dict:
         with MemorySampler(roots) as memory:
             state, run_seconds = fed.run(settings)
         run_dir = Path(state["run_dir"])
-        rows = [row.raw for row in read_rows(run_dir / METRICS_FILE)]  # joined with timings.jsonl's seconds
+        rows = [row.raw for row in read_rows(run_dir)]  # joined with timings.jsonl's seconds
         ledgers = {d.name: cli(["device", "budget", "--dir", str(d.directory)], fed.env)["rounds"] for d in started}
         online_seconds = fed.online_seconds
     messages: dict[str, list[float]] = {}

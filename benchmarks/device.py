@@ -168,7 +168,8 @@ def _vm_hwm_kib() -> float:
 
 def _train_round(store_path: Path) -> None:
     """One round of DP training through the real ClientApp handler, as a SuperNode delivers it."""
-    from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+    from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Context, Metadata, RecordDict
+    from flwr.app.message import make_message
 
     from fedinterest.client.app import app
     from fedinterest.client.data_source import HISTORY_DB
@@ -183,7 +184,7 @@ def _train_round(store_path: Path) -> None:
                         created_at=time.time(), ttl=DEFAULT_TTL, message_type="train")
     content = RecordDict({wire.ARRAYS: ArrayRecord(model.state_dict()), wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1})})
     context = Context(run_id=1, node_id=2, node_config={HISTORY_DB: str(store_path)}, state=RecordDict(), run_config=run.to_flower())
-    reply = app(Message(content, metadata=metadata), context)
+    reply = app(make_message(metadata, content), context)
     if reply.has_error() or reply.content.metric_records[wire.METRICS][wire.REFUSED]:
         raise SystemExit(f"the training round did not train: {reply.error if reply.has_error() else 'refused'}")
 

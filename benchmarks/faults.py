@@ -23,9 +23,9 @@ from pathlib import Path
 
 from fedinterest.benchmarks.federated import VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish, store_result
-from fedinterest.server.rounds import FINAL_FILE
-from fedinterest.server.run_metrics import RoundRow
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "simulations" / "configs" / "ml-100k.toml"
@@ -54,7 +54,7 @@ def command(fraction: float, mode: str, rounds: int, devices: int, seed: int) ->
 
 def summarize_run_dir(run_dir: Path, benchmark_command: str | None = None) -> dict:
     """The benchmark's figures from a finished simulation's run directory."""
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
     final = json.loads((run_dir / FINAL_FILE).read_text())
     run = resolved["run"]
     counts = final["counts"]
@@ -76,11 +76,11 @@ def summarize_run_dir(run_dir: Path, benchmark_command: str | None = None) -> di
         "clients_per_round": run["clients-per-round"],
         "counts": {key: counts[key] for key in ("sampled", "answered", "failed", "refused", "rejected", "aggregated")},
         "rounds_without_update": counts["rounds_without_update"],
-        "test": {key: final["test"][key] for key in ("ndcg@10", "hr@10")},
+        "test": {key: final["test"][key] for key in (NDCG_10, HIT_RATE_10)},
         "best_valid": {
             "round": best.get("round"),
-            "valid_ndcg@10": (best.get("valid") or {}).get("ndcg@10"),
-            "test": {key: (best.get("test") or {}).get(key) for key in ("ndcg@10", "hr@10")},
+            "valid_ndcg@10": (best.get("valid") or {}).get(NDCG_10),
+            "test": {key: (best.get("test") or {}).get(key) for key in (NDCG_10, HIT_RATE_10)},
         } if best else None,
         "wall_seconds": final["wall_seconds"],
     }
@@ -99,7 +99,7 @@ def _store(summary: dict) -> Path:
 
 def print_progress(row: RoundRow) -> None:
     """One line per finished round on stderr."""
-    fields = ("sampled", "answered", "failed", "train_loss", "ndcg@10", "seconds")
+    fields = ("sampled", "answered", "failed", "train_loss", NDCG_10, "seconds")
     print(f"  round {row.round}: " + " ".join(f"{key} {row.get(key)}" for key in fields), file=sys.stderr, flush=True)
 
 
@@ -135,7 +135,7 @@ def _number(value: float | None) -> str:
 
 def _best_ndcg(summary: dict) -> float | None:
     best = summary.get("best_valid") or {}
-    return (best.get("test") or {}).get("ndcg@10")
+    return (best.get("test") or {}).get(NDCG_10)
 
 
 def _best_valid_ndcg(summary: dict) -> float | None:
@@ -165,15 +165,15 @@ def table(summaries: list[dict]) -> str:
     ]
     for s in sorted(summaries, key=_order):
         base = baseline_of(s, summaries) if s["fault_fraction"] > 0 else None
-        last_diff = relative(s["test"]["ndcg@10"], base["test"]["ndcg@10"]) if base else None
+        last_diff = relative(s["test"][NDCG_10], base["test"][NDCG_10]) if base else None
         best_diff = relative(_best_ndcg(s), _best_ndcg(base)) if base else None
         best = s.get("best_valid") or {}
         fault = "0 (none)" if s["fault_fraction"] == 0 else f"{s['fault_fraction']:g} ({s['fault_mode']})"
         counts = s["counts"]
         lines.append(
             f"| {fault} | {s['seed']} | {s['rounds']} of {s['rounds_requested']} ({s['rounds_without_update']}) | "
-            f"{s['clients_per_round']} | {counts['failed']} / {counts['sampled']} | {_number(s['test']['ndcg@10'])} | "
-            f"{_number(s['test']['hr@10'])} | {_percent(last_diff) if base else '-'} | "
+            f"{s['clients_per_round']} | {counts['failed']} / {counts['sampled']} | {_number(s['test'][NDCG_10])} | "
+            f"{_number(s['test'][HIT_RATE_10])} | {_percent(last_diff) if base else '-'} | "
             f"{best.get('round', '-')}: {_number(_best_ndcg(s))} | {_percent(best_diff) if base else '-'} | "
             f"{s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )
@@ -187,7 +187,7 @@ def verdicts(summaries: list[dict]) -> list[str]:
         base = baseline_of(s, summaries) if s["fault_fraction"] > 0 else None
         if base is None:
             continue
-        last = relative(s["test"]["ndcg@10"], base["test"]["ndcg@10"])
+        last = relative(s["test"][NDCG_10], base["test"][NDCG_10])
         best = relative(_best_ndcg(s), _best_ndcg(base))
         valid = relative(_best_valid_ndcg(s), _best_valid_ndcg(base))
         holds = last is not None and abs(last) <= TARGET
@@ -197,8 +197,8 @@ def verdicts(summaries: list[dict]) -> list[str]:
         )
         target = "the issue's target" if s["fault_fraction"] == TARGET_FRACTION else "the 5% criterion (the issue's target is at 30%)"
         sentences.append(
-            f"{subject}, the final (last-round) test NDCG@10 is {_number(s['test']['ndcg@10'])} against "
-            f"{_number(base['test']['ndcg@10'])} without faults, {_percent(last)} relative: {target} (within "
+            f"{subject}, the final (last-round) test NDCG@10 is {_number(s['test'][NDCG_10])} against "
+            f"{_number(base['test'][NDCG_10])} without faults, {_percent(last)} relative: {target} (within "
             f"{TARGET:.0%}) **{'holds' if holds else 'does not hold'}** (at the round validation picks: {_percent(best)} "
             f"on test, {_percent(valid)} on the validation split it was picked on)."
         )
@@ -213,7 +213,7 @@ def spread(summaries: list[dict]) -> list[str]:
         free = [s for s in summaries if s["fault_fraction"] == 0 and (s["dataset"], s["rounds_requested"], s["clients_per_round"]) == (dataset, rounds, devices)]
         if len(free) < 2:
             continue
-        values = [s["test"]["ndcg@10"] for s in free]
+        values = [s["test"][NDCG_10] for s in free]
         low, high = min(values), max(values)
         sentences.append(
             f"Fault-free runs of {rounds} rounds x {devices} devices with seeds {', '.join(str(s['seed']) for s in sorted(free, key=_order))} "

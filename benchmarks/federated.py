@@ -17,11 +17,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish, store_result
-from fedinterest.server.rounds import FINAL_FILE
-from fedinterest.server.run_metrics import RoundRow
-from fedinterest.simulations.simulate import parse_overrides, resolve_config, run_simulation
+from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import parse_overrides, resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "simulations" / "configs"
@@ -77,7 +78,7 @@ VARIANTS: dict[str, list[str]] = {
 def variant_of(overrides: list[str]) -> str:
     """The variant whose overrides a run used: its noise multiplier, then its strategy if not FedAvg."""
     settings = parse_overrides(overrides)  # as `fedinterest simulate` reads them: a later --set wins
-    noise = settings.get("noise-multiplier")
+    noise: Any = settings.get("noise-multiplier")  # a TOML literal; float() reads the numbers
     if noise is None:
         base = "config-default"
     else:
@@ -103,7 +104,7 @@ def _model_label(summary: dict) -> str:
 
 def summarize_run_dir(run_dir: Path) -> dict:
     """The benchmark's figures from a finished simulation's run directory."""
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
     final = json.loads((run_dir / FINAL_FILE).read_text())
     counts = final["counts"]
     wall = final["wall_seconds"]
@@ -147,7 +148,7 @@ def _store(summary: dict) -> Path:
 
 def print_progress(row: RoundRow) -> None:
     """One line per finished round on stderr (the run can take an hour)."""
-    fields = ("answered", "refused", "train_loss", "ndcg@10", "epsilon_max")
+    fields = ("answered", "refused", "train_loss", NDCG_10, "epsilon_max")
     print(f"  round {row.round}: " + " ".join(f"{key} {row.get(key)}" for key in fields), file=sys.stderr, flush=True)
 
 
@@ -200,15 +201,15 @@ def table() -> str:
         central = _centralized(dataset)
         if central is not None:
             pop, cen = central["popularity_test"], central["test"]
-            lines.append(f"| {label} | popularity | {pop['ndcg@10']:.4f} | {pop['hr@10']:.4f} | {pop['ndcg@10'] / cen['ndcg@10']:.0%} | - | - | - | - | - | - |")
-            lines.append(f"| {label} | centralized (no DP) | {cen['ndcg@10']:.4f} | {cen['hr@10']:.4f} | 100% | - | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
+            lines.append(f"| {label} | popularity | {pop[NDCG_10]:.4f} | {pop[HIT_RATE_10]:.4f} | {pop[NDCG_10] / cen[NDCG_10]:.0%} | - | - | - | - | - | - |")
+            lines.append(f"| {label} | centralized (no DP) | {cen[NDCG_10]:.4f} | {cen[HIT_RATE_10]:.4f} | 100% | - | - | - | {central['train_seconds'] / 60:.1f} min | - | {central['commit']} |")
         for s in sorted(runs, key=lambda s: (s["variant"], s["rounds"])):
             eps = layer1_epsilon(s)
             chosen, name = _chosen(s)
-            ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
+            ratio = f"{chosen[NDCG_10] / central['test'][NDCG_10]:.0%}" if central else "-"
             lines.append(
-                f"| {label} | {_model_label(s)}{name} | {chosen['ndcg@10']:.4f} | {chosen['hr@10']:.4f} | {ratio} | "
-                f"{s['test']['ndcg@10']:.4f} | {eps} | {s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
+                f"| {label} | {_model_label(s)}{name} | {chosen[NDCG_10]:.4f} | {chosen[HIT_RATE_10]:.4f} | {ratio} | "
+                f"{s['test'][NDCG_10]:.4f} | {eps} | {s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | "
                 f"{_number(s['seconds_per_device_update'], '.2f')} | {s['commit']} |"
             )
     return "\n".join(lines + old_relation_note(stored))

@@ -42,6 +42,8 @@ from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import hit_rate, ndcg
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import CHECKPOINT_DIR, RESOLVED_JSON
+from fedinterest.common.split import LeaveOneOut
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARKS_MD = REPO / "docs" / "benchmarks.md"
@@ -61,12 +63,12 @@ def _commit() -> str:
     return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
 
 
-def load_global_model(run_dir: Path, checkpoint: str) -> tuple[InterestModel, object]:
+def load_global_model(run_dir: Path, checkpoint: str) -> tuple[InterestModel, LeaveOneOut]:
     """The run's global model (as server/evaluation.py builds it) and its leave-one-out split."""
-    run = RunConfig.from_flower(json.loads((run_dir / "config.resolved.json").read_text(encoding="utf-8"))["run"])
+    run = RunConfig.from_flower(json.loads((run_dir / RESOLVED_JSON).read_text(encoding="utf-8"))["run"])
     split = load_split(run.dataset_spec())
     model = InterestModel(run.model_config(split.num_items, split.dataset.item_ids))
-    model.load_state_dict(load_file(run_dir / "checkpoints" / checkpoint))
+    model.load_state_dict(load_file(run_dir / CHECKPOINT_DIR / checkpoint))
     return model.eval(), split
 
 
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     if 0 not in args.steps:
         parser.error("--steps must include 0 (the global model, the baseline)")
     torch.set_num_threads(1)  # a device has one core for this; the machine runs other simulations
-    if not (args.run_dir / "config.resolved.json").is_file():
+    if not (args.run_dir / RESOLVED_JSON).is_file():
         print(f"skipped: {args.run_dir}/config.resolved.json is absent", file=sys.stderr)
         return
     commit = _commit()

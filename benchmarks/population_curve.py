@@ -22,8 +22,10 @@ from pathlib import Path
 
 from fedinterest.benchmarks import federated, user_privacy
 from fedinterest.benchmarks.report import publish, store_result
+from fedinterest.common.run_files import NDCG_10
 from fedinterest.simulations.centralized import CentralizedConfig, run_centralized
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "population_curve"
 CONFIG = federated.CONFIGS / "demo.toml"
@@ -67,15 +69,15 @@ def table() -> str:
     runs = sorted((json.loads(p.read_text()) for p in RESULTS.glob("private-*.json")), key=lambda s: (s["users"], s["target_epsilon"]))
     for s in runs:
         central_path = RESULTS / f"centralized-{s['users']}.json"
-        central = json.loads(central_path.read_text())["test"]["ndcg@10"] if central_path.is_file() else None
-        popularity = json.loads(central_path.read_text())["popularity_test"]["ndcg@10"] if central_path.is_file() else None
+        central = json.loads(central_path.read_text())["test"][NDCG_10] if central_path.is_file() else None
+        popularity = json.loads(central_path.read_text())["popularity_test"][NDCG_10] if central_path.is_file() else None
         chosen, name = federated._chosen(s)
         user, private_pop = s["user_level"], s.get("private_popularity_test")
-        ndcg = chosen["ndcg@10"]
+        ndcg = chosen[NDCG_10]
         lines.append(
             f"| {s['users']:,} | {s['target_epsilon']:g} | {user['epsilon']:.3f} ({user['delta']:.2g}, {user['accountant']}) | {s['user_noise_multiplier']:.3g} | "
             f"{ndcg:.4f}{name} | {_fmt(central, '.4f')} | {_fmt(central and ndcg / central, '.0%')} | {_fmt(popularity and ndcg / popularity, '.1f')}x | "
-            f"{_fmt(private_pop and private_pop['ndcg@10'] and ndcg / private_pop['ndcg@10'], '.1f')}x | "
+            f"{_fmt(private_pop and private_pop[NDCG_10] and ndcg / private_pop[NDCG_10], '.1f')}x | "
             f"{s['rounds']} x {s['clients_per_round']} | {s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )
     return "\n".join(lines)

@@ -16,9 +16,11 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.report import publish
 from fedinterest.common.datasets import DatasetSpec
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10
 from fedinterest.simulations.centralized import CentralizedConfig, run_centralized
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +31,7 @@ DEFAULT_DATA_ROOT = REPO.parent / "shared" / "data"
 # Real datasets as found under the data root (read by path, never copied).
 DATA_FILES = {"ml-100k": ("ml-100k", "ml-100k/u.data"), "ml-1m": ("ml-1m", "ml-1m/ratings_u1-2999.dat")}
 DATASET_LABELS = {"synthetic": "synthetic (600 users)", "ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999"}
-METHODS = {"sasrec": {"loss": "full"}, "sasrec-sampled": {"loss": "sampled", "negatives": 256}}
+METHODS: dict[str, dict[str, Any]] = {"sasrec": {"loss": "full"}, "sasrec-sampled": {"loss": "sampled", "negatives": 256}}
 MODEL_OPTIONS = dict(max_len=200, dim=64, num_blocks=2, num_heads=1, dropout=0.2)
 
 
@@ -115,7 +117,7 @@ def table() -> str:
             continue
         popularity = runs_of_dataset[0][1][0]["popularity_test"]
         lines.append(
-            f"| {DATASET_LABELS[dataset]} | popularity | {popularity['hr@10']:.4f} | {popularity['ndcg@10']:.4f} | "
+            f"| {DATASET_LABELS[dataset]} | popularity | {popularity[HIT_RATE_10]:.4f} | {popularity[NDCG_10]:.4f} | "
             f"{popularity['ndcg@20']:.4f} | {popularity['mrr']:.4f} | - | - | - | - |"
         )
         for method, payloads in sorted(runs_of_dataset):
@@ -125,8 +127,8 @@ def table() -> str:
             seeds = ", ".join(str(p["training"]["seed"]) for p in payloads)
             commits = ", ".join(sorted({str(p.get("commit")) for p in payloads}))
             lines.append(
-                f"| {DATASET_LABELS[dataset]} | {method} | {_mean([t['hr@10'] for t in test])} | "
-                f"{_mean([t['ndcg@10'] for t in test])} | {_mean([t['ndcg@20'] for t in test])} | "
+                f"| {DATASET_LABELS[dataset]} | {method} | {_mean([t[HIT_RATE_10] for t in test])} | "
+                f"{_mean([t[NDCG_10] for t in test])} | {_mean([t['ndcg@20'] for t in test])} | "
                 f"{_mean([t['mrr'] for t in test])} | {minutes} | {epochs} | {seeds} | {commits} |"
             )
     return "\n".join(lines)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import signal
@@ -38,7 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.common.run_files import RESOLVED_JSON
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 RAY = str(Path(sys.executable).parent / "ray")
 NODE_START_SECONDS = 90.0
@@ -127,7 +130,7 @@ class LoopbackRayCluster:
         """Until `count` nodes are alive (`ray status` at the cluster's address), else RuntimeError."""
         deadline = time.monotonic() + NODE_START_SECONDS
         while time.monotonic() < deadline:
-            dead = [p.args for p in self.processes if p.poll() is not None]
+            dead = [str(p.args) for p in self.processes if p.poll() is not None]
             if dead:
                 raise RuntimeError(f"a Ray node exited while starting: {dead[0]} (logs in {self.root})")
             status = subprocess.run([RAY, "status", f"--address={self.address}"], capture_output=True, text=True, check=False)
@@ -174,7 +177,7 @@ def cluster_facts(address: str) -> dict[str, Any]:
     """The cluster's nodes, and on which nodes the ClientApp actors of finished jobs ran, from its GCS tables."""
     import ray
 
-    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     try:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         this_job = ray.get_runtime_context().get_job_id()
@@ -209,9 +212,9 @@ def run(out: Path) -> dict[str, Any]:
         "address": cluster.address,
         "ray_start": commands,
         "run_dir": str(result.run_dir),
-        "recorded_ray_address": json.loads((result.run_dir / "config.resolved.json").read_text()).get("ray_address"),
+        "recorded_ray_address": json.loads((result.run_dir / RESOLVED_JSON).read_text()).get("ray_address"),
         "rounds": len(result.rows),
-        "aggregated": (result.final.get("counts") or {}).get("aggregated"),
+        "aggregated": result.final.counts.get("aggregated"),
         **facts,
     }
     verdict["used_cluster"] = (

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX
+
 # Results measured since issue 13 (defect 1) carry this key: their devices hid their window
 # count. Before, a device's layer-1 epsilon was accounted for adding or removing a window
 # while its replies revealed the count, so the figure is under the old relation (marked).
@@ -24,7 +26,7 @@ def layer1_epsilon(summary: dict[str, Any]) -> str:
     privacy = summary["privacy"]
     if not privacy.get("dp"):
         return "no DP"
-    value = privacy.get("device_epsilon_max")
+    value = privacy.get(DEVICE_EPSILON_MAX)
     text = f"{'-' if value is None else format(value, '.2f')} ({privacy['delta']:g})"
     return text if summary.get(WINDOW_COUNT_HIDDEN) else f"{text} {OLD_RELATION_MARK}"
 

@@ -1,7 +1,7 @@
 """Secure aggregation's cost: messages, bytes and seconds of one round, secure against plain.
 
 Each case is one training round of n devices (one user each, all sampled: Poisson at
-q = 1) run by the ServerApp's own round code (`server.rounds.train_round`) with user-level
+q = 1) run by the ServerApp's own round code (`server.train_round.train_round`) with user-level
 DP (sigma 1, C 1), once with `aggregation = "plain"` (every clipped update to the server,
 which adds the noise) and once with `"secagg+"` (Flower's SecAgg+ workflow and mod, noise
 shares on the devices). The devices are fedinterest's real ClientApp (FedSGD, no
@@ -30,10 +30,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message, Metadata, RecordDict, DEFAULT_TTL
+from flwr.app import DEFAULT_TTL, ConfigRecord, Metadata, RecordDict
+from flwr.app.message import make_message
 
 from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.client.app import app
@@ -43,9 +45,11 @@ from fedinterest.common.run_config import RunConfig
 from fedinterest.server.cohort import survey
 from fedinterest.server.evaluation import arrays_to_numpy, initial_arrays
 from fedinterest.server.reply_checks import ArraySpec
-from fedinterest.server.rounds import train_round
-from fedinterest.server.secure_rounds import secure_train_round
+from fedinterest.server.round_result import RoundResult
+from fedinterest.server.secure_rounds import SecureRound, secure_train_round
 from fedinterest.server.strategies import build_strategy
+from fedinterest.server.train_round import train_round
+from fedinterest.server.user_dp_strategy import UserLevelDP
 from fedinterest.server.user_privacy import UserLevelAccountant, settings_of
 from fedinterest.simulations.inprocess_grid import InProcessGrid, node_contexts, server_task
 
@@ -53,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "secure_aggregation"
 SECTION = "secure-aggregation"
 # FedSGD devices on a small synthetic catalogue: the protocol's cost, not training, is measured.
-MODEL = dict(
+MODEL: dict[str, Any] = dict(
     synthetic_items=1000, max_len=20, dim=32, num_blocks=1, dropout=0.0, batch_size=16, local_optimizer="sgd",
     local_lr=1.0, local_epochs=1, noise_multiplier=0.0, round_timeout=600.0, user_clip_norm=1.0, user_delta=1e-3,
 )
@@ -77,10 +81,12 @@ def one_round(config: RunConfig, devices: int) -> dict:
         strategy = build_strategy(config, devices)
         accountant = UserLevelAccountant.start(settings_of(config), cohort.population) if config.user_private else None
         started = time.perf_counter()
+        result: SecureRound | RoundResult
         if config.secure_aggregation:  # what train_round delegates to, called directly for its plan and decoded sum
             result = secure_train_round(grid, strategy, arrays, 1, config, cohort, cohort.assign(range(devices)), accountant)
         else:
-            result = train_round(grid, strategy, arrays, 1, config, ArraySpec.of(arrays), cohort, accountant)
+            private = UserLevelDP(strategy, accountant) if accountant is not None else strategy  # layer 2 wraps the strategy
+            result = train_round(grid, private, arrays, 1, config, ArraySpec.of(arrays), cohort)
         seconds = time.perf_counter() - started
     totals = grid.traffic.totals()
     return {
@@ -103,7 +109,7 @@ def quantization_error(config: RunConfig, devices: int) -> dict:
             group_id="1", created_at=0.0, ttl=DEFAULT_TTL, message_type="train",
         )
         content = RecordDict({wire.ARRAYS: secure["arrays"], wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: 1, wire.SHARD_USERS: [0]})})
-        trained = arrays_to_numpy(app(Message(content, metadata=metadata), context).content[wire.ARRAYS])
+        trained = arrays_to_numpy(app(make_message(metadata, content), context).content.array_records[wire.ARRAYS])
         for k in reference:
             reference[k] += trained[k].astype(np.float64) - global_arrays[k]
     errors = np.concatenate([(decoded[k] - reference[k]).ravel() for k in reference])
@@ -149,7 +155,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines + [
         "",
         "One round, user-level DP at sigma 1, C 1, the model of the synthetic catalogue the n users touch (at most 1,000 items, dim 32, one block; FedSGD devices), "
-        "every device sampled; `server.rounds.train_round` on the in-process Grid of real ClientApps "
+        "every device sampled; `server.train_round.train_round` on the in-process Grid of real ClientApps "
         "(benchmarks/secure_aggregation.py: protobuf bytes as Flower sends them, devices one after another on one core, no network). "
         "Quantization error: per coordinate of the decoded sum against the plain sum of the same clipped updates, noise off.",
         "",

@@ -36,13 +36,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from fedinterest.benchmarks.deployment_load import RUN_SETTINGS
 from fedinterest.benchmarks.loopback_federation import Device, Federation, federation
 from fedinterest.benchmarks.report import publish, store_result
 from fedinterest.benchmarks.tcp_meter import Counts, Relay
-from fedinterest.server.run_metrics import TIMINGS_FILE
-from fedinterest.server.run_rows import METRICS_FILE, read_metrics
+from fedinterest.common.run_files import METRICS_FILE, TIMINGS_FILE, read_jsonl
 from fedinterest.server.secure_rounds import SECURE_ROUNDS_FILE
 from fedinterest.simulations.provenance import git_commit
 
@@ -90,9 +90,9 @@ def one_run(fed: Federation, relays: dict[str, Relay], aggregation: str, rounds:
     time.sleep(1.0)  # the last replies' log lines reach the readers
     end = time.monotonic()
     run_dir = Path(state["run_dir"])
-    timings = read_metrics(run_dir / TIMINGS_FILE)
-    metrics = read_metrics(run_dir / METRICS_FILE)
-    secure = read_metrics(run_dir / SECURE_ROUNDS_FILE)
+    timings = read_jsonl(run_dir / TIMINGS_FILE)
+    metrics = read_jsonl(run_dir / METRICS_FILE)
+    secure = read_jsonl(run_dir / SECURE_ROUNDS_FILE)
     per_device = [device_rounds(d, relays[d.name].counts, start, end, STAGES[aggregation]) for d in fed.devices]
     out = []
     for r, (timing, row) in enumerate(zip(timings, metrics)):
@@ -134,7 +134,7 @@ def measure(devices: int, rounds: int, pairs: int, work: Path) -> dict:
 
 def summary(result: dict) -> dict[str, dict]:
     """Per aggregation: the mean per round of every figure over the runs' rounds, and their count."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     for aggregation in AGGREGATIONS:
         runs = [run["rounds"] for run in result["runs"] if run["aggregation"] == aggregation]
         rounds = [r for run in runs for r in run]

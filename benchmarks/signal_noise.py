@@ -34,7 +34,7 @@ from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import initial_arrays
 from fedinterest.server.user_privacy import UserLevelAccountant, settings_of
 from fedinterest.simulations.provenance import git_commit
-from fedinterest.simulations.simulate import resolve_config
+from fedinterest.simulations.simulation_config import resolve_config
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "signal_noise"
 
@@ -62,6 +62,7 @@ def measure(config_name: str, epsilon: float, run_dir: Path | None, users: int |
     torch.manual_seed(seed)
     updates = fedsgd_user_updates(model, [split.users[i].train for i in sample], lr=run.local_lr, clip_norm=clip)
     seconds = time.monotonic() - started
+    assert updates.norms is not None  # clip_norm given: the norms come with the updates
     mean = torch.cat([t.flatten() for t in updates.total.values()]) / len(sample)
     noised = sum(int(np.asarray(v).size) for v in arrays.values())
     noise_norm = accountant.noise_multiplier * clip * np.sqrt(noised) / expected

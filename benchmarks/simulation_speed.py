@@ -39,9 +39,10 @@ from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_training import train_locally
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
-from fedinterest.server.rounds import FINAL_FILE
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, RESOLVED_JSON, read_jsonl
 from fedinterest.server.simulation_dispatch import SWITCH
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "simulation_speed"
@@ -56,9 +57,9 @@ def overrides(rounds: int) -> list[str]:
 
 def summarize_run_dir(run_dir: Path, lookup: str) -> dict:
     """Seconds per round (median over rounds 2..R-1) and per device update of one run."""
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())
+    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
     final = json.loads((run_dir / FINAL_FILE).read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_jsonl(run_dir / METRICS_FILE)
     middle = [row["seconds"] for row in rows[1:-1]] or [row["seconds"] for row in rows]
     per_round = statistics.median(middle)
     return {
@@ -92,8 +93,10 @@ def local_training_seconds(dataset: str, rounds: int, users: int = 50) -> float:
         device = load_device_data({"partition-id": partition}, run)
         model = InterestModel(run.model_config(device.num_items))
         model.load_state_dict(global_state)
+        user = device.user
+        assert user is not None  # the simulated partitions measured each hold a user
         start = time.perf_counter()
-        train_locally(model=model, train_history=device.user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
+        train_locally(model=model, train_history=user.train, run=run, ledger=PrivacyLedger(":memory:"), run_id=1, server_round=1)
         seconds.append(time.perf_counter() - start)
     return statistics.mean(seconds[1:])
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 from fedinterest.benchmarks import federated
 from fedinterest.benchmarks.report import publish, store_result
-from fedinterest.simulations.simulate import resolve_config, run_simulation
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RESOLVED_JSON
+from fedinterest.simulations.simulate import run_simulation
+from fedinterest.simulations.simulation_config import resolve_config
 
 RESULTS = federated.REPO / "benchmarks" / "results" / "user_privacy"
 LABELS = {"ml-100k": "ML-100K", "ml-1m": "ML-1M users 1-2999", "sports": "Amazon Sports", "toys": "Amazon Toys", "synthetic": "synthetic",
@@ -38,7 +40,7 @@ def overrides(target_epsilon: float, extra: list[str]) -> list[str]:
 def summarize(run_dir: Path, config: str, target_epsilon: float, label: str, extra: list[str], private_popularity: dict | None = None) -> dict:
     """The federated benchmark's summary plus the user-level figures."""
     summary = federated.summarize_run_dir(run_dir)
-    resolved = json.loads((run_dir / "config.resolved.json").read_text())["run"]
+    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())["run"]
     final = json.loads((run_dir / federated.FINAL_FILE).read_text())
     user = final["privacy"]["user_level"]
     summary.update({
@@ -83,18 +85,18 @@ def table() -> str:
         chosen, name = federated._chosen(s)
         best = s.get("best_valid") or {}
         if "prior_weight" in best:  # popularity-prior: the blend's figure, and the model's own beside it
-            name += f", prior weight {best['prior_weight']:g}; model alone {best['test_model_alone']['ndcg@10']:.4f}"
+            name += f", prior weight {best['prior_weight']:g}; model alone {best['test_model_alone'][NDCG_10]:.4f}"
         user, central = s["user_level"], federated._centralized(s["dataset"].removesuffix("-private"))
-        ratio = f"{chosen['ndcg@10'] / central['test']['ndcg@10']:.0%}" if central else "-"
-        popularity = f"{chosen['ndcg@10'] / central['popularity_test']['ndcg@10']:.2f}x" if central else "-"
+        ratio = f"{chosen[NDCG_10] / central['test'][NDCG_10]:.0%}" if central else "-"
+        popularity = f"{chosen[NDCG_10] / central['popularity_test'][NDCG_10]:.2f}x" if central else "-"
         stopped = " (stopped at budget)" if s.get("stopped_early") else ""
         private = s.get("private_popularity_test")
-        versus_private = f"{chosen['ndcg@10'] / private['ndcg@10']:.2f}x ({private['ndcg@10']:.4f})" if private and private["ndcg@10"] > 0 else "-"
+        versus_private = f"{chosen[NDCG_10] / private[NDCG_10]:.2f}x ({private[NDCG_10]:.4f})" if private and private[NDCG_10] > 0 else "-"
         users = f" ({chosen['users']:,})" if "users" in chosen else ""
         lines.append(
             f"| {LABELS.get(s['dataset'], s['dataset'])}{users} | {s['label']}: {' '.join(s['sets']) or '(config as shipped)'} | {s['target_epsilon']:g} | "
             f"{user['epsilon']:.3f} ({user['delta']:.2g}, {user['accountant']}){stopped} | {s['user_noise_multiplier']:.3g}, {s['user_clip_norm']:g} | "
-            f"{chosen['ndcg@10']:.4f}{name} | {chosen['hr@10']:.4f} | {ratio} | {popularity} | {versus_private} | {s['rounds']} x {s['clients_per_round']} (Poisson, expected) | "
+            f"{chosen[NDCG_10]:.4f}{name} | {chosen[HIT_RATE_10]:.4f} | {ratio} | {popularity} | {versus_private} | {s['rounds']} x {s['clients_per_round']} (Poisson, expected) | "
             f"{s['wall_seconds'] / 60:.1f} min | {s['commit']} |"
         )
     return "\n".join(lines)

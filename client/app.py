@@ -14,23 +14,10 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
-from fedinterest.client.data_source import DeviceData, load_device_data
-from fedinterest.client.device_errors import MessageError, reported_errors
-from fedinterest.client.device_logging import drop_opacus_root_handler, refusal_reason
-from fedinterest.client.faults import act_out, requested_fault
-from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
-from fedinterest.client.local_models import save_global_model
-from fedinterest.client.privacy_policy import run_for_device
-from fedinterest.client.secure_contribution import contribution, fit_instructions, is_secure, masked_fit_reply, protocol_min_survivors, secure_aggregation_mod
-from fedinterest.client.shard_training import refused_round, train_shard
-from fedinterest.client.warm_node import fresh_model, node_ledger
-from fedinterest.common import wire
-from fedinterest.common.model import InterestModel
-from fedinterest.common.popularity import user_count_vector
-from fedinterest.common.run_config import RunConfig
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -38,9 +25,32 @@ from flwr.app import (
     Context,
     Message,
     MetricRecord,
+    MetricRecordValues,
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+
+from fedinterest.client.data_source import DeviceData, load_device_data
+from fedinterest.client.device_errors import MessageError, reported_errors
+from fedinterest.client.device_logging import drop_opacus_root_handler, refusal_reason
+from fedinterest.client.faults import act_out, requested_fault
+from fedinterest.client.local_evaluation import DEFAULT_STAGE, evaluate_locally
+from fedinterest.client.local_models import save_global_model
+from fedinterest.client.privacy_policy import run_for_device
+from fedinterest.client.secure_contribution import (
+    contribution,
+    fit_instructions,
+    is_secure,
+    masked_fit_reply,
+    protocol_min_survivors,
+    secure_aggregation_mod,
+)
+from fedinterest.client.shard_training import refused_round, train_shard
+from fedinterest.client.warm_node import fresh_model, node_ledger
+from fedinterest.common import wire
+from fedinterest.common.model import InterestModel
+from fedinterest.common.popularity import user_count_vector
+from fedinterest.common.run_config import RunConfig
 
 app = ClientApp()
 LOG = logging.getLogger("flwr.fedinterest")
@@ -120,11 +130,11 @@ def train(msg: Message, context: Context) -> Message:
         else:
             result = train_shard(
                 model=req.model, device=req.device, sampled=sampled, run=run, ledger=ledger, run_id=context.run_id,
-                server_round=server_round, proximal_mu=float(req.config.get(wire.PROXIMAL_MU, 0.0)), clip_norm=clip_norm,
+                server_round=server_round, proximal_mu=_config_float(req.config, wire.PROXIMAL_MU), clip_norm=clip_norm,
             )
             if result.refused and req.device.store_path is not None:  # a real device's one user: its log says why
                 LOG.warning("fedinterest device: refusing round %d: %s", server_round, refusal_reason(ledger, run, context.run_id, server_round, result.epsilons[0]))
-    metrics = {
+    metrics: dict[str, MetricRecordValues] = {
         wire.NUM_EXAMPLES: result.num_examples,
         wire.NUM_USERS: result.num_users,
         wire.EPSILON: [float(e) for e in result.epsilons],
@@ -134,10 +144,10 @@ def train(msg: Message, context: Context) -> Message:
         metrics[wire.UNCLIPPED_USERS] = result.unclipped
     if run.share_metrics:  # a noiseless function of the training windows (docs/privacy.md)
         metrics[wire.TRAIN_LOSS] = result.train_loss
-    if secure:
+    if global_state is not None:  # a secure round
         shares = contribution(
             global_state, result.state_dict, result.num_users, run=run, server_round=server_round,
-            noise_multiplier=float(req.config.get(wire.SECURE_NOISE_MULTIPLIER, 0.0)), min_survivors=protocol_min_survivors(context),
+            noise_multiplier=_config_float(req.config, wire.SECURE_NOISE_MULTIPLIER), min_survivors=protocol_min_survivors(context),
         )
         return Message(masked_fit_reply(shares, MetricRecord(metrics)), reply_to=msg)
     content = RecordDict()
@@ -145,6 +155,17 @@ def train(msg: Message, context: Context) -> Message:
         content[wire.ARRAYS] = ArrayRecord(result.state_dict)
     content[wire.METRICS] = MetricRecord(metrics)
     return Message(content, reply_to=msg)
+
+
+def _config_float(config: ConfigRecord, key: str) -> float:
+    """config[key] (absent: 0) as float() reads it; a list raises TypeError, as float() does."""
+    value: Any = config.get(key, 0.0)  # any ConfigRecord value: float() takes a number, str or bytes
+    return float(value)
+
+
+def _int_list(values: list[Any]) -> TypeGuard[list[int]]:
+    """Whether every value is an int (a bool, though an int to Python, is not)."""
+    return not any(isinstance(i, bool) or not isinstance(i, int) for i in values)
 
 
 def _round_clip_norm(config: ConfigRecord) -> float | None:
@@ -160,7 +181,7 @@ def _round_clip_norm(config: ConfigRecord) -> float | None:
 def _sampled_users(config: ConfigRecord, shard_size: int) -> list[int]:
     """The shard indices the server sampled (absent: the first, a real device's only user)."""
     sampled = config.get(wire.SHARD_USERS, [0])
-    if not isinstance(sampled, list) or not sampled or any(isinstance(i, bool) or not isinstance(i, int) for i in sampled):
+    if not isinstance(sampled, list) or not sampled or not _int_list(sampled):
         raise MessageError(f"the train message's {wire.SHARD_USERS!r} must be a non-empty list of user indices, got {sampled!r}")
     if any(not 0 <= i < shard_size for i in sampled) or len(set(sampled)) != len(sampled):
         raise MessageError(f"{wire.SHARD_USERS!r} {sampled} names users outside this node's {shard_size}, or one twice")
@@ -187,10 +208,10 @@ def popularity(msg: Message, context: Context) -> Message:
     if device.store_path is not None:  # not part of what a real device sends (docs/privacy.md)
         raise MessageError("a real device answers no popularity query: the popularity prior is a simulation option")
     config = msg.content.config_records.get(wire.CONFIG, ConfigRecord())
-    sampled = [i for i in _sampled_users(config, len(device.users)) if device.users[i] is not None]
+    sampled = [user for i in _sampled_users(config, len(device.users)) if (user := device.users[i]) is not None]
     total = np.zeros(device.num_items + 1, dtype=np.float64)
-    for index in sampled:
-        total += user_count_vector(device.users[index].train, device.num_items)
+    for user in sampled:
+        total += user_count_vector(user.train, device.num_items)
     content = RecordDict({wire.METRICS: MetricRecord({wire.NUM_USERS: len(sampled)})})
     if sampled:
         content[wire.ARRAYS] = ArrayRecord({wire.POPULARITY_COUNTS: Array(total / len(sampled))})
@@ -206,7 +227,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     users = [u for u in req.device.users if u is not None]  # a user without a held-out item counts for none
     results = [evaluate_locally(model=req.model, user=user, stage=stage) for user in users]
     count = len(results)
-    metrics = {wire.NUM_EXAMPLES: count}
+    metrics: dict[str, MetricRecordValues] = {wire.NUM_EXAMPLES: count}
     if req.run.share_metrics and count:  # the held-out item's rank, without noise (docs/privacy.md)
         metrics[wire.HIT_RATE_10] = sum(r.hit_rate_10 for r in results) / count
         metrics[wire.NDCG_10] = sum(r.ndcg_10 for r in results) / count

@@ -26,6 +26,7 @@ from fedinterest.common.constants import MIN_INTERACTIONS_FOR_SPLIT
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.interactions import SequenceDataset
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import DEVICES_DIR
 from fedinterest.common.split import LeaveOneOut, UserSplit, leave_one_out
 
 LOG = logging.getLogger("flwr.fedinterest")
@@ -128,4 +129,4 @@ def load_store_data(path: object, run: RunConfig) -> DeviceData:
 
 def simulation_ledger_path(run_dir: str, partition_id: int) -> Path | None:
     """`{run_dir}/devices/partition-{id}.sqlite` (one account per user of the shard), or None when the run has no directory."""
-    return Path(run_dir) / "devices" / f"partition-{partition_id}.sqlite" if run_dir else None
+    return Path(run_dir) / DEVICES_DIR / f"partition-{partition_id}.sqlite" if run_dir else None

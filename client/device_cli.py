@@ -14,7 +14,7 @@ import signal
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,9 +26,9 @@ from fedinterest.client.device_dir import init_device_dir, open_device_dir
 from fedinterest.client.personalization_settings import DEFAULT_STEPS, PersonalizationSettings
 from fedinterest.client.privacy_policy import PrivacyPolicy, load_policy, save_policy
 from fedinterest.common.cli_errors import ReportingGroup
+from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.errors import UsageError
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap
-
+from fedinterest.common.interaction_loader import ALL_FORMATS
 
 
 class _DeviceGroup(ReportingGroup):
@@ -90,9 +90,9 @@ def init(
 @app.command()
 def policy(
     directory: DirOpt,
-    max_epsilon: Annotated[Optional[float], typer.Option("--max-epsilon", help="New maximum epsilon this device spends.")] = None,
-    max_delta: Annotated[Optional[float], typer.Option("--max-delta", help="New maximum delta this device accepts.")] = None,
-    share_metrics: Annotated[Optional[bool], typer.Option(
+    max_epsilon: Annotated[float | None, typer.Option("--max-epsilon", help="New maximum epsilon this device spends.")] = None,
+    max_delta: Annotated[float | None, typer.Option("--max-delta", help="New maximum delta this device accepts.")] = None,
+    share_metrics: Annotated[bool | None, typer.Option(
         "--share-metrics/--no-share-metrics",
         help="Whether to send the training loss and held-out HR@10/NDCG@10 when a run asks (share-metrics): noiseless, outside every guarantee.",
     )] = None,
@@ -120,12 +120,12 @@ def policy(
 def ingest(
     file: Annotated[Path, typer.Argument(help="Interactions file of this device's user.", show_default=False)],
     directory: DirOpt,
-    fmt: Annotated[Optional[str], typer.Option("--format", help=f"One of: {', '.join(ALL_FORMATS)} (default: from the file suffix).")] = None,
-    user: Annotated[Optional[str], typer.Option("--user", help="The user to import from a file that holds several.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help=f"One of: {', '.join(ALL_FORMATS)} (default: from the file suffix).")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="The user to import from a file that holds several.")] = None,
     user_col: Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")] = "user",
     item_col: Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")] = "item",
     time_col: Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")] = "timestamp",
-    rating_col: Annotated[Optional[str], typer.Option(help="Optional rating column.")] = None,
+    rating_col: Annotated[str | None, typer.Option(help="Optional rating column.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Import the user's interactions (validated; all or nothing; importing the same file again adds nothing)."""
@@ -153,9 +153,9 @@ def start(
     directory: DirOpt,
     server: Annotated[str, typer.Option("--server", help="The operator's SuperLink Fleet API, HOST:PORT.", show_default=False)],
     ca: Annotated[Path, typer.Option("--ca", help="The operator's CA certificate (ca.crt) to verify the server.", show_default=False)],
-    runtime_port: Annotated[Optional[int], typer.Option(help="Loopback port of the SuperNode's runtime API (default: a free one).")] = None,
-    max_retries: Annotated[Optional[int], typer.Option(help="Give up after this many reconnection attempts (default: never).")] = None,
-    max_wait_time: Annotated[Optional[float], typer.Option(help="Give up reconnecting after this many seconds (default: never).")] = None,
+    runtime_port: Annotated[int | None, typer.Option(help="Loopback port of the SuperNode's runtime API (default: a free one).")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="Give up after this many reconnection attempts (default: never).")] = None,
+    max_wait_time: Annotated[float | None, typer.Option(help="Give up reconnecting after this many seconds (default: never).")] = None,
     resident: Annotated[bool, typer.Option("--resident/--process-per-message", help="Handle messages in a resident, warm ClientApp process (default), or let Flower start a new process for each message.")] = True,
 ) -> None:
     """Run Flower's SuperNode for this device in the foreground (TLS, the device key, its store); exits with its code.
@@ -177,7 +177,7 @@ def start(
 def install_bundle(
     bundle: Annotated[Path, typer.Argument(help="A bundle file from `fedinterest server export`.", show_default=False)],
     directory: DirOpt,
-    sha256: Annotated[Optional[str], typer.Option("--sha256", help="Expected SHA-256 of the bundle file (default: BUNDLE.sha256 beside it, if there).")] = None,
+    sha256: Annotated[str | None, typer.Option("--sha256", help="Expected SHA-256 of the bundle file (default: BUNDLE.sha256 beside it, if there).")] = None,
     allow_other_catalogue: Annotated[bool, typer.Option("--allow-other-catalogue", help="Install a bundle whose catalogue shares no item with the device's.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -225,8 +225,8 @@ def recommend(
 @app.command()
 def budget(
     directory: DirOpt,
-    delta: Annotated[Optional[float], typer.Option(help="Delta to state epsilon at (default: the last run's).")] = None,
-    epsilon_budget: Annotated[Optional[float], typer.Option("--budget", help="Epsilon budget (default: the last run's).")] = None,
+    delta: Annotated[float | None, typer.Option(help="Delta to state epsilon at (default: the last run's).")] = None,
+    epsilon_budget: Annotated[float | None, typer.Option("--budget", help="Epsilon budget (default: the last run's).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Example-level privacy spent by this device (from its ledger), the budget and what remains."""

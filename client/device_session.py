@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from fedinterest.common.errors import FedinterestError
 
@@ -58,7 +59,7 @@ class DeviceSession:
 
     def __init__(self, root: Path) -> None:
         self.path = Path(root) / LOCK_FILE
-        self._handle = None
+        self._handle: IO[str] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.previous = PreviousSession(None, None, None)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedinterest.client.sqlite_transaction import write_transaction
 from fedinterest.common.catalogue import Catalogue
 from fedinterest.common.errors import FedinterestError
@@ -243,6 +244,7 @@ class DeviceStore:
                 "INSERT INTO store_models (kind, received_at, sha256, payload, meta) VALUES (?, ?, ?, ?, ?)",
                 (kind, time.time(), digest, payload, json.dumps(meta, sort_keys=True)),
             )
+            assert cur.lastrowid is not None  # the row just inserted
             return int(cur.lastrowid)
 
     def latest_model_id(self) -> int | None:

@@ -1,7 +1,7 @@
 """Importing one user's interactions from a file into the device store.
 
-The file is read and validated whole by the loaders of `common.loaders` (a bad row
-names its file, line and reason) before anything is written; the write is one
+The file is read and validated whole by the loaders of `common.interaction_loader` (a
+bad row names its file, line and reason) before anything is written; the write is one
 transaction. A file is identified by its SHA-256, so importing it again adds nothing,
 and an interaction (item, time) already in the store is never added twice.
 """
@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from fedinterest.client.device_store import DeviceStore, ImportResult, file_sha256
+from fedinterest.common.column_values import ColumnMap
+from fedinterest.common.interaction_loader import ALL_FORMATS, load_interactions
 from fedinterest.common.interactions import DataFormatError
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions, suffix_format
-
+from fedinterest.common.table_loader import suffix_format
 
 
 def infer_format(path: str | Path) -> str:

@@ -46,9 +46,9 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import astuple, dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedinterest.client.sqlite_transaction import write_transaction
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # Flower and Opacus (with torch) only where used: `device budget` of a fresh device needs neither
     from flwr.app import RecordDict
@@ -115,6 +115,8 @@ def rdp_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
 
 class PrivacyLedger:
     """The accountant history of one device, persisted in SQLite (see the module docstring)."""
+
+    _view: bool  # True on the views for_user makes (which close nothing); unset on the owner
 
     def __init__(self, db_path: str | Path, user: str = DEVICE_USER) -> None:
         """Open (creating if needed) the ledger in the SQLite file `db_path`, or ":memory:";

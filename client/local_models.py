@@ -26,7 +26,6 @@ from fedinterest.common.examples import history_batch
 from fedinterest.common.model import InterestModel, ModelConfig
 
 
-
 class NoModelError(FedinterestError, LookupError):
     """The device has neither an installed bundle nor a received global model."""
 

@@ -26,11 +26,11 @@ both pass the check; a round that then fails stays charged (over-, never under-c
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,12 +38,16 @@ from opacus import PrivacyEngine
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, TensorDataset, default_collate
 
+from fedinterest.client import opacus_layers  # noqa: F401 -- registers ItemBias's per-sample gradient with Opacus
+from fedinterest.client.ledger import Charge, LedgerEntry, PrivacyLedger
 from fedinterest.common.examples import training_windows
 from fedinterest.common.model import InterestModel, sequence_loss
 from fedinterest.common.run_config import RunConfig
 from fedinterest.common.training import train_epoch
-from fedinterest.client import opacus_layers  # noqa: F401 -- registers ItemBias's per-sample gradient with Opacus
-from fedinterest.client.ledger import Charge, LedgerEntry, PrivacyLedger
+
+if TYPE_CHECKING:
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
 
 
 @dataclass(frozen=True)
@@ -127,9 +131,11 @@ def train_locally(
             expected_batch_size=sampling.expected_batch_size, lr=run.local_lr, optimizer=run.local_optimizer,
             noise_multiplier=run.noise_multiplier, max_grad_norm=run.max_grad_norm, generator=generator,
         )
+        assert prepared.engine is not None  # _prepare_private sets it
         prepared.engine.accountant.history = list(history_before)
         _check_sampling(prepared, sampling)
     else:
+        assert windows is not None  # without DP, a device without windows returned above
         prepared = _prepare_plain(
             model=model, windows=windows, batch_size=run.batch_size, lr=run.local_lr, optimizer=run.local_optimizer, generator=generator,
         )
@@ -138,10 +144,11 @@ def train_locally(
         loss = _train(prepared, local_epochs=run.local_epochs, expected_steps=sampling.steps, after_step=after_step)
     finally:
         if prepared.engine is not None:
-            prepared.module.cleanup()  # removes Opacus's hooks and per-sample attributes from `model`
+            private_module: GradSampleModule = prepared.module  # what make_private returned
+            private_module.cleanup()  # removes Opacus's hooks and per-sample attributes from `model`
     epsilon = ledger.epsilon(run.delta) if run.private else float("inf")
     state = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    weight = 1 if run.private else len(windows)
+    weight = 1 if run.private or windows is None else len(windows)  # without DP windows is set (see above)
     return LocalTrainingResult(state, weight, 0.0 if math.isnan(loss) else loss, epsilon, refused=False)
 
 
@@ -183,7 +190,7 @@ def _poisson_loader(windows: TensorDataset | None, sampling: _Sampling, *, max_l
     what Poisson sampling of nothing draws: its round is noise alone, as the accountant counts it.
     """
     if windows is None:
-        batches: object = [[] for _ in range(sampling.steps_per_epoch)]
+        batches: Iterable[list[int]] = [[] for _ in range(sampling.steps_per_epoch)]
         windows = TensorDataset(torch.zeros((0, max_len), dtype=torch.long), torch.zeros((0, max_len), dtype=torch.long))
     else:
         batches = UniformWithReplacementSampler(
@@ -257,8 +264,9 @@ def _check_sampling(prepared: _Prepared, sampling: _Sampling) -> None:
             f"Opacus accounts {len(prepared.loader)} steps an epoch at rate {1 / len(prepared.loader)}, "
             f"not the charged {sampling.steps_per_epoch} at {sampling.sample_rate}"
         )
-    if prepared.optimizer.expected_batch_size != sampling.expected_batch_size:
-        raise RuntimeError(f"Opacus divides by {prepared.optimizer.expected_batch_size}, not the public {sampling.expected_batch_size}")
+    optimizer: DPOptimizer = prepared.optimizer  # what make_private returned
+    if optimizer.expected_batch_size != sampling.expected_batch_size:
+        raise RuntimeError(f"Opacus divides by {optimizer.expected_batch_size}, not the public {sampling.expected_batch_size}")
 
 
 def _proximal_step(model: InterestModel, *, lr: float, mu: float) -> Callable[[], None]:

@@ -22,16 +22,17 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedinterest.client.local_models import LoadedModel, TorchRanker
-from fedinterest.common.examples import training_windows, trim_padding
-from fedinterest.common.model import InterestModel, packed_sequence_loss
 
 # The settings live apart, without torch, so the device CLI can name its defaults at import.
 from fedinterest.client.personalization_settings import DEFAULT_LR, DEFAULT_STEPS, MAX_STEPS, PersonalizationSettings  # noqa: E402,F401
+from fedinterest.common.examples import training_windows, trim_padding
+from fedinterest.common.model import InterestModel, packed_sequence_loss
 
 
 def personalized_model(model: InterestModel, history: np.ndarray, settings: PersonalizationSettings) -> InterestModel:
@@ -40,7 +41,7 @@ def personalized_model(model: InterestModel, history: np.ndarray, settings: Pers
     `model` itself is never modified. A history of fewer than two items has no window
     (no (item, next item) pair) and gets an unadapted copy.
     """
-    for _, adapted in adaptation_path(model, history, settings):
+    for _, adapted in adaptation_path(model, history, settings):  # noqa: B007 - walks the path to its end; the last copy is used below
         pass
     for param in adapted.parameters():
         param.requires_grad_(False)
@@ -75,7 +76,7 @@ def _copy_parameters(model: InterestModel) -> InterestModel:
     """A copy with its own storage for every parameter. Shared, because never written to: the buffers
     (the constant item -> attribute tables; torch cannot deep-copy their sparse CSR one) and the frozen
     config (copying its per-item attribute rows took most of the time)."""
-    shared = {id(buffer): buffer for buffer in model.buffers()}
+    shared: dict[int, Any] = {id(buffer): buffer for buffer in model.buffers()}
     shared[id(model.config)] = model.config
     return copy.deepcopy(model, memo=shared).eval()
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import math
 import secrets
+from typing import Any, TypeGuard, cast
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -67,14 +69,20 @@ def fit_instructions(msg: Message) -> tuple[ArrayRecord, ConfigRecord]:
     arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
     if not isinstance(names, list) or len(names) != len(arrays) or not all(isinstance(n, str) for n in names):
         raise MessageError(f"{wire.SECURE_ARRAY_KEYS!r} must name each of the {len(arrays)} arrays sent")
-    return ArrayRecord({name: torch.from_numpy(np.array(a)) for name, a in zip(names, arrays)}), config
+    keys = cast(list[str], names)  # checked just above: a list of str
+    return ArrayRecord({name: torch.from_numpy(np.array(a)) for name, a in zip(keys, arrays)}), config
+
+
+def _plain_ints(values: list[Any]) -> TypeGuard[list[int]]:
+    """Whether every value is an int (a bool, though an int to Python, is not)."""
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def protocol_min_survivors(context: Context) -> int:
     """m: the fewest devices whose vectors the running SecAgg+ round can sum (from its setup stage's settings)."""
     state = context.state.config_records.get(RECORD_KEY_STATE)
     values = [state.get(key) if state is not None else None for key in (SAMPLE_NUMBER, SHARE_NUMBER, THRESHOLD)]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values) or values[2] < 2 or values[1] < values[2]:
+    if not _plain_ints(values) or values[2] < 2 or values[1] < values[2]:
         raise MessageError(f"no SecAgg+ settings (sampled, shares, threshold >= 2) in this node's protocol state (got {values!r})")
     return fewest_survivors(*values)
 

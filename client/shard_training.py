@@ -71,7 +71,7 @@ def train_shard(
     if not sampled or any(not 0 <= i < len(device.users) for i in sampled) or len(set(sampled)) != len(sampled):
         raise ValueError(f"sampled users must be distinct indices into the shard's {len(device.users)} users, got {sampled}")
     generator = _seed_round(run, server_round, device.first_user)
-    histories = [device.users[i].train if device.users[i] is not None else NO_HISTORY for i in sampled]
+    histories = [user.train if (user := device.users[i]) is not None else NO_HISTORY for i in sampled]
     accounts = [ledger.for_user(device.ledger_user(i)) for i in sampled]
     clip = (clip_norm or run.user_clip_norm) if run.clips_user_updates else None
     if _is_fedsgd(run, proximal_mu, histories):
@@ -114,7 +114,10 @@ def _fedsgd_round(
     divisor = float(len(trained)) if clip is not None else float(user_windows.sum())
     state = _plus(model, {name: value / divisor for name, value in updates.total.items()})
     loss = float((updates.losses.to(torch.float64) * user_windows).sum() / user_windows.sum())
-    unclipped = int((updates.norms <= clip).sum()) if clip is not None else 0
+    unclipped = 0
+    if clip is not None:
+        assert updates.norms is not None  # fedsgd_user_updates returns the norms whenever it clips
+        unclipped = int((updates.norms <= clip).sum())
     return ShardRoundResult(state, len(trained), int(user_windows.sum()), loss, epsilons, refused, unclipped)
 
 

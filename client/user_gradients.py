@@ -105,7 +105,7 @@ def fedsgd_user_updates(
         raise ValueError(f"lr must be positive, got {lr}")
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-    names = {param: name for name, param in model.named_parameters()}
+    names: dict[torch.Tensor, str] = {param: name for name, param in model.named_parameters()}  # parameters by identity
     total = {name: torch.zeros_like(param) for param, name in names.items()}
     count = len(histories)
     losses = torch.zeros(count)
@@ -117,6 +117,7 @@ def fedsgd_user_updates(
             chunk_losses = _weighted_sum(model, chunk, total, names, lr, windows)
         else:
             chunk_losses, chunk_norms = _clipped_sum(model, chunk, total, names, lr, clip_norm)
+            assert norms is not None  # allocated above whenever clip_norm is set
             norms[chunk.users] = chunk_norms
         losses[chunk.users] = chunk_losses
     return UserUpdates(total=total, norms=norms, losses=losses, windows=windows)
@@ -167,7 +168,7 @@ def _user_losses(per_position: torch.Tensor, rows: torch.Tensor, chunk: _Chunk) 
 
 
 def _weighted_sum(
-    model: InterestModel, chunk: _Chunk, total: dict[str, torch.Tensor], names: dict[nn.Parameter, str], lr: float, windows: torch.Tensor
+    model: InterestModel, chunk: _Chunk, total: dict[str, torch.Tensor], names: dict[torch.Tensor, str], lr: float, windows: torch.Tensor
 ) -> torch.Tensor:
     """Add sum_u W_u * (-lr g_u) of the chunk's users to `total`: one ordinary backward pass."""
     model.zero_grad(set_to_none=True)
@@ -212,7 +213,7 @@ class _Capture:
 
 
 def _clipped_sum(
-    model: InterestModel, chunk: _Chunk, total: dict[str, torch.Tensor], names: dict[nn.Parameter, str], lr: float, clip_norm: float
+    model: InterestModel, chunk: _Chunk, total: dict[str, torch.Tensor], names: dict[torch.Tensor, str], lr: float, clip_norm: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Add sum_u clip(-lr g_u, C) of the chunk's users to `total`; (losses, update norms)."""
     big = [p for m in (model.item_emb, model.head, model.item_bias) if m is not None for p in m.parameters()]

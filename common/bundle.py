@@ -86,8 +86,9 @@ def export_onnx(model: InterestModel) -> bytes:
             )
     finally:
         model.train(was_training)
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     buffer = io.BytesIO()
-    program.save(buffer)
+    program.save(buffer)  # type: ignore[arg-type]  # annotated for paths only; save() writes a file object too
     return buffer.getvalue()
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.filters import apply_filters
+from fedinterest.common.interaction_loader import ALL_FORMATS, load_interactions
 from fedinterest.common.interactions import SequenceDataset, to_sequences
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions
 from fedinterest.common.split import LeaveOneOut, leave_one_out
 from fedinterest.common.synthetic import PlantedTruth, SyntheticConfig, generate
 
@@ -55,6 +56,7 @@ def load_dataset(spec: DatasetSpec) -> tuple[SequenceDataset, PlantedTruth | Non
     if spec.kind == SYNTHETIC:
         table, truth = generate(spec.synthetic)
     else:
+        assert spec.path is not None  # DatasetSpec requires a path for every kind but synthetic
         table = load_interactions(spec.path, format=spec.kind, columns=spec.columns)
     table, reports = apply_filters(table, rating_threshold=spec.min_rating, core=spec.k_core, min_user_length=spec.min_length)
     dataset = to_sequences(table, spec.label)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedinterest.common.constants import PAD_ID
+from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 
 
 def target_ranks(scores: torch.Tensor, targets: Sequence[int], seen: Sequence[np.ndarray]) -> np.ndarray:
@@ -62,8 +63,8 @@ def summarize(ranks: np.ndarray) -> dict[str, float]:
     if ranks.size == 0:
         raise ValueError("no users to average over")
     return {
-        "hr@10": float(hit_rate(ranks, 10).mean()),
-        "ndcg@10": float(ndcg(ranks, 10).mean()),
+        HIT_RATE_10: float(hit_rate(ranks, 10).mean()),
+        NDCG_10: float(ndcg(ranks, 10).mean()),
         "hr@20": float(hit_rate(ranks, 20).mean()),
         "ndcg@20": float(ndcg(ranks, 20).mean()),
         "mrr": float(reciprocal_rank(ranks).mean()),

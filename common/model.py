@@ -100,6 +100,11 @@ class ItemBias(nn.Module):
 class InterestModel(nn.Module):
     """SASRec-style encoder of a user's history that scores the whole catalogue."""
 
+    # Buffers registered with item-vectors = attributes (__init__); declared for the type checker.
+    attr_index: torch.Tensor
+    attr_weight: torch.Tensor
+    attr_mixing: torch.Tensor
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config

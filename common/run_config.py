@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 from fedinterest.common.datasets import DatasetSpec
 from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.model_config import ITEM_VECTORS, ModelConfig
 from fedinterest.common.synthetic import SyntheticConfig
+
+if TYPE_CHECKING:  # the annotation only: this module itself does not import Flower
+    from flwr.app import UserConfig
 
 # Integers beyond this are typos or attacks, never settings (and would overflow numpy/torch).
 MAX_INT = 2**31 - 1
@@ -358,7 +362,7 @@ class RunConfig:
         unknown = sorted((str(k) for k in set(run_config) - set(by_key)), key=str)  # keys of any type, never a TypeError
         if unknown:
             raise ValueError(f"unknown run-config keys {unknown}; known: {sorted(by_key)}")
-        values = {}
+        values: dict[str, Any] = {}
         for key, value in run_config.items():
             field = by_key[key]
             expected = type(getattr(cls, field.name))
@@ -371,7 +375,7 @@ class RunConfig:
             values[field.name] = value
         return cls(**values)
 
-    def to_flower(self) -> dict[str, object]:
+    def to_flower(self) -> UserConfig:
         """The kebab-case mapping Flower carries (inverse of `from_flower`)."""
         return {_key(name): value for name, value in asdict(self).items()}
 

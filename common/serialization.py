@@ -10,7 +10,6 @@ import json
 import os
 from dataclasses import asdict
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where weights are written or read, not by atomic_write_text's users

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
@@ -10,12 +11,15 @@ from fedinterest.common.model import InterestModel
 
 LossFn = Callable[[InterestModel, torch.Tensor, torch.Tensor], torch.Tensor]
 
+# The model trained: an InterestModel, or the Opacus module wrapping one on the device.
+M = TypeVar("M", bound=torch.nn.Module)
+
 
 def train_epoch(
-    model: torch.nn.Module,
+    model: M,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
-    loss_fn: LossFn,
+    loss_fn: Callable[[M, torch.Tensor, torch.Tensor], torch.Tensor],
     after_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over `batches`; returns the example-weighted mean loss and the step count."""

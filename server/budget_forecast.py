@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.deployment import Deployment
 from fedinterest.server.enrollment import load_devices
@@ -68,7 +69,7 @@ def spent_by_node(deployment: Deployment) -> dict[int, float]:
             saved = ckpt.latest(run_dir)
         except (ckpt.CheckpointError, OSError, ValueError):
             continue  # an unreadable checkpoint says nothing about budgets; the run's own status names it
-        tally = (saved.privacy or {}).get("device_epsilon_max", {}) if saved else {}
+        tally = (saved.privacy or {}).get(DEVICE_EPSILON_MAX, {}) if saved else {}
         for node, epsilon in tally.items():
             if str(node).isdigit() and math.isfinite(float(epsilon)):
                 spent[int(node)] = max(spent.get(int(node), 0.0), float(epsilon))

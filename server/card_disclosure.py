@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX, DEVICE_EPSILON_MEAN
+
 _EVALUATION = (
     "mean HR@10 / NDCG@10 of the users' held-out items under the model, without noise: a function of "
     "those items and of the histories ranked from (in a deployment, of the metrics devices chose to share)"
@@ -30,8 +32,8 @@ OUTSIDE_THE_GUARANTEE = {
     "evaluation.valid": _EVALUATION,
     "evaluation.test": _EVALUATION,
     "evaluation.best_valid": _EVALUATION + "; and the round that validation picked",
-    "privacy.device_epsilon_max": "the largest layer-1 epsilon a device reported: a function of how often it took part",
-    "privacy.device_epsilon_mean": "the mean layer-1 epsilon the devices reported: a function of how often they took part",
+    f"privacy.{DEVICE_EPSILON_MAX}": "the largest layer-1 epsilon a device reported: a function of how often it took part",
+    f"privacy.{DEVICE_EPSILON_MEAN}": "the mean layer-1 epsilon the devices reported: a function of how often they took part",
     "privacy.user_level.delta": "1 / devices registered at the first round unless user-delta was set: the federation's size",
 }
 # Everything else, by the card section or field it lives under.

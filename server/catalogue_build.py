@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedinterest.common.catalogue import write_catalogue
+from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.errors import FedinterestError
-from fedinterest.common.loaders import ColumnMap, load_interactions
+from fedinterest.common.interaction_loader import load_interactions
 from fedinterest.common.serialization import atomic_write_text
 
 POPULARITY_SUFFIX = ".popularity.json"
@@ -54,8 +56,7 @@ def build_catalogue(source: Path, out: Path, *, fmt: str, columns: ColumnMap = C
     ordered = sorted(counts, key=lambda item: (-counts[item], first[item]))
     # Popularity counts every interaction; the baseline's leave-one-out keeps each user's first
     # interaction with an item (a repeat as the held-out target would be an item already seen).
-    seen: set[tuple[str, str]] = set()
-    first_of_pair = np.fromiter(((u, i) not in seen and not seen.add((u, i)) for u, i in zip(table.users, table.items)), dtype=bool, count=len(table.items))
+    first_of_pair = np.fromiter(_first_occurrences(zip(table.users, table.items)), dtype=np.bool_, count=len(table.items))
     split = leave_one_out(to_sequences(table.take(first_of_pair), str(source)))
     baseline = summarize(popularity_ranks(split, "test")) if split.users else None
     facts = {
@@ -80,3 +81,11 @@ def read_popularity(catalogue: Path) -> dict[str, Any] | None:
         return None
     facts = json.loads(path.read_text(encoding="utf-8"))
     return {k: facts.get(k) for k in ("source", "users_evaluated", "popularity_test", "protocol")}
+
+
+def _first_occurrences(pairs: Iterable[tuple[str, str]]) -> Iterator[bool]:
+    """For each (user, item) pair in order, whether it is that pair's first occurrence."""
+    seen: set[tuple[str, str]] = set()
+    for pair in pairs:
+        yield pair not in seen
+        seen.add(pair)

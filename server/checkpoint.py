@@ -42,7 +42,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,10 @@ from safetensors.numpy import save as save_safetensors
 
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import UNHASHED, RunConfig, keys_with
+from fedinterest.common.run_files import CHECKPOINT_DIR
 
 LOG = logging.getLogger("flwr.fedinterest")
-CHECKPOINT_DIR = "checkpoints"
+
 MANIFEST = "manifest.json"
 RELEASES = "releases.json"
 FORMAT = 1
@@ -145,7 +146,7 @@ def save(run_dir: Path, checkpoint: Checkpoint) -> Path:
         "elapsed_seconds": checkpoint.elapsed_seconds,
         "metrics_row": checkpoint.metrics_row,
         "best": checkpoint.best,
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     _commit_manifest(directory, manifest)
     _remove_stale(directory, keep={weights, state_name})

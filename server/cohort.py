@@ -86,7 +86,7 @@ def addressed(messages: list[Message], assignment: dict[int, list[int]]) -> list
     for message in messages:
         node = message.metadata.dst_node_id
         content = message.content
-        config = ConfigRecord({**dict(content[CONFIG]), SHARD_USERS: assignment[node]})
+        config = ConfigRecord({**dict(content.config_records[CONFIG]), SHARD_USERS: assignment[node]})
         records = {key: content[key] for key in content.keys() if key != CONFIG}
         out.append(Message(content=RecordDict({**records, CONFIG: config}), dst_node_id=node, message_type=message.metadata.message_type))
     return out
@@ -123,6 +123,6 @@ def _shard_of(node: int, reply: Message) -> NodeShard:
     if metrics is None or set(metrics.keys()) != {SHARD_FIRST_USER, SHARD_SIZE}:
         raise ValueError(f"the reply needs exactly {SHARD_FIRST_USER!r} and {SHARD_SIZE!r} under {METRICS!r}")
     first, size = metrics[SHARD_FIRST_USER], metrics[SHARD_SIZE]
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in (first, size)) or first < -1 or size < 1:
+    if isinstance(first, bool) or not isinstance(first, int) or isinstance(size, bool) or not isinstance(size, int) or first < -1 or size < 1:
         raise ValueError(f"shard ({first!r}, {size!r}) is not a first user >= -1 and a size >= 1")
     return NodeShard(node, int(first), int(size))

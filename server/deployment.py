@@ -23,9 +23,9 @@ from typing import Any
 
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import RUN_MANAGED, RunConfig, keys_with
+from fedinterest.common.run_overrides import toml_value
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server import certificates as certs
-from fedinterest.server.run_overrides import toml_value
 
 CONFIG_FILE = "fedinterest-server.toml"
 CATALOGUE_FILE = "catalogue.txt"

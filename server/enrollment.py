@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.deployment import Deployment, DeploymentError
-from fedinterest.server.flower_processes import flwr_json
-from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
+from fedinterest.server.flower_processes import SuperLinkNotReady, flwr_json
+from fedinterest.server.superlink import require_ready, superlink_env
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # The curves Flower's node authentication accepts (NIST P-curves).
@@ -53,7 +53,7 @@ class Device:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def check_name(name: str) -> str:

@@ -29,7 +29,16 @@ from fedinterest.common.model import InterestModel, ModelConfig
 from fedinterest.common.popularity import PRIOR_WEIGHTS
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.common.wire import (
-    ARRAYS, CONFIG, EVAL_REPLY_METRICS, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, SERVER_ROUND, SHARED_EVAL_METRICS, STAGE,
+    ARRAYS,
+    CONFIG,
+    EVAL_REPLY_METRICS,
+    HIT_RATE_10,
+    METRICS,
+    NDCG_10,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+    SHARED_EVAL_METRICS,
+    STAGE,
 )
 
 # The held-out items an evaluation can rank (sent under STAGE).

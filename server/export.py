@@ -10,19 +10,19 @@ taken from the run's final.json; its fields that no guarantee covers are listed 
 from __future__ import annotations
 
 import hashlib
-import json
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX, DEVICE_EPSILON_MEAN, FINAL_FILE, FinalReport
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.card_disclosure import OUTSIDE_THE_GUARANTEE
 from fedinterest.server.deployment import Deployment
-from fedinterest.server.flower_processes import run_status
-from fedinterest.server.run_admin import FINAL_FILE, RunError, find_run, read_record
-from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
+from fedinterest.server.flower_processes import SuperLinkNotReady, run_status
+from fedinterest.server.run_admin import RunError, find_run, read_record
+from fedinterest.server.superlink import require_ready, superlink_env
 
 CARD_FORMAT = 1
 UNIT_OF_PROTECTION = (
@@ -35,11 +35,10 @@ USER_LEVEL = (
 )
 
 
-def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], final: dict[str, Any], checkpoint_round: int, flower_status: str | None) -> dict[str, Any]:
+def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], final: FinalReport, checkpoint_round: int, flower_status: str | None) -> dict[str, Any]:
     """The model card of a run: data, training, evaluation and the privacy guarantee, with units."""
     config = RunConfig.from_flower(record["run_config"])
-    privacy = final.get("privacy") or {}
-    counts = final.get("counts") or {}
+    privacy, counts = final.privacy, final.counts
     return {
         "card_format": CARD_FORMAT,
         "model": {
@@ -86,8 +85,8 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
             "accountant": "Opacus RDP accountant, on each device" if config.private else None,
             "delta": config.delta,
             "epsilon_budget_per_device": config.epsilon_budget,
-            "device_epsilon_max": privacy.get("device_epsilon_max"),
-            "device_epsilon_mean": privacy.get("device_epsilon_mean"),
+            DEVICE_EPSILON_MAX: privacy.get(DEVICE_EPSILON_MAX),
+            DEVICE_EPSILON_MEAN: privacy.get(DEVICE_EPSILON_MEAN),
             "epsilon_meaning": privacy.get("unit"),
             "noise_multiplier": config.noise_multiplier,
             "max_grad_norm": config.max_grad_norm,
@@ -97,7 +96,7 @@ def model_card(deployment: Deployment, run_dir: Path, record: dict[str, Any], fi
             # The card's fields no guarantee covers (server/card_disclosure.py; docs/privacy.md).
             "outside_the_guarantee": dict(OUTSIDE_THE_GUARANTEE),
         },
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -110,10 +109,9 @@ def export_run(deployment: Deployment, ref: str | None, out: Path) -> dict[str, 
 
     run_dir = find_run(deployment, ref)
     record = read_record(run_dir)
-    final_path = run_dir / FINAL_FILE
-    if not final_path.is_file():
+    final = FinalReport.read(run_dir)
+    if final is None:
         raise RunError(f"{run_dir}: no {FINAL_FILE} yet; the run has not finished (see `fedinterest server status {run_dir.name}`)")
-    final = json.loads(final_path.read_text(encoding="utf-8"))
     checkpoint = ckpt.latest(run_dir)
     if checkpoint is None:
         raise RunError(f"{run_dir / ckpt.CHECKPOINT_DIR}: no checkpoint; the run aggregated no round")

@@ -13,8 +13,9 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from fedinterest.common.wire import ARRAYS, CONFIG, SIMULATED_FAULT
 from flwr.app import ConfigRecord, Message, RecordDict
+
+from fedinterest.common.wire import ARRAYS, CONFIG, SIMULATED_FAULT
 
 
 def pick_faulty(node_ids: Sequence[int], fraction: float, seed: int, server_round: int) -> list[int]:
@@ -40,7 +41,7 @@ def mark_faults(messages: Sequence[Message], faulty: Sequence[int], mode: str) -
         if node not in targets:
             marked.append(message)
             continue
-        config = ConfigRecord({**dict(message.content[CONFIG]), SIMULATED_FAULT: mode})
+        config = ConfigRecord({**dict(message.content.config_records[CONFIG]), SIMULATED_FAULT: mode})
         content = RecordDict({ARRAYS: message.content[ARRAYS], CONFIG: config})
         marked.append(Message(content=content, message_type=message.metadata.message_type, dst_node_id=node))
     return marked

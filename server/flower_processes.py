@@ -1,9 +1,10 @@
 """Flower's own processes and CLI, run offline with a private FLWR_HOME.
 
 Shared by the simulation runner and the operator CLI: the environment every Flower
-process gets (DESIGN.md runtime notes), where the executables are, a run's state from
-`flwr ls` (the only reliable verdict: `flwr run --stream` exits 0 on a failed run),
-stopping a run, and the readable tail of a log.
+process gets (DESIGN.md runtime notes), where the executables are, a SuperLink's
+lifecycle (started, healthy, stopped), a run's state from `flwr ls` (the only reliable
+verdict: `flwr run --stream` exits 0 on a failed run), stopping a run, and the readable
+tail of a log.
 """
 
 from __future__ import annotations
@@ -11,12 +12,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
+import ssl
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from fedinterest.common.errors import FedinterestError
 
 # DESIGN.md, runtime notes: no dependency installs, no telemetry, no update check.
 OFFLINE_ENV = {
@@ -56,6 +64,66 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class SuperLinkNotReady(FedinterestError, RuntimeError):
+    """The SuperLink exited, or did not answer its health check in time."""
+
+
+def is_healthy(url: str, context: ssl.SSLContext | None = None, timeout: float = 2.0) -> bool:
+    """Whether a SuperLink answers GET `url` (its /health endpoint) with 200."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+class SuperLinkProcess:
+    """A `flower-superlink` started in the background, healthy on entry, stopped on exit.
+
+    The simulation runner starts one per run (plain HTTP on a free loopback port);
+    `health_url` (with `context` for TLS) is its /health endpoint.
+    """
+
+    def __init__(
+        self, command: Sequence[str], *, health_url: str, log_path: Path, env: Mapping[str, str], cwd: Path,
+        context: ssl.SSLContext | None = None, startup_seconds: float = 60.0,
+    ) -> None:
+        self.command, self.health_url, self.context = list(command), health_url, context
+        self.log_path, self.env, self.cwd, self.startup_seconds = log_path, dict(env), cwd, startup_seconds
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SuperLinkProcess:
+        return self if self.process is not None else self.start()
+
+    def start(self) -> SuperLinkProcess:
+        """Start it and wait until healthy; SuperLinkNotReady (after stopping it) otherwise."""
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        deadline = time.monotonic() + self.startup_seconds
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SuperLinkNotReady(f"flower-superlink exited with code {self.process.returncode} before it was ready")
+            if is_healthy(self.health_url, self.context, timeout=1):
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise SuperLinkNotReady(f"flower-superlink was not ready after {self.startup_seconds:.0f} s")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM (it stops its SuperExec and ServerApp), then SIGKILL if it lingers."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
 
 
 def flwr_json(args: list[str], env: Mapping[str, str], *, timeout: float = 120) -> dict[str, Any]:

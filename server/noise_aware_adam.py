@@ -14,7 +14,8 @@ dividing by zero:
     x  += eta * (m_t / (1 - b1^t)) / (sqrt(max(v_t / (1 - b2^t) - Phi, floor * Phi)) + tau)
 
 It is post-processing of the released models (the noise is already in them), so it
-costs no privacy. The round loop sets `noise_variance` before every aggregation; with
+costs no privacy. Layer 2 sets `noise_variance` before every aggregation (its strategy
+wrapper, server/user_dp_strategy.py, or server/secure_rounds.py under SecAgg+); with
 `noise_variance` 0 the step is Flower's FedAdam's form with Kingma & Ba's bias correction.
 The moments `m_t` / `v_t` are Flower's, so checkpoints keep them as for FedAdam.
 """
@@ -22,6 +23,7 @@ The moments `m_t` / `v_t` are Flower's, so checkpoints keep them as for FedAdam.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
@@ -31,7 +33,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg
 class NoiseAwareFedAdam(FedAdam):
     """Flower's FedAdam with the second moment corrected for a known noise variance."""
 
-    def __init__(self, *args: object, noise_floor: float = 1.0, **kwargs: object) -> None:
+    def __init__(self, *args: Any, noise_floor: float = 1.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not noise_floor > 0:
             raise ValueError(f"noise_floor must be positive, got {noise_floor}")
@@ -50,6 +52,7 @@ class NoiseAwareFedAdam(FedAdam):
         m_scale, v_scale = 1 - self.beta_1**server_round, 1 - self.beta_2**server_round
         phi = self.noise_variance
         new = {}
+        assert self.current_arrays is not None  # _compute_deltat_and_mt raises without them
         for key, current in self.current_arrays.items():
             v_hat = self.v_t[key] / v_scale
             if phi > 0:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from fedinterest.common.cli_errors import ReportingGroup
 from fedinterest.common.errors import JobFailed, UsageError
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX, METRIC_KEYS, NDCG_10
 from fedinterest.server.deployment import DEFAULT_HOST, DEFAULT_PORT, ENV_DIR
 
 if TYPE_CHECKING:
+    from fedinterest.common.run_files import RoundRow
     from fedinterest.server.deployment import Deployment
-    from fedinterest.server.run_metrics import RoundRow
 
 app = typer.Typer(
     cls=ReportingGroup,
@@ -33,7 +34,7 @@ app = typer.Typer(
 )
 
 DirOption = Annotated[
-    Optional[Path],
+    Path | None,
     typer.Option("--dir", envvar=ENV_DIR, help=f"The deployment directory (made by `server init`); or set {ENV_DIR}."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
@@ -53,10 +54,10 @@ def _print_json(payload: Any) -> None:
 def init(
     directory: Annotated[Path, typer.Argument(metavar="DIR", help="The deployment directory to create (must not exist, or be empty).")],
     san: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--san", help="An IP address or DNS name devices use to reach the server (repeatable); 127.0.0.1 and localhost are always added."),
     ] = None,
-    catalogue: Annotated[Optional[Path], typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
+    catalogue: Annotated[Path | None, typer.Option("--catalogue", help="The item catalogue: one raw item id per line (line i = item index i).")] = None,
     host: Annotated[str, typer.Option("--host", help="Address the SuperLink listens on. Default loopback only; "
         "give the interface devices use (or 0.0.0.0) to expose it, Control API included.")] = DEFAULT_HOST,
     port: Annotated[int, typer.Option("--port", help="The SuperLink's HTTPS port (devices, the operator's flwr commands).")] = DEFAULT_PORT,
@@ -68,7 +69,7 @@ def init(
 
     deployment = init_deployment(directory, list(san or []), catalogue=catalogue, host=host, port=port)
     ca = load_certificate(deployment.ca_cert)
-    facts = {
+    facts: dict[str, Any] = {
         "dir": str(deployment.root),
         "config": str(deployment.config_file),
         "ca_certificate": str(deployment.ca_cert),
@@ -99,7 +100,7 @@ def init(
 def catalogue(
     source: Annotated[Path, typer.Argument(help="An interactions file listing every item (the operator's own log, a product export).")],
     out: Annotated[Path, typer.Option("--out", help="The catalogue to write (give it to `server init --catalogue` and to devices).")],
-    fmt: Annotated[Optional[str], typer.Option("--format", help="csv, tsv, jsonl (also .json), parquet, ml-100k, ml-1m, sequences (default: from the suffix).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="csv, tsv, jsonl (also .json), parquet, ml-100k, ml-1m, sequences (default: from the suffix).")] = None,
     user_col: Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")] = "user",
     item_col: Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")] = "item",
     time_col: Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")] = "timestamp",
@@ -108,7 +109,8 @@ def catalogue(
     """Build the item catalogue from an interactions file, most popular item first, with its popularity baseline beside it.
 
     Devices without a model rank by this order; `status` and `report` show the baseline."""
-    from fedinterest.common.loaders import GENERIC_FORMATS, ColumnMap, suffix_format
+    from fedinterest.common.column_values import ColumnMap
+    from fedinterest.common.table_loader import GENERIC_FORMATS, suffix_format
     from fedinterest.server.catalogue_build import build_catalogue
 
     chosen = fmt or suffix_format(source)
@@ -205,7 +207,7 @@ def devices(
 @app.command()
 def run(
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override a run default, e.g. --set num-server-rounds=5 --set dim=16 (repeatable)."),
     ] = None,
     directory: DirOption = None,
@@ -243,7 +245,7 @@ def run(
 
 def _echo_round(row: RoundRow) -> None:
     """One line per finished round, as `run --wait` follows the run."""
-    shown = ", ".join(f"{k} {row.number(k):.4g}" for k in ("train_loss", "epsilon_max", "ndcg@10") if row.number(k) is not None)
+    shown = ", ".join(f"{k} {row.number(k):.4g}" for k in ("train_loss", "epsilon_max", NDCG_10) if row.number(k) is not None)
     typer.echo(
         f"round {row.round}: {row.get('answered')} of {row.get('sampled')} devices answered, {row.get('refused')} refused, "
         f"{row.get('failed')} failed, {row.get('rejected')} rejected" + (f"; {shown}" if shown else "; no update aggregated")
@@ -278,7 +280,7 @@ def _echo_state(state: dict[str, Any]) -> None:
     )
     latest = state["latest_round"]
     if latest:
-        shown = {k: latest.get(k) for k in ("train_loss", "hr@10", "ndcg@10") if latest.get(k) is not None}
+        shown = {k: latest.get(k) for k in ("train_loss", *METRIC_KEYS) if latest.get(k) is not None}
         typer.echo(f"  latest round {latest.get('round')}: " + (", ".join(f"{k} {v:.4g}" for k, v in shown.items()) or "no metrics"))
     privacy = state["privacy"]
     if privacy["dp"]:
@@ -294,14 +296,14 @@ def _echo_state(state: dict[str, Any]) -> None:
     popular = (state.get("popularity_baseline") or {}).get("popularity_test")
     if popular:
         typer.echo("  popularity baseline (test, on the catalogue's source data, not the devices'): "
-                   + ", ".join(f"{k} {popular[k]:.4g}" for k in ("hr@10", "ndcg@10") if k in popular))
+                   + ", ".join(f"{k} {popular[k]:.4g}" for k in METRIC_KEYS if k in popular))
     for reason in state.get("device_reasons") or []:
         typer.echo(f"  {reason}")
 
 
 @app.command()
 def status(
-    run_ref: Annotated[Optional[str], typer.Argument(metavar="[RUN]", help="Flower run id or run directory name (default: the latest run).")] = None,
+    run_ref: Annotated[str | None, typer.Argument(metavar="[RUN]", help="Flower run id or run directory name (default: the latest run).")] = None,
     directory: DirOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -348,14 +350,14 @@ def export_(
     card = result["card"]["privacy"]
     typer.echo(f"Wrote {result['bundle']} ({result['bytes']} bytes, sha256 {result['sha256']})")
     typer.echo(f"  run {result['run_id']} ({result['run']}), global model after round {result['round']}")
-    typer.echo(f"  privacy: device epsilon max {_number(card['device_epsilon_max'], '-')} at delta {card['delta']:g} ({'DP-SGD on' if card['dp'] else 'DP off'})")
+    typer.echo(f"  privacy: device epsilon max {_number(card[DEVICE_EPSILON_MAX], '-')} at delta {card['delta']:g} ({'DP-SGD on' if card['dp'] else 'DP off'})")
 
 
 @app.command()
 def report(
     run_ref: Annotated[str, typer.Argument(metavar="RUN", help="Flower run id or run directory name.")],
     directory: DirOption = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Where to write report.md and the plots (default: the run directory).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Where to write report.md and the plots (default: the run directory).")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Write a run's plots and summary table (report.md) and print the table."""

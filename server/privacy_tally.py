@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedinterest.common.run_files import DEVICE_EPSILON_MAX, DEVICE_EPSILON_MEAN
+
 
 @dataclass
 class PrivacyTally:
@@ -30,13 +32,13 @@ class PrivacyTally:
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe state for the checkpoint manifest."""
-        return {"device_epsilon_max": dict(sorted(self.device_max.items())), "devices_without_dp": sorted(self.without_dp)}
+        return {DEVICE_EPSILON_MAX: dict(sorted(self.device_max.items())), "devices_without_dp": sorted(self.without_dp)}
 
     @classmethod
     def from_json(cls, state: dict[str, Any]) -> PrivacyTally:
         """Inverse of `to_json` (an empty mapping gives an empty tally)."""
         return cls(
-            device_max={str(k): float(v) for k, v in (state.get("device_epsilon_max") or {}).items()},
+            device_max={str(k): float(v) for k, v in (state.get(DEVICE_EPSILON_MAX) or {}).items()},
             without_dp=set(state.get("devices_without_dp") or ()),
         )
 
@@ -51,8 +53,8 @@ class PrivacyTally:
             ),
             "delta": delta,
             "dp": dp,
-            "device_epsilon_max": max(values) if values and dp else None,
-            "device_epsilon_mean": sum(values) / len(values) if values and dp else None,
+            DEVICE_EPSILON_MAX: max(values) if values and dp else None,
+            DEVICE_EPSILON_MEAN: sum(values) / len(values) if values and dp else None,
             "devices_reporting": len(set(self.device_max) | self.without_dp),
             "devices_without_dp": len(self.without_dp),
         }

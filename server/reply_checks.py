@@ -27,13 +27,23 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.wire import (
-    ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, NUM_USERS, REFUSED, SHARED_TRAIN_METRICS, TRAIN_LOSS, TRAIN_REPLY_METRICS, UNCLIPPED_USERS,
+    ARRAYS,
+    EPSILON,
+    METRICS,
+    NUM_EXAMPLES,
+    NUM_USERS,
+    REFUSED,
+    SHARED_TRAIN_METRICS,
+    TRAIN_LOSS,
+    TRAIN_REPLY_METRICS,
+    UNCLIPPED_USERS,
 )
 
 
@@ -124,11 +134,13 @@ def check_train_reply(msg: Message, spec: ArraySpec, bound: UpdateBound | None =
 def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound | None, users: int) -> CheckedReply:
     content = msg.content
     metrics, epsilons = _metrics(content, users)
-    num_examples, trained, loss, refused, unclipped = (metrics.get(k) for k in (NUM_EXAMPLES, NUM_USERS, TRAIN_LOSS, REFUSED, UNCLIPPED_USERS))
+    # _metrics checked that the reply holds exactly TRAIN_REPLY_METRICS: only the shared loss and unclipped may be missing.
+    num_examples, trained, refused = metrics[NUM_EXAMPLES], metrics[NUM_USERS], metrics[REFUSED]
+    loss, unclipped = metrics.get(TRAIN_LOSS), metrics.get(UNCLIPPED_USERS)
     has_arrays = ARRAYS in content.array_records
     if unclipped is not None and unclipped > trained:
         raise MalformedReply(f"{UNCLIPPED_USERS} {unclipped:g} exceeds {NUM_USERS} {int(trained)}")
-    common = dict(
+    common: dict[str, Any] = dict(
         users=users, trained=int(trained), refused=int(refused), num_examples=num_examples, epsilons=epsilons,
         unclipped=int(unclipped) if unclipped is not None else None,
     )
@@ -144,7 +156,7 @@ def _check_content(msg: Message, node: int, spec: ArraySpec, bound: UpdateBound 
         raise MalformedReply(f"{NUM_EXAMPLES} {num_examples:g} is below {NUM_USERS} {int(trained)}: a trained user has a window")
     if loss is not None and not math.isfinite(loss):
         raise MalformedReply(f"{TRAIN_LOSS} is {loss} for a trained update")
-    ordered = _checked_arrays(content[ARRAYS], spec)
+    ordered = _checked_arrays(content.array_records[ARRAYS], spec)
     if bound is not None:
         norm = bound.norm(ordered)
         if not norm <= bound.max_norm:  # also catches an overflow to inf
@@ -164,7 +176,7 @@ def _metrics(content: RecordDict, users: int) -> tuple[dict[str, float], tuple[f
         raise MalformedReply(f"expected one MetricRecord under {METRICS!r}, got {sorted(content.metric_records)}")
     if ARRAYS in content and ARRAYS not in content.array_records:
         raise MalformedReply(f"record {ARRAYS!r} is not an ArrayRecord")
-    record: MetricRecord = content[METRICS]
+    record = content.metric_records[METRICS]
     # UNCLIPPED_USERS comes only under adaptive clipping; the others as the wire says.
     if set(record.keys()) - {UNCLIPPED_USERS} not in (set(TRAIN_REPLY_METRICS), set(TRAIN_REPLY_METRICS + SHARED_TRAIN_METRICS)):
         raise MalformedReply(
@@ -254,7 +266,7 @@ class RoundReplies:
     @property
     def valid_messages(self) -> list[Message]:
         """The messages to aggregate."""
-        return [c.message for c in self.valid]
+        return [c.message for c in self.valid if c.message is not None]
 
     @property
     def train_loss(self) -> float | None:
@@ -263,7 +275,7 @@ class RoundReplies:
         total = sum(c.num_examples or 0.0 for c in shared)
         if not shared or total <= 0:
             return None
-        return sum((c.num_examples or 0.0) * c.train_loss for c in shared) / total
+        return sum((c.num_examples or 0.0) * c.train_loss for c in shared if c.train_loss is not None) / total
 
     @property
     def epsilons(self) -> dict[tuple[int, int], float]:

@@ -1,25 +1,36 @@
-"""`server report`: a run's plots (server/plots.py) and a summary table, from its run directory."""
+"""`server report`: a run's plots (common/run_plots.py) and a summary table, from its run directory."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import (
+    DEVICE_EPSILON_MAX,
+    DEVICE_EPSILON_MEAN,
+    EPSILON_MAX,
+    EPSILON_MEAN,
+    EPSILON_PNG,
+    METRIC_KEYS,
+    NDCG_10,
+    NDCG_PNG,
+    REPLY_COUNTS,
+    FinalReport,
+    RoundRow,
+    as_number,
+    read_rows,
+)
+from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.deployment import Deployment
-from fedinterest.server.plots import plot_epsilon, plot_ndcg
-from fedinterest.server.run_admin import FINAL_FILE, METRICS_FILE, find_run, read_record
-from fedinterest.server.run_metrics import RoundRow, as_number, read_rows
+from fedinterest.server.run_admin import find_run, read_record
 from fedinterest.server.run_outcome import outcome
 
 REPORT_MD = "report.md"
-NDCG_PNG = "ndcg.png"
-EPSILON_PNG = "epsilon.png"
-ROUND_COLUMNS = ("round", "sampled", "answered", "refused", "failed", "rejected", "train_loss", "epsilon_max", "epsilon_mean", "user_epsilon", "hr@10", "ndcg@10", "seconds")
+ROUND_COLUMNS = ("round", *REPLY_COUNTS[:-1], "train_loss", EPSILON_MAX, EPSILON_MEAN, "user_epsilon", *METRIC_KEYS, "seconds")
 
 
 def _fmt(value: Any) -> str:
@@ -32,12 +43,12 @@ def _fmt(value: Any) -> str:
 
 
 def summary(
-    run_dir: Path, rows: list[RoundRow], final: dict[str, Any] | None, config: RunConfig, record: dict[str, Any],
+    run_dir: Path, rows: list[RoundRow], final: FinalReport | None, config: RunConfig, record: dict[str, Any],
     popularity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The numbers of the report (also its `--json`)."""
-    privacy = (final or {}).get("privacy") or {}
-    devices = {key: int(sum(r.number(key) or 0 for r in rows)) for key in ("sampled", "answered", "refused", "failed", "rejected", "empty")}
+    privacy = final.privacy if final is not None else FinalReport({}).privacy
+    devices = {key: int(sum(r.number(key) or 0 for r in rows)) for key in REPLY_COUNTS}
     verdict = outcome(final, rows, devices)
     return {
         "run": run_dir.name,
@@ -49,18 +60,18 @@ def summary(
         "outcome": verdict["verdict"],
         "outcome_why": verdict["why"],
         "devices": devices,
-        "valid": (final or {}).get("valid"),
-        "test": (final or {}).get("test"),
-        "best_valid": (final or {}).get("best_valid"),
-        "epsilon_max": privacy.get("device_epsilon_max"),
-        "epsilon_mean": privacy.get("device_epsilon_mean"),
+        "valid": final.get("valid") if final else None,
+        "test": final.get("test") if final else None,
+        "best_valid": final.get("best_valid") if final else None,
+        "epsilon_max": privacy.get(DEVICE_EPSILON_MAX),
+        "epsilon_mean": privacy.get(DEVICE_EPSILON_MEAN),
         "delta": config.delta,
         "epsilon_budget": config.epsilon_budget,
         "dp": config.private,
         # Layer 2 (DP-FedAvg on the server), None when the run did not use it.
         "user_level": privacy.get("user_level"),
-        "stopped_early": (final or {}).get("stopped_early"),
-        "wall_seconds": (final or {}).get("wall_seconds"),
+        "stopped_early": final.get("stopped_early") if final else None,
+        "wall_seconds": final.get("wall_seconds") if final else None,
         # From `server catalogue` (server/catalogue_build.py); None for a catalogue made elsewhere.
         "popularity_baseline": popularity,
     }
@@ -115,14 +126,13 @@ def write_report(deployment: Deployment, ref: str | None, out: Path | None = Non
     run_dir = find_run(deployment, ref)
     record = read_record(run_dir)
     config = RunConfig.from_flower(record["run_config"])
-    rows = read_rows(run_dir / METRICS_FILE)
-    final_path = run_dir / FINAL_FILE
-    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
+    rows = read_rows(run_dir)
+    final = FinalReport.read(run_dir)
     target = Path(out) if out is not None else run_dir
     target.mkdir(parents=True, exist_ok=True)
     facts = summary(run_dir, rows, final, config, record, read_popularity(deployment.catalogue))
-    test_ndcg = as_number(((final or {}).get("test") or {}).get("ndcg@10"))
-    popular = as_number(((facts["popularity_baseline"] or {}).get("popularity_test") or {}).get("ndcg@10"))
+    test_ndcg = final.split("test").get(NDCG_10) if final else None
+    popular = as_number(((facts["popularity_baseline"] or {}).get("popularity_test") or {}).get(NDCG_10))
     plot_ndcg(rows, target / NDCG_PNG, final_test=test_ndcg, baseline=popular)
     plot_epsilon(rows, target / EPSILON_PNG, budget=config.epsilon_budget if config.private else None)
     text = markdown(facts, rows)

@@ -15,14 +15,25 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import fedinterest.server
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import DEPLOYED, RunConfig
+from fedinterest.common.run_files import (
+    REPLY_COUNTS,
+    RUN_JSON,
+    FinalReport,
+    MetricsFollower,
+    RoundRow,
+    device_epsilon,
+    read_rows,
+)
+from fedinterest.common.run_overrides import flat_toml, parse_set_items
 from fedinterest.common.serialization import atomic_write_text
+from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.deployment import (
     RUN_MANAGED_KEYS,
     Deployment,
@@ -31,17 +42,14 @@ from fedinterest.server.deployment import (
 )
 from fedinterest.server.flower_processes import (
     COMPLETED,
+    SuperLinkNotReady,
     flwr_json,
     run_status,
     stop_run,
 )
-from fedinterest.server.run_metrics import FINAL_FILE, METRICS_FILE, MetricsFollower, RoundRow, as_number, read_rows
-from fedinterest.server.catalogue_build import read_popularity
 from fedinterest.server.run_outcome import outcome
-from fedinterest.server.run_overrides import flat_toml, parse_set_items
-from fedinterest.server.superlink import SuperLinkNotReady, require_ready, superlink_env
+from fedinterest.server.superlink import require_ready, superlink_env
 
-RUN_JSON = "run.json"
 RUN_CONFIG_TOML = "run-config.toml"
 RUN_PREFIX = "run-"
 
@@ -128,7 +136,7 @@ def submit_run(deployment: Deployment, overrides: Sequence[str] = (), warnings: 
     run_id = int(reply["run-id"])
     record = {
         "run_id": run_id,
-        "submitted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "submitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run_config": config.to_flower(),
         "catalogue_sha256": hashlib.sha256(deployment.catalogue.read_bytes()).hexdigest(),
         "fab": {k: reply.get(k) for k in ("fab-id", "fab-version", "fab-hash")},
@@ -193,12 +201,11 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
     except (SuperLinkNotReady, RuntimeError, subprocess.SubprocessError) as err:
         flower = {"status": None, "error": f"Flower's state of the run is unknown: {err}"}
     # Read the run directory after Flower's state: a run Flower calls finished has written final.json.
-    rows = read_rows(run_dir / METRICS_FILE)
-    final_path = run_dir / FINAL_FILE
-    final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
+    rows = read_rows(run_dir)
+    final = FinalReport.read(run_dir)
     status = flower.get("status")
     last = rows[-1].raw if rows else None
-    devices = {key: _sum(rows, key) for key in ("sampled", "answered", "refused", "failed", "rejected", "empty")}
+    devices = {key: _sum(rows, key) for key in REPLY_COUNTS}
     verdict = outcome(final, rows, devices)
     reasons: list[str] = []
     # Read once the run has finished (one `flwr log` call), not on every poll of `run --wait`.
@@ -210,14 +217,9 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
         except (RuntimeError, subprocess.SubprocessError) as err:
             reasons = [f"the reasons per device are unknown: {err}"]
     completed = status == COMPLETED
-    privacy = (final or {}).get("privacy") or {}
-    eps_max = as_number(privacy.get("device_epsilon_max"))
-    eps_mean = as_number(privacy.get("device_epsilon_mean"))
-    if final is None:
-        for row in reversed(rows):
-            if row.number("epsilon_max") is not None:
-                eps_max, eps_mean = row.number("epsilon_max"), row.number("epsilon_mean")
-                break
+    privacy = final.privacy if final is not None else FinalReport({}).privacy
+    # A finished run's figure is final.json's alone; while it runs, the latest round's.
+    eps_max, eps_mean = (privacy.device_epsilon_max, privacy.device_epsilon_mean) if final is not None else device_epsilon(None, rows)
     return {
         "run": run_dir.name,
         # Text, not a number: Flower's 64-bit ids are corrupted by JSON tools that read numbers as doubles.
@@ -279,7 +281,7 @@ def wait_finished(
     if timeout <= 0:
         raise DeploymentError("timeout must be positive")
     deadline = time.monotonic() + timeout
-    follower = MetricsFollower(find_run(deployment, ref) / METRICS_FILE)
+    follower = MetricsFollower(find_run(deployment, ref))
     while True:
         state = run_state(deployment, ref)
         for row in follower.poll():  # after the state: a finished run has written its last row

@@ -12,15 +12,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fedinterest.server.run_metrics import RoundRow
+from fedinterest.common.run_files import FinalReport, RoundRow
 
 TRAINED = "trained"
 NOTHING_TRAINED = "nothing-trained"
 
 
-def trained_replies(final: dict[str, Any] | None, rows: Sequence[RoundRow]) -> int | None:
+def trained_replies(final: FinalReport | None, rows: Sequence[RoundRow]) -> int | None:
     """Updates aggregated over the run (final.json), or rounds with a training loss so far; None before any round."""
-    counts = (final or {}).get("counts") or {}
+    counts = final.counts if final is not None else {}
     if "aggregated" in counts:
         return int(counts["aggregated"])
     if not rows:
@@ -28,7 +28,7 @@ def trained_replies(final: dict[str, Any] | None, rows: Sequence[RoundRow]) -> i
     return sum(1 for row in rows if row.number("train_loss") is not None)
 
 
-def outcome(final: dict[str, Any] | None, rows: Sequence[RoundRow], devices: dict[str, int]) -> dict[str, Any]:
+def outcome(final: FinalReport | None, rows: Sequence[RoundRow], devices: dict[str, int]) -> dict[str, Any]:
     """`trained` (bool, None while unknown), `verdict` and, when nothing trained, why in one sentence."""
     aggregated = trained_replies(final, rows)
     if aggregated is None or (aggregated == 0 and final is None):

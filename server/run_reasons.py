@@ -1,6 +1,6 @@
 """Why each device failed, was rejected or refused in a run, from the ServerApp's log.
 
-The ServerApp (server/rounds.py) logs one line per such reply, naming the node; Flower
+The ServerApp (server/train_round.py) logs one line per such reply, naming the node; Flower
 keeps the ServerApp's log per run (`flwr log RUN_ID --show`). This module reads it and
 names the device (the enrolment table maps node ids to names). A refusal's own reason
 stays on the device (its log says why: budget, policy); the server sees the epsilon it

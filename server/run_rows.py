@@ -16,7 +16,7 @@ noise write the same file. timings.jsonl holds TIMING_FIELDS: round, seconds (th
 round's wall time, evaluation included), where it went -- devices_seconds (from sending
 the train messages to the last reply: the devices' work and the transport),
 evaluation_seconds, checkpoint_seconds (the rest is sampling and aggregation) -- and time
-(ISO 8601, UTC, end of round); readers of the rows (server/run_metrics.py) see both
+(ISO 8601, UTC, end of round); readers of the rows (common/run_files.py) see both
 files as one row.
 """
 
@@ -25,21 +25,22 @@ from __future__ import annotations
 import json
 import math
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fedinterest.common.run_files import (
+    EPSILON_MAX,
+    EPSILON_MEAN,
+    METRICS_FILE,
+    ROW_FIELDS,
+    TIMING_FIELDS,
+    TIMINGS_FILE,
+    read_jsonl,
+)
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 from fedinterest.server.reply_checks import ReplyKind, RoundReplies
-from fedinterest.server.run_metrics import TIMINGS_FILE
-
-METRICS_FILE = "metrics.jsonl"
-ROW_FIELDS = (
-    "round", "sampled", "answered", "refused", "failed", "rejected", "empty", "train_loss",
-    "epsilon_max", "epsilon_mean", "dp", "user_epsilon", HIT_RATE_10, NDCG_10,
-)
-TIMING_FIELDS = ("round", "seconds", "devices_seconds", "evaluation_seconds", "checkpoint_seconds", "time")
 
 
 def metrics_row(
@@ -57,8 +58,8 @@ def metrics_row(
         "rejected": replies.count(ReplyKind.REJECTED),
         "empty": replies.count(ReplyKind.EMPTY),
         "train_loss": replies.train_loss,
-        "epsilon_max": max(epsilons) if dp else None,
-        "epsilon_mean": sum(epsilons) / len(epsilons) if dp else None,
+        EPSILON_MAX: max(epsilons) if dp else None,
+        EPSILON_MEAN: sum(epsilons) / len(epsilons) if dp else None,
         "dp": dp,
         "user_epsilon": user_epsilon,
         HIT_RATE_10: evaluation[HIT_RATE_10] if evaluation else None,
@@ -71,26 +72,11 @@ def metrics_row(
 def timing_row(server_round: int, seconds: float, phases: dict[str, float] | None = None) -> dict[str, Any]:
     """The timings.jsonl row of one round (exactly TIMING_FIELDS); `phases`: devices, evaluation, checkpoint seconds."""
     phases = phases or {}
-    row = {"round": server_round, "seconds": round(seconds, 3)}
+    row: dict[str, Any] = {"round": server_round, "seconds": round(seconds, 3)}
     row |= {f"{name}_seconds": round(phases[name], 3) if name in phases else None for name in ("devices", "evaluation", "checkpoint")}
-    row["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    row["time"] = datetime.now(UTC).isoformat(timespec="seconds")
     assert tuple(row) == TIMING_FIELDS
     return row
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of a .jsonl file; a torn last line (crash mid-append) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
 
 
 def reconcile(run_dir: Path, last_round: int, last_row: dict[str, Any] | None) -> None:
@@ -98,7 +84,7 @@ def reconcile(run_dir: Path, last_round: int, last_row: dict[str, Any] | None) -
     restore the metrics row of `last_round` from the checkpoint if a crash lost it."""
     for name, restored in ((METRICS_FILE, last_row), (TIMINGS_FILE, None)):
         path = run_dir / name
-        rows = {row["round"]: row for row in read_metrics(path) if isinstance(row.get("round"), int) and row["round"] <= last_round}
+        rows = {row["round"]: row for row in read_jsonl(path) if isinstance(row.get("round"), int) and row["round"] <= last_round}
         if restored is not None:
             rows.setdefault(last_round, {k: v for k, v in restored.items() if k in ROW_FIELDS})
         if not rows and not path.exists():

@@ -30,9 +30,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.common import FitIns, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
@@ -51,25 +52,22 @@ from fedinterest.common.serialization import atomic_write_text
 from fedinterest.server.cohort import Cohort
 from fedinterest.server.evaluation import arrays_from_numpy, arrays_to_numpy
 from fedinterest.server.faults import pick_faulty
-from fedinterest.server.strategies import fit_sampling
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
 from fedinterest.server.reply_checks import CheckedReply, ReplyKind, RoundReplies, check_masked_reply
-from fedinterest.server.secure_plan import SecureRoundPlan, plan_round
+from fedinterest.server.round_result import RoundResult
+from fedinterest.server.secure_plan import plan_round
+from fedinterest.server.strategies import train_messages
+from fedinterest.server.user_dp_strategy import released_reply
 from fedinterest.server.user_privacy import UserLevelAccountant
 
 LOG = logging.getLogger("flwr.fedinterest")
 SECURE_ROUNDS_FILE = "secure_aggregation.jsonl"  # one row per secure round: the plan and the protocol's outcome
 
 
-@dataclass
-class SecureRound:
-    """What one secure round produced (the round loop turns it into its RoundResult)."""
+@dataclass(frozen=True)
+class SecureRound(RoundResult):
+    """A RoundResult with what only a secure round has."""
 
-    arrays: ArrayRecord
-    replies: RoundReplies
-    aggregated: bool
-    epsilons: dict[str, float]
-    devices_seconds: float
     row: dict[str, object] = field(default_factory=dict)  # the round's line of secure_aggregation.jsonl
     # What the server learns: the decoded sum of the survivors' vectors (None when the protocol halted).
     decoded_sum: dict[str, np.ndarray] | None = None
@@ -96,7 +94,7 @@ def secure_train_round(
             shares, threshold, max_weight=1.0, clipping_range=plan.clipping_range, quantization_range=2**plan.bits,
             timeout=config.round_timeout,
         )
-        workflow(observed, _legacy_context(collector, server_round))
+        workflow(cast(Grid, observed), _legacy_context(collector, server_round))  # a proxy: the rest of Grid is delegated
         if observed.threshold_sent not in (None, plan.threshold):
             raise RuntimeError(f"SecAgg+ sent threshold {observed.threshold_sent}, the plan's noise is for {plan.threshold}")
         if collector.mean is not None:
@@ -107,7 +105,7 @@ def secure_train_round(
     devices_seconds = time.monotonic() - started
     replies = _classified(sampled, observed)
     epsilons = {cohort.user_key(node, assignment[node][i]): eps for (node, i), eps in replies.epsilons.items() if node in sampled}
-    row = {"round": server_round, **(plan.summary() if plan else {"nodes": len(nodes)}), "survivors": survivors, "completed": summed is not None}
+    row: dict[str, object] = {"round": server_round, **(plan.summary() if plan else {"nodes": len(nodes)}), "survivors": survivors, "completed": summed is not None}
     if plan is not None and summed is not None:
         row |= {"quantization_error_bound": plan.quantization_error_bound(survivors), "sum_noise_std": plan.sum_noise_std(survivors)}
     row |= {"messages": observed.messages, "seconds": round(devices_seconds, 3)}
@@ -117,6 +115,7 @@ def secure_train_round(
         if user_dp is not None:  # the unchanged model is released; charging it keeps the count conservative
             user_dp.record_release(cohort.population)
         return SecureRound(arrays, replies, False, epsilons, devices_seconds, row, None)
+    assert plan is not None  # a sum is decoded only in a planned round (two nodes or more)
     if user_dp is not None:
         divisor = user_dp.sample_rate(cohort.population) * cohort.population
         user_dp.record_release(cohort.population)
@@ -125,7 +124,7 @@ def secure_train_round(
     else:
         divisor = float(max(1, replies.count(ReplyKind.VALID)))
     released = {k: (v + summed[k] / divisor).astype(v.dtype) for k, v in global_arrays.items()}
-    new_arrays, _ = strategy.aggregate_train(server_round, [_released_reply(released, server_round)])
+    new_arrays, _ = strategy.aggregate_train(server_round, [released_reply(released, server_round)])
     return SecureRound(new_arrays if new_arrays is not None else arrays_from_numpy(released), replies, True, epsilons, devices_seconds, row, summed)
 
 
@@ -135,31 +134,17 @@ def _fit_configs(
 ) -> dict[int, dict[str, object]]:
     """Each node's train config: the strategy's own (server round, FedProx's mu, ...), its users, a simulated fault, the secure keys.
 
-    The strategy's `configure_train` is called as in the plain path, for the round's nodes:
-    server optimizers (FedAdam, ...) keep the arrays it is given as the base of their step.
+    The strategy's `configure_train` is called as in the plain path, for the round's nodes
+    (server/strategies.train_messages).
     """
-    fit_sampling(strategy, len(nodes), len(nodes))
-    messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), _RoundNodes(grid, nodes)))
-    common = dict(messages[0].content[wire.CONFIG]) if messages else {wire.SERVER_ROUND: server_round}
+    messages = train_messages(strategy, server_round, arrays, ConfigRecord(), grid, nodes)
+    common: dict[str, object] = dict(messages[0].content.config_records[wire.CONFIG]) if messages else {wire.SERVER_ROUND: server_round}
     common |= {wire.SECURE_ARRAY_KEYS: names, wire.SECURE_NOISE_MULTIPLIER: float(sigma)}
     faulty = set(pick_faulty(nodes, config.fault_fraction, config.seed, server_round)) if config.fault_fraction > 0 else set()
     return {
         node: {**common, wire.SHARD_USERS: assignment[node], **({wire.SIMULATED_FAULT: config.fault_mode} if node in faulty else {})}
         for node in nodes
     }
-
-
-class _RoundNodes:
-    """The run's Grid as the strategy's sampler sees it: only this round's nodes."""
-
-    def __init__(self, grid: Grid, nodes: list[int]) -> None:
-        self._grid, self._nodes = grid, list(nodes)
-
-    def get_node_ids(self) -> list[int]:
-        return list(self._nodes)
-
-    def __getattr__(self, name: str):  # noqa: ANN204
-        return getattr(self._grid, name)
 
 
 class _SumCollector(Strategy):
@@ -241,12 +226,6 @@ def _classified(sampled: dict[int, int], observed: _ObservedGrid) -> RoundReplie
         elif node in observed.dropped:
             replies.checked.append(CheckedReply(ReplyKind.FAILED, node, reason=f"dropped out of SecAgg+ at {observed.dropped[node]}", users=users))
     return replies
-
-
-def _released_reply(arrays: dict[str, np.ndarray], server_round: int) -> Message:
-    """The released model as the one reply the strategy aggregates (FedAdam and friends take it as their step)."""
-    content = RecordDict({wire.ARRAYS: arrays_from_numpy(arrays), wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1, wire.SERVER_ROUND: server_round})})
-    return Message(content=content, dst_node_id=0, message_type=MessageType.TRAIN)
 
 
 def _log_round(server_round: int, row: dict[str, object], replies: RoundReplies) -> None:

@@ -136,10 +136,10 @@ def install() -> bool:
         LOG.info("fedinterest: Flower %s is not %s, its own message lookup kept", flwr.__version__, PATCHED_FLOWER)
         return False
     if os.environ.get(SWITCH) == "scan":
-        InMemoryLinkState.get_message_ins = get_message_ins_scanning
+        InMemoryLinkState.get_message_ins = get_message_ins_scanning  # type: ignore[method-assign]  # the patch itself
         LOG.info("fedinterest: %s=scan, the earlier per-node message scan installed", SWITCH)
         return True
-    InMemoryLinkState.store_message_ins = store_message_ins_indexed
-    InMemoryLinkState.get_message_ins = get_message_ins_for_node
+    InMemoryLinkState.store_message_ins = store_message_ins_indexed  # type: ignore[method-assign]  # the patch itself
+    InMemoryLinkState.get_message_ins = get_message_ins_for_node  # type: ignore[method-assign]
     LOG.info("fedinterest: per-node message index installed on the simulation's link state (server/simulation_dispatch.py)")
     return True

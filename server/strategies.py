@@ -17,7 +17,10 @@ a device cannot buy influence by claiming many examples. All read/write the wire
 record keys. Sampling:
 each round takes exactly min(clients_per_round, nodes registered) devices
 (`fit_sampling`, called by the round loop before every round because the number of
-registered nodes can change in a deployment).
+registered nodes can change in a deployment); `train_messages` has the strategy write
+its train messages for exactly the nodes holding the round's sampled users. A wrapper
+(Flower's DP wrappers, server/user_dp_strategy.py) keeps the strategy it wraps as
+`.strategy`: that one samples and holds the optimizer state (`base_strategy`).
 
 State that must survive a restart for an exact resume (`strategy_state`):
 - FedAdam / FedYogi (FedOpt): the moment estimates `m_t` and `v_t` (dicts by array
@@ -31,8 +34,12 @@ State that must survive a restart for an exact resume (`strategy_state`):
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import numpy as np
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum, Strategy
 
 from fedinterest.common import wire
 from fedinterest.common.run_config import RunConfig
@@ -49,9 +56,9 @@ _MOMENTUM = "momentum"
 
 def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     """The strategy named by `config.strategy`, sampling for `num_nodes` registered nodes."""
-    common = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
+    common: dict[str, Any] = dict(weighted_by_key=NUM_EXAMPLES, arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
     # server-lr = 0 keeps each strategy's own Flower default (FedAdam 0.1, FedYogi 0.01, FedAvgM 1.0).
-    server_lr = {"eta": config.server_lr} if config.server_lr > 0 else {}
+    server_lr: dict[str, Any] = {"eta": config.server_lr} if config.server_lr > 0 else {}
     # server-tau = 0 keeps Flower's tau (1e-3 for both).
     server_lr |= {"tau": config.server_tau} if config.server_tau > 0 else {}
     name = config.strategy
@@ -66,7 +73,7 @@ def build_strategy(config: RunConfig, num_nodes: int) -> FedAvg:
     elif name == "fedprox":
         strategy = FedProx(**common, proximal_mu=config.proximal_mu)
     elif name == "fedavgm":
-        momentum_lr = {"server_learning_rate": config.server_lr} if config.server_lr > 0 else {}
+        momentum_lr: dict[str, Any] = {"server_learning_rate": config.server_lr} if config.server_lr > 0 else {}
         strategy = FedAvgM(**common, **momentum_lr, server_momentum=config.server_momentum)
     elif name == "fedmedian":
         strategy = FedMedian(**common)
@@ -93,6 +100,39 @@ def fit_sampling(strategy: FedAvg, num_nodes: int, clients_per_round: int) -> in
     strategy.min_train_nodes = size
     strategy.min_available_nodes = size
     return size
+
+
+def base_strategy(strategy: Strategy) -> FedAvg:
+    """The strategy under any wrappers (each keeps the one it wraps as `.strategy`, as Flower's do)."""
+    while isinstance(inner := getattr(strategy, "strategy", None), Strategy):
+        strategy = inner
+    assert isinstance(strategy, FedAvg), f"every strategy of server/strategies.py is a FedAvg, got {type(strategy).__name__}"
+    return strategy
+
+
+def train_messages(
+    strategy: Strategy, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid, nodes: list[int],
+) -> list[Message]:
+    """The strategy's own train messages (its config: server round, FedProx's mu, ...) for exactly `nodes`.
+
+    Server optimizers (FedAdam, ...) keep the arrays given here as the base of their step,
+    so the strategy is asked even when the round's messages are then sent another way.
+    """
+    fit_sampling(base_strategy(strategy), len(nodes), len(nodes))
+    return list(strategy.configure_train(server_round, arrays, config, cast(Grid, RoundNodes(grid, nodes))))  # a view of the Grid
+
+
+class RoundNodes:
+    """The run's Grid as the strategy's node sampler sees it: only this round's nodes."""
+
+    def __init__(self, grid: Grid, nodes: list[int]) -> None:
+        self._grid, self._nodes = grid, list(nodes)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._nodes)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 def strategy_state(strategy: FedAvg) -> dict[str, np.ndarray]:

@@ -10,21 +10,14 @@ from __future__ import annotations
 
 import signal
 import ssl
-import sys
 import subprocess
+import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import FrameType
 
-from fedinterest.common.errors import FedinterestError
 from fedinterest.server.deployment import Deployment, write_flower_connection
-from fedinterest.server.flower_processes import executable, flower_env
-
-
-class SuperLinkNotReady(FedinterestError, RuntimeError):
-    """The SuperLink did not answer its health check in time."""
+from fedinterest.server.flower_processes import SuperLinkNotReady, flower_env, is_healthy
 
 
 def superlink_command(deployment: Deployment) -> list[str]:
@@ -79,12 +72,7 @@ def tls_context(ca_cert: Path) -> ssl.SSLContext:
 
 def is_ready(deployment: Deployment, timeout: float = 2.0) -> bool:
     """Whether the SuperLink answers its health check over TLS, verified against the CA."""
-    url = f"https://{deployment.server.local_address}/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout, context=tls_context(deployment.ca_cert)) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    return is_healthy(f"https://{deployment.server.local_address}/health", tls_context(deployment.ca_cert), timeout)
 
 
 def require_ready(deployment: Deployment) -> None:

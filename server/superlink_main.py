@@ -20,7 +20,7 @@ def main() -> None:
     """Raise Flower's SQLite busy timeout, then run Flower's `flower-superlink` entry point."""
     import flwr.supercore.constant as constant
 
-    constant.SQLITE_PRAGMAS = tuple(
+    constant.SQLITE_PRAGMAS = tuple(  # type: ignore[assignment]  # the same pairs; Flower types it as its literal 7-tuple
         ("busy_timeout", str(BUSY_TIMEOUT_MS)) if name == "busy_timeout" else (name, value) for name, value in constant.SQLITE_PRAGMAS
     )
     import flwr.supercore.sql_mixin as sql_mixin  # it copied the tuple at import: set it there too

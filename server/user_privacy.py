@@ -40,8 +40,9 @@ One round is one release of the Gaussian mechanism on a Poisson sample of device
   smallest sigma (Opacus's get_noise_multiplier, same accountant) for which
   num-server-rounds releases at the first round's q spend that epsilon at delta; fixed
   for the run and kept in the checkpoint.
-- Budget: before a round the loop asks `would_exceed`; if one more release would pass
-  user-epsilon-budget, the run stops there with the rounds done so far.
+- Budget: before a round the loop asks `would_exceed` (server/round_callbacks.UserBudgetStop);
+  if one more release would pass user-epsilon-budget, the run stops there with the rounds
+  done so far.
 
 Why not Flower's DifferentialPrivacyServerSideFixedClipping: it divides the noise by a
 fixed `num_sampled_clients` but samples a fixed-size set through the wrapped strategy,
@@ -49,10 +50,11 @@ and its built-in accountant (flwr.supercore.privacy_accounting) only allows
 "no-amplification" accounting in that wrapper (and needs the dp-accounting package);
 with accounting on it refuses a round whose reply count differs from the sample
 size, i.e. any round where a device failed or refused, and requires equal weights from
-the devices. Here the loop already classifies replies (server/reply_checks.py), so
-clipping, the fixed denominator, the noise and the accountant live in this module and
-the strategy sees the one noised model (a server optimizer such as FedAdam then treats
-it as its pseudo-gradient: post-processing, no further privacy cost).
+the devices. So the round's wrapper is our own, of the same shape
+(server/user_dp_strategy.py): it draws the Poisson sample, takes the replies the loop's
+checks let through (server/reply_checks.py), and clips, noises and accounts with this
+module; the wrapped strategy sees the one noised model (a server optimizer such as
+FedAdam then treats it as its pseudo-gradient: post-processing, no further privacy cost).
 """
 
 from __future__ import annotations

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedinterest.common.datasets import DatasetSpec, load_split
 from fedinterest.common.evaluation import model_ranks
-from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.examples import bucketed_batches, stack_windows
+from fedinterest.common.item_attributes import item_attribute_rows
 from fedinterest.common.metrics import summarize
 from fedinterest.common.model import InterestModel, ModelConfig, packed_sequence_loss, sampled_sequence_loss
-from fedinterest.common.split import LeaveOneOut
+from fedinterest.common.run_files import NDCG_10
 from fedinterest.common.serialization import save_model
-from fedinterest.common.training import train_epoch
+from fedinterest.common.split import LeaveOneOut
+from fedinterest.common.training import LossFn, train_epoch
 from fedinterest.simulations.baselines import popularity_ranks
 from fedinterest.simulations.provenance import git_commit, machine
 from fedinterest.simulations.runs import new_run_dir, write_json
@@ -98,6 +100,7 @@ def train_centralized(
     if len(inputs) == 0:
         raise ValueError("no training examples: every training history is shorter than two items")
     generator = torch.Generator().manual_seed(config.seed)
+    loss_fn: LossFn
     if config.loss == "full":
         loss_fn = packed_sequence_loss
     else:
@@ -113,7 +116,7 @@ def train_centralized(
         loss, _ = train_epoch(model, batches, optimizer, loss_fn)
         valid_ndcg = None
         if epoch % config.eval_every == 0 or epoch == config.epochs:
-            valid_ndcg = summarize(model_ranks(model, split.users, "valid"))["ndcg@10"]
+            valid_ndcg = summarize(model_ranks(model, split.users, "valid"))[NDCG_10]
             if valid_ndcg > best_ndcg:
                 best_ndcg, best_epoch, best_state, stale = valid_ndcg, epoch, copy.deepcopy(model.state_dict()), 0
             else:
@@ -147,7 +150,7 @@ def train_centralized(
 
 def run_centralized(
     spec: DatasetSpec,
-    model_options: dict[str, object],
+    model_options: Mapping[str, Any],
     config: CentralizedConfig,
     *,
     threads: int,
@@ -155,7 +158,7 @@ def run_centralized(
     on_epoch: Callable[[EpochReport], None] | None = None,
     on_data: Callable[[LeaveOneOut], None] | None = None,
     item_attributes: Path | None = None,
-) -> tuple[Path, dict[str, object]]:
+) -> tuple[Path, dict[str, Any]]:
     """Load, train, evaluate beside popularity, and write a run directory (results.json, model).
 
     `model_options` are ModelConfig fields other than num_items and item_attributes,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -12,9 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedinterest.common.errors import JobFailed
 from fedinterest.common.model_config import ModelConfig
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10
 from fedinterest.common.split import LeaveOneOut
 from fedinterest.simulations import cli_options as opt
 from fedinterest.simulations.centralized import CentralizedConfig, EpochReport, run_centralized
+
 
 def centralized(
     dataset: opt.DatasetOpt = "synthetic",
@@ -30,7 +32,7 @@ def centralized(
     synthetic_items: opt.SynthItemsOpt = 500,
     synthetic_seed: opt.SynthSeedOpt = 0,
     epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = 200,
-    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this many minutes.")] = None,
+    max_minutes: Annotated[float | None, typer.Option(help="Stop training after this many minutes.")] = None,
     patience: Annotated[int, typer.Option(help="Evaluations without a better validation NDCG@10 before stopping.")] = 10,
     batch_size: Annotated[int, typer.Option(help="Training windows per step.")] = 128,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
@@ -40,14 +42,14 @@ def centralized(
     heads: Annotated[int, typer.Option(help="Attention heads.")] = 1,
     dropout: Annotated[float, typer.Option(help="Dropout rate.")] = 0.2,
     item_vectors: Annotated[str, typer.Option(help="'free' item vectors, or 'attributes': the mean of the items' public attributes' vectors.")] = "free",
-    item_attributes: Annotated[Optional[Path], typer.Option(help="The catalogue's attribute file (S3-Rec item2attributes JSON, ML-1M movies.dat, ML-100K u.item).")] = None,
+    item_attributes: Annotated[Path | None, typer.Option(help="The catalogue's attribute file (S3-Rec item2attributes JSON, ML-1M movies.dat, ML-100K u.item).")] = None,
     tie_item_vectors: Annotated[bool, typer.Option("--tie-item-vectors", help="The head reuses the item table.")] = False,
     loss: Annotated[str, typer.Option(help="'full' softmax over the catalogue, or 'sampled' negatives.")] = "full",
     negatives: Annotated[int, typer.Option(help="Uniform negatives per batch with --loss sampled.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed of initialisation and batch order.")] = 0,
     threads: Annotated[int, typer.Option(help="torch CPU threads.")] = 2,
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
-    export_bundle: Annotated[Optional[Path], typer.Option("--export-bundle", help="Also write the trained model as a device bundle (and catalogue.txt in the run directory).")] = None,
+    export_bundle: Annotated[Path | None, typer.Option("--export-bundle", help="Also write the trained model as a device bundle (and catalogue.txt in the run directory).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
     """Train the model on all users' training data (no federation, no DP); report test HR/NDCG/MRR
@@ -62,7 +64,7 @@ def centralized(
             epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, max_minutes=max_minutes, seed=seed,
             loss=loss, negatives=negatives,
         )
-        model_options = dict(
+        model_options: dict[str, Any] = dict(
             max_len=max_len, dim=dim, num_blocks=blocks, num_heads=heads, dropout=dropout, item_vectors=item_vectors, tie_item_vectors=tie_item_vectors,
         )
         if (item_vectors == "attributes") != (item_attributes is not None):
@@ -120,8 +122,8 @@ def centralized(
     console.print(f"results in {run_dir}")
     t, p = payload["test"], payload["popularity_test"]
     typer.echo(f"{'method':<12} {'HR@10':>7} {'NDCG@10':>8} {'NDCG@20':>8} {'MRR':>7}")
-    typer.echo(f"{'sasrec':<12} {t['hr@10']:>7.4f} {t['ndcg@10']:>8.4f} {t['ndcg@20']:>8.4f} {t['mrr']:>7.4f}")
-    typer.echo(f"{'popularity':<12} {p['hr@10']:>7.4f} {p['ndcg@10']:>8.4f} {p['ndcg@20']:>8.4f} {p['mrr']:>7.4f}")
+    typer.echo(f"{'sasrec':<12} {t[HIT_RATE_10]:>7.4f} {t[NDCG_10]:>8.4f} {t['ndcg@20']:>8.4f} {t['mrr']:>7.4f}")
+    typer.echo(f"{'popularity':<12} {p[HIT_RATE_10]:>7.4f} {p[NDCG_10]:>8.4f} {p['ndcg@20']:>8.4f} {p['mrr']:>7.4f}")
     typer.echo(
         f"trained {payload['epochs_run']} epochs in {payload['train_seconds']:.0f} s "
         f"(best epoch {payload['best_epoch']}; stopped: {payload['stopped_because']})"

@@ -10,7 +10,7 @@ model card says plainly that there is no privacy guarantee.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ def export_centralized(run_dir: Path, item_ids: tuple[str, ...], payload: dict[s
         "evaluation": {"test": payload.get("test"), "popularity_test": payload.get("popularity_test"),
                        "protocol": "leave-one-out by time, full-catalogue ranking, earlier items excluded"},
         "privacy": {"dp": False, "note": "trained centrally without differential privacy: no privacy guarantee for the users whose data trained it"},
-        "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     path = write_bundle(out, state_dict=model.state_dict(), model_config=model.config, catalogue_ids=list(item_ids), model_card=card)
     return {"bundle": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "catalogue": str(catalogue)}

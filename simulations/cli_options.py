@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.datasets import DATASET_KINDS, SYNTHETIC, DatasetSpec
-from fedinterest.common.loaders import ColumnMap
 from fedinterest.common.synthetic import SyntheticConfig
 
 DatasetOpt = Annotated[str, typer.Option("--dataset", help=f"One of: {', '.join(DATASET_KINDS)}.")]
-DataPathOpt = Annotated[Optional[Path], typer.Option("--data", help="Interactions file (not for synthetic).")]
+DataPathOpt = Annotated[Path | None, typer.Option("--data", help="Interactions file (not for synthetic).")]
 UserColOpt = Annotated[str, typer.Option(help="User column of a csv/tsv/jsonl/parquet file.")]
 ItemColOpt = Annotated[str, typer.Option(help="Item column of a csv/tsv/jsonl/parquet file.")]
 TimeColOpt = Annotated[str, typer.Option(help="Timestamp column (epoch seconds or ISO 8601).")]
-RatingColOpt = Annotated[Optional[str], typer.Option(help="Optional rating column.")]
-MinRatingOpt = Annotated[Optional[float], typer.Option(help="Keep interactions rated at least this.")]
-KCoreOpt = Annotated[Optional[int], typer.Option(help="Iterative k-core filter on users and items.")]
-MinLengthOpt = Annotated[Optional[int], typer.Option(help="Drop users with fewer interactions.")]
+RatingColOpt = Annotated[str | None, typer.Option(help="Optional rating column.")]
+MinRatingOpt = Annotated[float | None, typer.Option(help="Keep interactions rated at least this.")]
+KCoreOpt = Annotated[int | None, typer.Option(help="Iterative k-core filter on users and items.")]
+MinLengthOpt = Annotated[int | None, typer.Option(help="Drop users with fewer interactions.")]
 SynthUsersOpt = Annotated[int, typer.Option(help="Synthetic data: number of users.")]
 SynthItemsOpt = Annotated[int, typer.Option(help="Synthetic data: number of items.")]
 SynthSeedOpt = Annotated[int, typer.Option(help="Synthetic data: generator seed.")]

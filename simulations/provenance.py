@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-
 # What the benchmarks themselves write into the tree: a change there is a result, not code,
 # so it does not make the next run's commit "+dirty".
 BENCHMARK_OUTPUTS = ("docs/benchmarks.md", "benchmarks/results")

@@ -5,37 +5,32 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedinterest.simulations.simulate import (
-    PreparedRun,
-    RoundRow,
-    SimulationConfigError,
-    SimulationFailed,
-    SimulationResult,
-    resolve_config,
-    resume_config,
-    run_simulation,
-)
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RoundRow
+from fedinterest.simulations.flower_run import SimulationFailed
+from fedinterest.simulations.run_directory import PreparedRun
+from fedinterest.simulations.simulate import SimulationResult, run_simulation
+from fedinterest.simulations.simulation_config import SimulationConfigError, resolve_config, resume_config
 
 
 def simulate(
     config: Annotated[
-        Optional[Path], typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
+        Path | None, typer.Argument(help="Simulation TOML: a [run] table of run-config keys and a [federation] table.")
     ] = None,
     set_: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--set", help="Override a key, e.g. --set noise-multiplier=0.5 --set dataset=ml-100k (repeatable)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Parent directory of the run directory.")] = Path("runs"),
-    timeout_minutes: Annotated[Optional[float], typer.Option(help="Stop the run and fail after this many minutes.")] = None,
+    timeout_minutes: Annotated[float | None, typer.Option(help="Stop the run and fail after this many minutes.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     resume: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Resume an interrupted run directory in place, with its resolved config (instead of CONFIG)."),
     ] = None,
 ) -> None:
@@ -48,7 +43,11 @@ def simulate(
     # command by the rule of common/errors.py, applied by the `fedinterest` group.
     if (config is None) == (resume is None):
         raise SimulationConfigError("give either CONFIG (a new run) or --resume RUN_DIR (continue one), not both or neither")
-    resolved = resolve_config(config, overrides) if config is not None else resume_config(resume, overrides)
+    if config is not None:
+        resolved = resolve_config(config, overrides)
+    else:
+        assert resume is not None  # exactly one of the two, checked just above
+        resolved = resume_config(resume, overrides)
 
     run = resolved.run
     total = run.num_server_rounds
@@ -122,7 +121,7 @@ def round_status(row: RoundRow) -> str:
     if failed:
         devices += f" failed/rejected {failed}"
     line = (
-        f"{devices} | loss {num('train_loss', '.4f')} | NDCG@10 {num('ndcg@10', '.4f')} | "
+        f"{devices} | loss {num('train_loss', '.4f')} | NDCG@10 {num(NDCG_10, '.4f')} | "
         f"eps max {num('epsilon_max', '.3g')} mean {num('epsilon_mean', '.3g')}"
     )
     return line + (f" | user eps {num('user_epsilon', '.3g')}" if row.number("user_epsilon") is not None else "")
@@ -137,7 +136,7 @@ def print_table(result: SimulationResult) -> None:
     """The final table: quality of the global model, device epsilon, wall time."""
     s = result.summary
     typer.echo(f"results in {result.run_dir}")
-    keys = ("hr@10", "ndcg@10", "ndcg@20", "mrr")
+    keys = (HIT_RATE_10, NDCG_10, "ndcg@20", "mrr")
     typer.echo(f"{'split':<8}" + "".join(f"{k.upper() if k != 'mrr' else 'MRR':>9}" for k in keys))
     for split in ("valid", "test"):
         metrics = s[split]

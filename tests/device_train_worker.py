@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from device_helpers import message, store_context, tiny_run  # noqa: E402
+
 from fedinterest.client.app import app  # noqa: E402
 from fedinterest.common import wire  # noqa: E402
 from fedinterest.common.model import InterestModel  # noqa: E402

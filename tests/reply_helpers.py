@@ -5,7 +5,17 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
-from fedinterest.common.wire import ARRAYS, EPSILON, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, NUM_USERS, REFUSED, TRAIN_LOSS
+from fedinterest.common.wire import (
+    ARRAYS,
+    EPSILON,
+    HIT_RATE_10,
+    METRICS,
+    NDCG_10,
+    NUM_EXAMPLES,
+    NUM_USERS,
+    REFUSED,
+    TRAIN_LOSS,
+)
 
 
 def train_metrics(n: float, loss: float, eps: float, refused: float = 0.0, *, users: int = 1, **extra) -> MetricRecord:

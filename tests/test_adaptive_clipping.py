@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, RecordDict
-
 from reply_helpers import train_metrics
+from scripted_grid import ScriptedGrid, as_server_task
+from test_shard_training import FEDSGD, _context, _global, _message
+
+from fedinterest.client.app import app
+from fedinterest.client.device_errors import MessageError
 from fedinterest.common import wire
 from fedinterest.common.datasets import load_split
 from fedinterest.common.run_config import RunConfig
@@ -22,10 +26,6 @@ from fedinterest.server.evaluation import initial_arrays
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, check_train_reply
 from fedinterest.server.rounds import run
 from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant
-from scripted_grid import ScriptedGrid, as_server_task
-from test_shard_training import FEDSGD, _context, _global, _message
-from fedinterest.client.app import app
-from fedinterest.client.device_errors import MessageError
 
 torch.set_num_threads(1)
 

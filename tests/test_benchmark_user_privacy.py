@@ -3,9 +3,9 @@ what sigma is calibrated to and the budget the server enforces."""
 
 from __future__ import annotations
 
-from fedinterest.benchmarks.user_privacy import overrides
-from fedinterest.simulations.simulate import resolve_config
 from fedinterest.benchmarks import federated
+from fedinterest.benchmarks.user_privacy import overrides
+from fedinterest.simulations.simulation_config import resolve_config
 
 
 def test_overrides_set_the_target_and_an_equal_budget_and_keep_the_recipe():

@@ -14,16 +14,16 @@ import re
 from pathlib import Path
 
 import pytest
-
 from reply_helpers import deployed_device
+from scripted_grid import ScriptedGrid, as_server_task
 
-from fedinterest.common.run_config import RunConfig
 from fedinterest.common import wire
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.card_disclosure import OUTSIDE_THE_GUARANTEE, classify, unclassified
 from fedinterest.server.export import model_card
 from fedinterest.server.rounds import run
-from scripted_grid import ScriptedGrid, as_server_task
 
 PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
 RUN = RunConfig(
@@ -43,7 +43,7 @@ def _card(tmp_path: Path, **changes) -> dict:
     cfg = dataclasses.replace(RUN, run_dir=str(tmp_path), **changes)
     final = run(ScriptedGrid({n: deployed_device(epsilon=3.0) for n in range(1, 7)}), cfg)
     record = {"run_id": 99, "submitted_at": "2026-01-01T00:00:00+00:00", "run_config": cfg.to_flower(), "catalogue_sha256": "0" * 64}
-    return model_card(None, tmp_path, record, final, ckpt.latest(tmp_path).round, "completed")
+    return model_card(None, tmp_path, record, FinalReport(final), ckpt.latest(tmp_path).round, "completed")
 
 
 @pytest.mark.parametrize("layers", ["1", "1+2"])

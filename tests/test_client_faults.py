@@ -16,6 +16,8 @@ from device_helpers import (
     user_rows,
     write_csv,
 )
+from flwr.app import Context, RecordDict
+
 from fedinterest.client.app import app as client_app
 from fedinterest.client.faults import (
     STALL_MARGIN_SECONDS,
@@ -29,7 +31,6 @@ from fedinterest.common import wire
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from flwr.app import Context, RecordDict
 
 NUM_ITEMS = 40
 HISTORY = [f"m{i}" for i in (3, 9, 1, 22, 17, 5, 8, 30, 2, 11, 14, 6, 25, 33, 12, 19)]

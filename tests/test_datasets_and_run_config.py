@@ -27,7 +27,7 @@ def test_generic_file_with_filters_reports_every_step(tmp_path: Path) -> None:
     data = tmp_path / "events.csv"
     rows = ["uid,iid,ts,stars"] + [f"u{u},i{(u + k) % 7},{1000 + k},{1 + k % 5}" for u in range(6) for k in range(6)]
     data.write_text("\n".join(rows) + "\n")
-    from fedinterest.common.loaders import ColumnMap
+    from fedinterest.common.column_values import ColumnMap
 
     spec = DatasetSpec(kind="csv", path=str(data), columns=ColumnMap(user="uid", item="iid", timestamp="ts", rating="stars"), min_rating=2, k_core=2)
     dataset, truth = load_dataset(spec)

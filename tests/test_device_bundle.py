@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from device_helpers import TINY_RUN, item_ids, make_device, message, store_context, tiny_run, user_rows, write_csv
+
 from fedinterest.client.app import app
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.local_models import NoModelError, load_latest

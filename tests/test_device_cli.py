@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from device_helpers import TINY_RUN, item_ids, user_rows, write_csv
 from tls_stub import HealthServer, write_ca_and_server
+from typer.testing import CliRunner
+
 from fedinterest.client.device_cli import app
 from fedinterest.client.device_dir import open_device_dir
 from fedinterest.client.ledger import LedgerEntry, PrivacyLedger

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from device_helpers import make_device, user_rows, write_csv
+
 from fedinterest.client.budget import privacy_budget
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.ledger import PrivacyLedger

@@ -15,9 +15,8 @@ import logging
 
 import pytest
 import torch
-from flwr.app import Context, Message
-
 from device_helpers import message, partition_context
+from flwr.app import Context, Message
 
 import fedinterest.client.app as client_app_module
 from fedinterest.client.app import app

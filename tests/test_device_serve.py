@@ -7,8 +7,8 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
 from device_helpers import TINY_RUN, item_ids, make_device, user_rows, write_csv
+
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.ranking_service import check_local_address, start_server
 from fedinterest.client.recommend import recommend

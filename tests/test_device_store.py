@@ -22,6 +22,7 @@ from device_helpers import (
     user_rows,
     write_csv,
 )
+
 from fedinterest.client.app import app as client_app
 from fedinterest.client.budget import privacy_budget
 from fedinterest.client.data_source import HISTORY_DB, load_device_data

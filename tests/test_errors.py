@@ -20,7 +20,16 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from fedinterest.common.errors import EXIT_FAILED, EXIT_OK, EXIT_USAGE, FedinterestError, JobFailed, UsageError, exit_code, run_command
+from fedinterest.common.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    FedinterestError,
+    JobFailed,
+    UsageError,
+    exit_code,
+    run_command,
+)
 
 PACKAGES = ("fedinterest.common", "fedinterest.client", "fedinterest.server", "fedinterest.simulations")
 runner = CliRunner()
@@ -57,8 +66,8 @@ def test_every_error_class_derives_from_fedinterest_error() -> None:
         ("fedinterest.server.checkpoint.CheckpointError", RuntimeError),
         ("fedinterest.server.run_admin.RunError", ValueError),
         ("fedinterest.server.catalogue_build.CatalogueExistsError", FileExistsError),
-        ("fedinterest.simulations.simulate.SimulationConfigError", ValueError),
-        ("fedinterest.simulations.simulate.SimulationFailed", RuntimeError),
+        ("fedinterest.simulations.simulation_config.SimulationConfigError", ValueError),
+        ("fedinterest.simulations.flower_run.SimulationFailed", RuntimeError),
     ],
 )
 def test_error_classes_keep_their_builtin_base(qualified: str, builtin: type[BaseException]) -> None:
@@ -68,7 +77,8 @@ def test_error_classes_keep_their_builtin_base(qualified: str, builtin: type[Bas
 
 
 def test_the_rule() -> None:
-    from fedinterest.simulations.simulate import SimulationConfigError, SimulationFailed
+    from fedinterest.simulations.flower_run import SimulationFailed
+    from fedinterest.simulations.simulation_config import SimulationConfigError
 
     assert (EXIT_OK, EXIT_FAILED, EXIT_USAGE) == (0, 1, 2)
     assert exit_code(UsageError("x")) == exit_code(SimulationConfigError("x")) == 2
@@ -94,7 +104,7 @@ def test_the_rule() -> None:
 def test_simulate_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fedinterest.simulations import simulate_cli
     from fedinterest.simulations.cli import app
-    from fedinterest.simulations.simulate import SimulationFailed
+    from fedinterest.simulations.flower_run import SimulationFailed
 
     usage = runner.invoke(app, ["simulate"])  # neither CONFIG nor --resume: nothing runs
     assert usage.exit_code == 2 and "error: give either CONFIG" in usage.stderr

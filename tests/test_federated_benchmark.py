@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedinterest.benchmarks import federated
-from fedinterest.server.run_metrics import RoundRow
+from fedinterest.common.run_files import RoundRow
 
 
 @pytest.mark.parametrize(

@@ -14,9 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
-
 from device_helpers import message, partition_context
+from opacus.accountants import RDPAccountant
 
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data

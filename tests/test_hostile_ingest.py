@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from device_helpers import make_device
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from device_helpers import make_device
 from fedinterest.client.device_cli import app
 from fedinterest.client.device_dir import DeviceDir
 from fedinterest.client.device_store import StoreError

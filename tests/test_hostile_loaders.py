@@ -20,8 +20,9 @@ import pytest
 from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
+from fedinterest.common.column_values import ColumnMap
+from fedinterest.common.interaction_loader import ALL_FORMATS, load_interactions
 from fedinterest.common.interactions import DataFormatError, InteractionTable, to_sequences
-from fedinterest.common.loaders import ALL_FORMATS, ColumnMap, load_interactions
 
 # Loading a small file takes about a millisecond: these counts keep the module at a few seconds.
 FAST = settings(max_examples=150, deadline=None)

@@ -14,10 +14,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from device_helpers import TINY_RUN, item_ids, make_device, user_rows, write_csv
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
-from device_helpers import TINY_RUN, item_ids, make_device, user_rows, write_csv
 from fedinterest.client.ingest import ingest_file
 from fedinterest.client.ranking_service import DEFAULT_K, MAX_K, start_server
 from fedinterest.common import ranking_pb2, ranking_pb2_grpc

@@ -15,7 +15,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedinterest.common.run_config import RunConfig
-from fedinterest.server.run_overrides import parse_set_items, run_config_types, toml_value
+from fedinterest.common.run_overrides import parse_set_items, run_config_types, toml_value
 
 SETTINGS = settings(max_examples=300, deadline=None)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from simulation_helpers import ITEMS, TIMEOUT_MINUTES, write_sequences
 from typer.testing import CliRunner
 
 from fedinterest.common.interactions import DataFormatError
@@ -16,7 +17,6 @@ from fedinterest.common.item_attributes import item_attribute_rows, read_item_at
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
 from fedinterest.simulations.cli import app
-from simulation_helpers import ITEMS, TIMEOUT_MINUTES, write_sequences
 
 
 def test_s3rec_json_maps_items_to_sorted_attribute_numbers_and_undescribed_items_share_none(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_attribute_vectors_carry_fewer_free_parameters(tmp_path: Path) -> None:
         RunConfig(item_vectors="attributes")
 
 
-USER_DP_ATTRIBUTES = f"""
+USER_DP_ATTRIBUTES = """
 [run]
 dataset = "sequences"
 data-path = "tiny.seq"

@@ -9,7 +9,15 @@ import pytest
 from flwr.app import RecordDict
 from opacus.accountants import RDPAccountant
 
-from fedinterest.client.ledger import DEVICE_USER, STATE_KEY, Charge, LedgerEntry, PrivacyLedger, open_device_ledger, rdp_epsilon
+from fedinterest.client.ledger import (
+    DEVICE_USER,
+    STATE_KEY,
+    Charge,
+    LedgerEntry,
+    PrivacyLedger,
+    open_device_ledger,
+    rdp_epsilon,
+)
 
 DELTA = 1e-5
 

@@ -16,7 +16,7 @@ import torch
 
 from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_training import train_locally
-from fedinterest.common.model import InterestModel, ModelConfig
+from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
 
 DELTA = 1e-5

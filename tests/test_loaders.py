@@ -10,15 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from fedinterest.common.column_values import ColumnMap
+from fedinterest.common.interaction_loader import load_interactions
 from fedinterest.common.interactions import DataFormatError, to_sequences
-from fedinterest.common.loaders import (
-    ColumnMap,
-    load_interactions,
-    load_movielens_1m,
-    load_movielens_100k,
-    load_sequences,
-    load_table,
-)
+from fedinterest.common.movielens_loader import load_movielens_1m, load_movielens_100k
+from fedinterest.common.sequence_loader import load_sequences
+from fedinterest.common.table_loader import load_table
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

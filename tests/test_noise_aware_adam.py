@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam
+from scripted_grid import ScriptedGrid, as_server_task
 
 from fedinterest.common.wire import ARRAYS, METRICS, NUM_EXAMPLES
 from fedinterest.server.noise_aware_adam import NoiseAwareFedAdam
-from scripted_grid import ScriptedGrid, as_server_task
 
 COORDS, PHI = 40_000, 1e-4  # noise std 0.01 per coordinate
 ONE_NODE = {"min_available_nodes": 1, "min_train_nodes": 1}  # the scripted grid has one node

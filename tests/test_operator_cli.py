@@ -8,14 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import Result
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from operator_helpers import write_catalogue, write_ec_key, write_rsa_public_key
-from click.testing import Result
 from typer.testing import CliRunner
 
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.deployment import load_deployment
 from fedinterest.server.superlink import superlink_command
@@ -254,6 +255,17 @@ def test_status_from_the_run_directory_when_flower_is_unreachable(deployment_dir
     assert missing.exit_code == 2 and "no run '999'" in missing.output
 
 
+def test_status_while_the_round_loop_appends_a_row(deployment_dir: Path) -> None:
+    """A half-written last row (the ServerApp mid-append) is not read yet; `server status` still answers."""
+    run_dir = _fake_run(deployment_dir, finished=False)
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"round": 2, "sampled": 3, "answ')
+    result = invoke("status", "--dir", str(deployment_dir), "--json")
+    assert result.exit_code == 0, result.output
+    state = json.loads(result.stdout)
+    assert state["rounds_done"] == 1 and state["latest_round"]["round"] == 1
+
+
 def test_report_writes_plots_and_table(deployment_dir: Path) -> None:
     run_dir = _fake_run(deployment_dir)
     result = invoke("report", "1234", "--dir", str(deployment_dir))
@@ -318,10 +330,10 @@ def test_model_card_names_layer_two_when_the_run_used_it(deployment_dir: Path) -
     record = json.loads((run_dir / "run.json").read_text())
     final = json.loads((run_dir / "final.json").read_text())
     deployment = load_deployment(deployment_dir)
-    assert "2: user-level" not in model_card(deployment, run_dir, record, final, 2, None)["privacy"]["layer"]
+    assert "2: user-level" not in model_card(deployment, run_dir, record, FinalReport(final), 2, None)["privacy"]["layer"]
     record["run_config"]["user-noise-multiplier"] = 0.8
     final["privacy"]["user_level"] = {"epsilon": 3.25, "delta": 0.001}
-    card = model_card(deployment, run_dir, record, final, 2, None)
+    card = model_card(deployment, run_dir, record, FinalReport(final), 2, None)
     assert card["privacy"]["layer"].startswith("1: on-device DP-SGD") and "2: user-level DP-FedAvg" in card["privacy"]["layer"]
     assert card["privacy"]["user_level"]["epsilon"] == 3.25
 
@@ -375,9 +387,3 @@ def test_submitting_warns_when_device_budgets_cannot_cover_the_rounds(deployment
     # `server run` prints the warning before it tries the SuperLink (down here).
     result = invoke("run", "--dir", str(deployment_dir))
     assert result.exit_code == 2 and "warning: the devices' privacy budgets cannot cover this run" in result.output
-
-
-def test_run_directory_file_names_agree_with_the_server_app() -> None:
-    from fedinterest.server import rounds, run_metrics
-
-    assert (run_metrics.METRICS_FILE, run_metrics.FINAL_FILE) == (rounds.METRICS_FILE, rounds.FINAL_FILE)

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from operator_helpers import ServerProcess, write_catalogue, write_ec_key
 from click.testing import Result
+from operator_helpers import ServerProcess, write_catalogue, write_ec_key
 from typer.testing import CliRunner
 
 from fedinterest.server.deployment import Deployment, load_deployment

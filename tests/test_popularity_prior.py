@@ -14,24 +14,25 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
+from reply_helpers import train_metrics
+from scripted_grid import ScriptedGrid, as_server_task
+from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 from typer.testing import CliRunner
 
-from reply_helpers import train_metrics
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks, offset_ranks
 from fedinterest.common.model import InterestModel
 from fedinterest.common.popularity import PRIOR_WEIGHTS, log_prior, user_count_vector, with_prior
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, NUM_USERS, POPULARITY_COUNTS, QUERY_POPULARITY, SHARD_USERS
+from fedinterest.common.run_files import FINAL_FILE
+from fedinterest.common.wire import ARRAYS, METRICS, NUM_USERS, POPULARITY_COUNTS, QUERY_POPULARITY
 from fedinterest.server import checkpoint as ckpt
+from fedinterest.server.cohort import Cohort, NodeShard
 from fedinterest.server.evaluation import ServerEvaluator, arrays_from_numpy, arrays_to_numpy, initial_arrays
 from fedinterest.server.popularity_prior import PRIOR_FILE, release_counts
-from fedinterest.server.rounds import FINAL_FILE, run
-from fedinterest.server.cohort import Cohort, NodeShard
+from fedinterest.server.rounds import run
 from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant
 from fedinterest.simulations.cli import app
-from scripted_grid import ScriptedGrid, as_server_task
-from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 
 torch.set_num_threads(1)
 

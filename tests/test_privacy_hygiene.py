@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from device_helpers import message, partition_context
 from flwr.app import Error, Message
-
-from device_helpers import TINY_RUN, message, partition_context
 from reply_helpers import deployed_device
+from scripted_grid import ScriptedGrid, as_server_task
+
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
 from fedinterest.common import wire
@@ -27,7 +28,6 @@ from fedinterest.common.run_config import RunConfig
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.rounds import run
 from fedinterest.server.user_privacy import UserLevelAccountant
-from scripted_grid import ScriptedGrid, as_server_task
 
 torch.set_num_threads(1)
 PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"

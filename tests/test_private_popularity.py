@@ -8,7 +8,12 @@ import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedinterest.common.datasets import load_split
-from fedinterest.common.popularity import popularity_ranks, private_popularity_noise, private_popularity_ranks, user_bounded_counts
+from fedinterest.common.popularity import (
+    popularity_ranks,
+    private_popularity_noise,
+    private_popularity_ranks,
+    user_bounded_counts,
+)
 from fedinterest.common.run_config import RunConfig
 
 

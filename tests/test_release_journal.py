@@ -17,12 +17,24 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 from opacus.accountants import RDPAccountant
+from scripted_grid import ScriptedGrid, as_server_task
 
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, NUM_USERS, REFUSED, SERVER_ROUND, TRAIN_LOSS
+from fedinterest.common.wire import (
+    ARRAYS,
+    CONFIG,
+    EPSILON,
+    HIT_RATE_10,
+    METRICS,
+    NDCG_10,
+    NUM_EXAMPLES,
+    NUM_USERS,
+    REFUSED,
+    SERVER_ROUND,
+    TRAIN_LOSS,
+)
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.rounds import run
-from scripted_grid import ScriptedGrid, as_server_task
 
 NODES = (1, 2, 3, 4, 5, 6)
 RUN = RunConfig(

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from device_helpers import make_device, partition_context, store_context, tiny_run, user_rows, write_csv
 from device_helpers import message as device_message
 from reply_helpers import deployed_device
+from scripted_grid import ScriptedGrid, as_server_task
+
 from fedinterest.client.app import app
 from fedinterest.client.data_source import load_device_data
 from fedinterest.client.ingest import ingest_file
@@ -26,8 +27,8 @@ from fedinterest.client.privacy_policy import PrivacyPolicy, save_policy
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from fedinterest.server.rounds import METRICS_FILE, read_metrics, run
-from scripted_grid import ScriptedGrid, as_server_task
+from fedinterest.common.run_files import METRICS_FILE, read_jsonl
+from fedinterest.server.rounds import run
 
 torch.set_num_threads(1)
 PRIVACY_MD = Path(__file__).resolve().parents[1] / "docs" / "privacy.md"
@@ -106,7 +107,7 @@ def test_the_round_loop_and_a_deployments_evaluation_report_null_without_shared_
     for share in (False, True):
         cfg = dataclasses.replace(base, run_dir=str(tmp_path / str(share)))
         final = run(ScriptedGrid({n: deployed_device(share=share) for n in (1, 2, 3)}), cfg)
-        row = read_metrics(tmp_path / str(share) / METRICS_FILE)[0]
+        row = read_jsonl(tmp_path / str(share) / METRICS_FILE)[0]
         assert final["rounds"] == 1 and final["counts"]["aggregated"] == 3
         assert final["test"]["users"] == 3 and final["test"]["users_with_metrics"] == (3 if share else 0)
         if share:

@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict, DEFAULT_TTL
+from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
 from flwr.common import bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.serverapp.strategy import FedAvg

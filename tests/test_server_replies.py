@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
-
 from reply_helpers import train_metrics
+from scripted_grid import as_server_task
+
 from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, TRAIN_LOSS
 from fedinterest.server.reply_checks import ArraySpec, ReplyKind, UpdateBound, check_train_reply, classify_replies
-from scripted_grid import as_server_task
 
 GLOBAL = {"a": np.zeros((2, 3), dtype=np.float32), "b": np.zeros(4, dtype=np.float32)}
 

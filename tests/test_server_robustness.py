@@ -8,15 +8,17 @@ import logging
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
+from scripted_grid import ScriptedGrid, as_server_task
+from test_server_rounds import broken, config, metrics, trainer
+
 from fedinterest.common.datasets import load_split
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, read_jsonl
 from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, SIMULATED_FAULT
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import arrays_to_numpy, initial_arrays
 from fedinterest.server.faults import mark_faults, pick_faulty
-from fedinterest.server.rounds import FINAL_FILE, METRICS_FILE, read_metrics, run
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, RecordDict
-from scripted_grid import ScriptedGrid, as_server_task
-from test_server_rounds import broken, config, metrics, trainer
+from fedinterest.server.rounds import run
 
 HONEST = (1, 2, 3, 4)
 POISON = 100.0  # added to every weight: finite, well formed, passes every check but the norm bound
@@ -44,7 +46,7 @@ def movement(run_dir, cfg) -> float:
 def one_round(tmp_path, name: str, nodes, **changes):
     cfg = config(tmp_path / name, num_server_rounds=1, eval_every=1, **changes)
     final = run(ScriptedGrid(nodes), cfg)
-    (row,) = read_metrics(tmp_path / name / METRICS_FILE)
+    (row,) = read_jsonl(tmp_path / name / METRICS_FILE)
     return movement(tmp_path / name, cfg), row, final
 
 
@@ -129,7 +131,7 @@ def faulty_device(node: int):
 def test_a_fraction_of_failing_devices_leaves_completed_aggregated_rounds(tmp_path, mode):
     grid = ScriptedGrid({n: faulty_device(n) for n in range(1, 11)})
     final = run(grid, config(tmp_path, num_server_rounds=3, fault_fraction=0.3, fault_mode=mode))
-    rows = read_metrics(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / METRICS_FILE)
     assert [r["round"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert (r["sampled"], r["failed"], r["answered"]) == (10, 3, 7) and r["train_loss"] is not None

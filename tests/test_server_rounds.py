@@ -11,18 +11,28 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
-
 from reply_helpers import train_metrics
+from scripted_grid import ScriptedGrid, as_server_task
+
 from fedinterest.common.datasets import load_split
 from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import hit_rate, ndcg
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, HIT_RATE_10, METRICS, NDCG_10, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, ROW_FIELDS, read_jsonl
+from fedinterest.common.wire import (
+    ARRAYS,
+    CONFIG,
+    EPSILON,
+    HIT_RATE_10,
+    METRICS,
+    NDCG_10,
+    NUM_EXAMPLES,
+    SERVER_ROUND,
+)
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.evaluation import STAGE, ServerEvaluator, federated_evaluate, initial_arrays
-from fedinterest.server.rounds import FINAL_FILE, METRICS_FILE, ROW_FIELDS, read_metrics, run, wait_for_nodes
-from scripted_grid import ScriptedGrid, as_server_task
+from fedinterest.server.rounds import run, wait_for_nodes
 
 torch.set_num_threads(1)
 
@@ -90,7 +100,7 @@ def test_rounds_write_metrics_final_and_checkpoints(tmp_path):
     nodes = {1: trainer(1), 2: trainer(2), 3: trainer(3), 4: refuser, 5: idle, 6: broken, 7: malformed, 8: silent}
     final = run(ScriptedGrid(nodes), config(tmp_path))
 
-    rows = read_metrics(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / METRICS_FILE)
     assert [r["round"] for r in rows] == [1, 2, 3]
     for r in rows:
         assert tuple(r) == ROW_FIELDS
@@ -112,7 +122,7 @@ def test_rounds_write_metrics_final_and_checkpoints(tmp_path):
 def test_best_validation_round_is_chosen_on_validation_and_carries_its_test(tmp_path):
     nodes = {n: trainer(n) for n in (1, 2, 3, 4)}
     final = run(ScriptedGrid(nodes), config(tmp_path, num_server_rounds=5, eval_every=1))
-    rows = read_metrics(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / METRICS_FILE)
     scores = [r[NDCG_10] for r in rows]
     best = final["best_valid"]
     assert best["round"] == 1 + scores.index(max(scores))  # the first round with the best validation
@@ -162,7 +172,7 @@ def test_round_without_valid_update_keeps_the_model(tmp_path):
     start = initial_arrays(cfg.model_config(load_split(cfg.dataset_spec()).num_items), cfg.seed)
     for key, array in start.items():
         np.testing.assert_array_equal(saved.arrays[key], array.numpy())
-    rows = read_metrics(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / METRICS_FILE)
     assert [r["train_loss"] for r in rows] == [None, None]
     assert final["counts"]["rounds_without_update"] == 2 and final["counts"]["aggregated"] == 0
 
@@ -174,7 +184,7 @@ def test_dp_off_devices_give_null_epsilon(tmp_path):
         return reply
 
     run(ScriptedGrid({1: no_dp, 2: no_dp, 3: no_dp, 4: no_dp}), config(tmp_path, num_server_rounds=1))
-    (row,) = read_metrics(tmp_path / METRICS_FILE)
+    (row,) = read_jsonl(tmp_path / METRICS_FILE)
     assert (row["epsilon_max"], row["epsilon_mean"], row["dp"]) == (None, None, False)
     assert json.loads((tmp_path / FINAL_FILE).read_text())["privacy"]["dp"] is False
 
@@ -210,7 +220,7 @@ def test_crash_and_resume_continue_exactly(tmp_path, strategy):
     for key in expected.strategy_state:
         np.testing.assert_array_equal(got.strategy_state[key], expected.strategy_state[key])
     assert got.privacy == expected.privacy and got.counts == expected.counts
-    assert _strip_times(read_metrics(resumed_dir / METRICS_FILE)) == _strip_times(read_metrics(straight_dir / METRICS_FILE))
+    assert _strip_times(read_jsonl(resumed_dir / METRICS_FILE)) == _strip_times(read_jsonl(straight_dir / METRICS_FILE))
     straight_final = json.loads((straight_dir / FINAL_FILE).read_text())
     assert final["test"] == straight_final["test"] and final["valid"] == straight_final["valid"]
     assert final["best_valid"] == straight_final["best_valid"]  # the best round survives the resume
@@ -219,12 +229,12 @@ def test_crash_and_resume_continue_exactly(tmp_path, strategy):
 def test_lost_metrics_row_is_restored_from_the_checkpoint(tmp_path):
     nodes = {n: trainer(n) for n in (1, 2, 3, 4)}
     run(ScriptedGrid(nodes), config(tmp_path, num_server_rounds=2))
-    rows = read_metrics(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / METRICS_FILE)
     # A crash after round 2's checkpoint but before its row was appended.
     (tmp_path / METRICS_FILE).write_text(json.dumps(rows[0]) + "\n")
     run(ScriptedGrid(nodes), config(tmp_path, num_server_rounds=3))
-    assert [r["round"] for r in read_metrics(tmp_path / METRICS_FILE)] == [1, 2, 3]
-    assert read_metrics(tmp_path / METRICS_FILE)[1] == rows[1]
+    assert [r["round"] for r in read_jsonl(tmp_path / METRICS_FILE)] == [1, 2, 3]
+    assert read_jsonl(tmp_path / METRICS_FILE)[1] == rows[1]
 
 
 def test_resume_with_another_config_is_refused(tmp_path):

@@ -7,14 +7,14 @@ import random
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
-
 from reply_helpers import train_metrics
-from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
-from fedinterest.server.strategies import PROXIMAL_MU, build_strategy, fit_sampling, load_strategy_state, strategy_state
 from scripted_grid import ScriptedGrid, as_server_task
+
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.wire import ARRAYS, METRICS, NUM_EXAMPLES, SERVER_ROUND
+from fedinterest.server.strategies import PROXIMAL_MU, build_strategy, fit_sampling, load_strategy_state, strategy_state
 
 
 @pytest.fixture(autouse=True)

@@ -20,6 +20,7 @@ from fedinterest.client.shard_training import _fedsgd_round, _loop_round, train_
 from fedinterest.common import wire
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FinalReport
 from fedinterest.server.evaluation import arrays_to_numpy
 from fedinterest.server.user_privacy import noised_mean_update
 
@@ -163,10 +164,11 @@ def test_the_shard_query_names_the_first_user_and_the_size() -> None:
 
 
 def test_a_seeded_noise_run_says_its_privacy_figures_do_not_hold() -> None:
-    from fedinterest.simulations.simulate import FederationConfig, SimulationConfig, privacy_markdown, privacy_report
+    from fedinterest.simulations.privacy_report import privacy_markdown, privacy_report
+    from fedinterest.simulations.simulation_config import FederationConfig, SimulationConfig
 
     for seed, warned in ((0, False), (9, True)):
         config = SimulationConfig("x", RunConfig(**FEDSGD, research_noise_seed=seed), FederationConfig(num_supernodes=2))
-        report = privacy_report(config, [], {})
+        report = privacy_report(config, [], FinalReport({}))
         assert ("warning" in report) is warned
         assert ("do not hold" in privacy_markdown(report)) is warned

@@ -10,19 +10,27 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import fedinterest.simulations
 from fedinterest.common.run_config import RunConfig
-from fedinterest.simulations import simulate as sim
+from fedinterest.common.run_files import FinalReport, MetricsFollower, RoundRow
+from fedinterest.common.run_overrides import flat_toml, toml_value
+from fedinterest.server.flower_processes import OFFLINE_ENV, flower_env, last_exception
 from fedinterest.simulations.cli import app
-from fedinterest.simulations.simulate import (
+from fedinterest.simulations.flower_run import SimulationFailed, write_flower_config
+from fedinterest.simulations.privacy_report import privacy_markdown, privacy_report
+from fedinterest.simulations.run_directory import prepare_run
+from fedinterest.simulations.run_summary import check_updates, summarize_run
+from fedinterest.simulations.simulation_config import (
     FederationConfig,
-    MetricsFollower,
-    RoundRow,
+    SimulationConfig,
     SimulationConfigError,
+    check_project,
     parse_overrides,
+    project_dir,
     resolve_config,
 )
 
-CONFIGS = Path(sim.__file__).resolve().parent / "configs"
+CONFIGS = Path(fedinterest.simulations.__file__).resolve().parent / "configs"
 runner = CliRunner()
 
 
@@ -141,18 +149,18 @@ def test_shipped_configs_resolve(name: str) -> None:
 
 
 def test_the_app_declares_every_run_config_key(tmp_path: Path) -> None:
-    sim.check_project(sim.project_dir())  # flwr rejects --run-config keys pyproject does not declare
+    check_project(project_dir())  # flwr rejects --run-config keys pyproject does not declare
     (tmp_path / "pyproject.toml").write_text(
         '[tool.flwr.app.components]\nserverapp = "a:app"\nclientapp = "b:app"\n[tool.flwr.app.config]\ndataset = "synthetic"\n'
     )
     with pytest.raises(SimulationConfigError, match="lacks run-config keys"):
-        sim.check_project(tmp_path)
+        check_project(tmp_path)
 
 
 def test_prepare_run_writes_the_resolved_config(tmp_path: Path) -> None:
     path = write(tmp_path, "[run]\nsynthetic-users = 7\nsynthetic-items = 200\nnoise-multiplier = 0.7\n")
     config = resolve_config(path, ["seed=5"])
-    prepared = sim.prepare_run(config, tmp_path / "runs", argv=[str(path), "--set", "seed=5"])
+    prepared = prepare_run(config, tmp_path / "runs", argv=[str(path), "--set", "seed=5"])
     run_dir = prepared.run_dir
     assert run_dir.parent == (tmp_path / "runs").resolve() and run_dir.name.startswith("simulate-exp-")
     assert prepared.flwr_home == run_dir / "flwr-home" and prepared.flwr_home.is_dir()
@@ -173,29 +181,29 @@ def test_the_ray_cluster_a_run_is_sent_to_is_recorded(tmp_path: Path, monkeypatc
     # Flower's ray.init() takes its cluster from RAY_ADDRESS (docs/simulations.md, "On a Ray cluster").
     config = resolve_config(write(tmp_path, "[run]\nsynthetic-users = 7\nsynthetic-items = 200\n"))
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    alone = json.loads((sim.prepare_run(config, tmp_path / "a").run_dir / "config.resolved.json").read_text())
+    alone = json.loads((prepare_run(config, tmp_path / "a").run_dir / "config.resolved.json").read_text())
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6390")
-    attached = json.loads((sim.prepare_run(config, tmp_path / "b").run_dir / "config.resolved.json").read_text())
+    attached = json.loads((prepare_run(config, tmp_path / "b").run_dir / "config.resolved.json").read_text())
     assert alone["ray_address"] is None and attached["ray_address"] == "127.0.0.1:6390"
 
 
 def test_too_many_supernodes_for_the_synthetic_users(tmp_path: Path) -> None:
     config = resolve_config(write(tmp_path, "[run]\nsynthetic-users = 5\n[federation]\nnum-supernodes = 6\n"))
     with pytest.raises(SimulationConfigError, match="exceeds the 5 synthetic users"):
-        sim.prepare_run(config, tmp_path / "runs")
+        prepare_run(config, tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
 
 
 def test_flower_connection_file_is_what_flwr_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.cli.flower_config import read_superlink_connection
 
-    sim.write_flower_config(tmp_path, 45678)
+    write_flower_config(tmp_path, 45678)
     monkeypatch.setenv("FLWR_HOME", str(tmp_path))
     connection = read_superlink_connection()
     assert connection.address == "127.0.0.1:45678" and connection.insecure
-    env = sim.flower_env(tmp_path)
+    env = flower_env(tmp_path)
     assert env["FLWR_HOME"] == str(tmp_path)
-    for key, value in sim.OFFLINE_ENV.items():
+    for key, value in OFFLINE_ENV.items():
         assert env[key] == value
 
 
@@ -204,13 +212,13 @@ def test_run_config_file_round_trips_through_flwr(tmp_path: Path) -> None:
 
     run = RunConfig(dataset="ml-100k", data_path='/data/odd "name"/u.data', delta=1e-6, run_dir=str(tmp_path))
     path = tmp_path / "run-config.toml"
-    path.write_text(sim._flat_toml(run.to_flower()))
+    path.write_text(flat_toml(run.to_flower()))
     assert RunConfig.from_flower(parse_config_args([str(path)])) == run
 
 
 def test_metrics_follower_reads_only_complete_rows(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    follower = MetricsFollower(path)
+    follower = MetricsFollower(tmp_path)
     assert follower.poll() == []
     path.write_text('{"round": 1, "epsilon_max": 1.5}\n{"round": 2, "eps')
     rows = follower.poll()
@@ -221,7 +229,7 @@ def test_metrics_follower_reads_only_complete_rows(tmp_path: Path) -> None:
     assert row.round == 2 and math.isinf(row.number("epsilon_max")) and row.number("ndcg@10") is None
 
 
-def _fake_run(tmp_path: Path, private: bool = True) -> tuple[sim.SimulationConfig, list[RoundRow], dict]:
+def _fake_run(tmp_path: Path, private: bool = True) -> tuple[SimulationConfig, list[RoundRow], FinalReport]:
     config = resolve_config(write(tmp_path, f"[run]\nnoise-multiplier = {1.0 if private else 0.0}\nepsilon-budget = 4.0\n[federation]\nnum-supernodes = 3\n"))
     rows = [
         RoundRow(1, {"round": 1, "sampled": 3, "answered": 3, "refused": 0, "train_loss": 5.0, "epsilon_max": 1.0, "epsilon_mean": 0.8, "ndcg@10": None}),
@@ -232,12 +240,12 @@ def _fake_run(tmp_path: Path, private: bool = True) -> tuple[sim.SimulationConfi
         "wall_seconds": 12.5, "counts": {"refused": 1},
         "privacy": {"device_epsilon_max": 2.0, "device_epsilon_mean": 1.4, "devices_reporting": 3, "dp": True},
     }
-    return config, rows, final
+    return config, rows, FinalReport(final)
 
 
 def test_privacy_report_and_plots(tmp_path: Path) -> None:
     config, rows, final = _fake_run(tmp_path)
-    report = sim.privacy_report(config, rows, final, {"partition-0": (2.0, 2), "partition-1": (1.0, 1), "partition-2": (0.0, 0)})
+    report = privacy_report(config, rows, final, {"partition-0": (2.0, 2), "partition-1": (1.0, 1), "partition-2": (0.0, 0)})
     assert report["device_epsilon"]["max"] == 2.0 and report["device_epsilon"]["mean"] == 1.4
     assert report["delta"] == 1e-5 and report["epsilon_budget"] == 4.0 and "RDP" in report["accountant"]
     assert "training example" in report["unit_of_protection"]
@@ -245,32 +253,32 @@ def test_privacy_report_and_plots(tmp_path: Path) -> None:
     assert report["ledgers"]["devices_trained"] == 2 and report["ledgers"]["epsilon_mean"] == 1.5
     assert [r["epsilon_max"] for r in report["per_round"]] == [1.0, 2.0]
     json.dumps(report, allow_nan=False)  # strict JSON
-    markdown = sim.privacy_markdown(report)
+    markdown = privacy_markdown(report)
     assert "| 3 | 3 | 2 | 1.4 | 1 | 1 |" in markdown and "delta" in markdown
 
-    from fedinterest.simulations.plots import plot_epsilon, plot_ndcg
+    from fedinterest.common.run_plots import plot_epsilon, plot_ndcg
 
     for path in (plot_ndcg(rows, tmp_path / "ndcg.png", final_test=0.12), plot_epsilon(rows, tmp_path / "eps.png", budget=4.0)):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Nothing measured still gives a (labelled) plot.
     assert plot_ndcg([], tmp_path / "empty.png").is_file()
 
-    summary = sim.summarize_run(config, rows, final, report, wall_seconds=20.0)
+    summary = summarize_run(config, rows, final, report, wall_seconds=20.0)
     assert summary["test"]["ndcg@10"] == 0.12 and summary["rounds"] == 2 and summary["refused_device_rounds"] == 1
 
 
 def test_privacy_report_without_dp(tmp_path: Path) -> None:
     config, rows, final = _fake_run(tmp_path, private=False)
-    report = sim.privacy_report(config, rows, {**final, "privacy": {"dp": False}})
+    report = privacy_report(config, rows, FinalReport({**final.raw, "privacy": {"dp": False}}))
     assert report["dp"] is False and report["device_epsilon"]["max"] == "inf" and report["accountant"] is None
-    assert "DP-SGD is off" in sim.privacy_markdown(report)
+    assert "DP-SGD is off" in privacy_markdown(report)
     json.dumps(report, allow_nan=False)
 
 
 def test_resolved_toml_values() -> None:
-    assert tomllib.loads("v = " + sim._toml_value(1e-5))["v"] == 1e-5
-    assert tomllib.loads("v = " + sim._toml_value("a\\b\"c"))["v"] == "a\\b\"c"
-    assert sim._toml_value(True) == "true" and sim._toml_value(3) == "3"
+    assert tomllib.loads("v = " + toml_value(1e-5))["v"] == 1e-5
+    assert tomllib.loads("v = " + toml_value("a\\b\"c"))["v"] == "a\\b\"c"
+    assert toml_value(True) == "true" and toml_value(3) == "3"
 
 
 def test_a_run_without_any_aggregated_update_fails(tmp_path: Path) -> None:
@@ -280,11 +288,11 @@ def test_a_run_without_any_aggregated_update_fails(tmp_path: Path) -> None:
         "ray.exceptions.RayTaskError(ClientAppException): wrapped\n"
         "flwr.clientapp.client_app.ClientAppException: \n"
     )
-    assert sim.last_exception(tmp_path / "flwr.log") == "OverflowError: Python int too large to convert to SQLite INTEGER"
-    with pytest.raises(sim.SimulationFailed, match="no device update was aggregated in 2 rounds: 8 replies failed.*OverflowError"):
-        sim.check_updates(tmp_path, {"rounds": 2, "counts": {"aggregated": 0, "failed": 8, "rejected": 0}})
-    sim.check_updates(tmp_path, {"rounds": 2, "counts": {"aggregated": 3, "failed": 1}})  # some updates: a warning, not a failure
-    sim.check_updates(tmp_path, {"rounds": 2, "counts": {"aggregated": 0, "refused": 8}})  # budgets spent: a normal outcome
+    assert last_exception(tmp_path / "flwr.log") == "OverflowError: Python int too large to convert to SQLite INTEGER"
+    with pytest.raises(SimulationFailed, match="no device update was aggregated in 2 rounds: 8 replies failed.*OverflowError"):
+        check_updates(tmp_path, FinalReport({"rounds": 2, "counts": {"aggregated": 0, "failed": 8, "rejected": 0}}))
+    check_updates(tmp_path, FinalReport({"rounds": 2, "counts": {"aggregated": 3, "failed": 1}}))  # some updates: a warning, not a failure
+    check_updates(tmp_path, FinalReport({"rounds": 2, "counts": {"aggregated": 0, "refused": 8}}))  # budgets spent: a normal outcome
 
 
 @pytest.mark.parametrize("name", ["demo", "sports", "toys", "sports-private", "toys-private", "ml-100k-private", "ml-1m-private"])

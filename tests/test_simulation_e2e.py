@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 from typer.testing import CliRunner
 
 from fedinterest.common.run_config import RunConfig
 from fedinterest.simulations.cli import app
-from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 
 runner = CliRunner()
 @pytest.fixture(scope="module")

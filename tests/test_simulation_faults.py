@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
 from typer.testing import CliRunner
 
 from fedinterest.simulations.cli import app
-from fedinterest.simulations.simulate import ledger_epsilons
-from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
+from fedinterest.simulations.privacy_report import ledger_epsilons
 
 runner = CliRunner()
 

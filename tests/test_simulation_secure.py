@@ -9,10 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+from simulation_helpers import TIMEOUT_MINUTES, write_sequences
 from typer.testing import CliRunner
 
 from fedinterest.simulations.cli import app
-from simulation_helpers import TIMEOUT_MINUTES, write_sequences
 
 runner = CliRunner()
 

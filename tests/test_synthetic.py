@@ -287,7 +287,7 @@ def test_to_sequences_keeps_the_planted_numbering() -> None:
     assert np.array_equal(users, np.arange(SMALL.num_users))
     items = item_positions(dataset.item_ids)
     assert items[0] == -1 and len(items) == dataset.num_items + 1
-    for u, (seq, planted) in enumerate(zip(dataset.sequences, histories(table))):
+    for _u, (seq, planted) in enumerate(zip(dataset.sequences, histories(table))):
         assert np.array_equal(items[seq], planted)
         assert np.array_equal(truth.item_topic[items[seq]], truth.item_topic[planted])
     split = leave_one_out(dataset)

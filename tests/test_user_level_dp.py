@@ -11,21 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Error, Message, RecordDict
 from opacus.accountants import RDPAccountant
-from typer.testing import CliRunner
-
 from reply_helpers import train_metrics
-from fedinterest.common.datasets import load_split
-from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import ARRAYS, CONFIG, EPSILON, METRICS, NUM_EXAMPLES, REFUSED, SERVER_ROUND, TRAIN_LOSS
-from fedinterest.server import checkpoint as ckpt
-from fedinterest.server.evaluation import initial_arrays
-from fedinterest.server.rounds import FINAL_FILE, METRICS_FILE, STOPPED_AT_USER_BUDGET, read_metrics, run
-from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant, clip_update, noised_mean_update
-from fedinterest.simulations.cli import app
 from scripted_grid import ScriptedGrid, as_server_task
 from simulation_helpers import TIMEOUT_MINUTES, TINY, write_sequences
+from typer.testing import CliRunner
+
+from fedinterest.common.datasets import load_split
+from fedinterest.common.run_config import RunConfig
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, read_jsonl
+from fedinterest.common.wire import ARRAYS, CONFIG, METRICS, SERVER_ROUND
+from fedinterest.server import checkpoint as ckpt
+from fedinterest.server.evaluation import initial_arrays
+from fedinterest.server.round_callbacks import STOPPED_AT_USER_BUDGET
+from fedinterest.server.rounds import run
+from fedinterest.server.user_privacy import UserDPSettings, UserLevelAccountant, clip_update, noised_mean_update
+from fedinterest.simulations.cli import app
 
 torch.set_num_threads(1)
 
@@ -164,7 +166,7 @@ def test_rounds_report_growing_user_epsilon_and_noise_reaches_the_model(fixed_sa
     # Devices send the global weights back unchanged: whatever moves the model is the noise.
     cfg = config(tmp_path, num_server_rounds=2)
     final = run(ScriptedGrid({n: shifter(0.0) for n in NODES}), cfg)
-    rows = read_metrics(tmp_path / METRICS_FILE)
+    rows = read_jsonl(tmp_path / METRICS_FILE)
     q = 3 / 6
     expected = [opacus_epsilon(1.0, q, r, 6 ** -1.1) for r in (1, 2)]
     assert [r["user_epsilon"] for r in rows] == pytest.approx(expected)
@@ -223,7 +225,7 @@ def test_resume_continues_the_same_composition_and_sample(fixed_sampling_seed, t
     expected = json.loads((straight / FINAL_FILE).read_text())["privacy"]["user_level"]["epsilon"]
     assert final["privacy"]["user_level"]["epsilon"] == pytest.approx(expected)
     assert final["privacy"]["user_level"]["rounds_accounted"] == 4
-    rows = read_metrics(resumed / METRICS_FILE)
+    rows = read_jsonl(resumed / METRICS_FILE)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["user_epsilon"] == pytest.approx(expected)
 
@@ -231,7 +233,7 @@ def test_resume_continues_the_same_composition_and_sample(fixed_sampling_seed, t
 def test_without_layer_two_nothing_changes(tmp_path):
     final = run(ScriptedGrid({n: shifter(0.001) for n in NODES}), config(tmp_path, user_noise_multiplier=0.0, num_server_rounds=1))
     assert final["privacy"]["user_level"] is None
-    assert read_metrics(tmp_path / METRICS_FILE)[0]["user_epsilon"] is None
+    assert read_jsonl(tmp_path / METRICS_FILE)[0]["user_epsilon"] is None
 
 
 # --- a real Flower simulation -------------------------------------------------------------
@@ -252,7 +254,7 @@ def test_simulation_with_both_layers_reports_user_and_device_epsilon(tmp_path: P
     # clients-per-round 4 of 4 devices: q = 1, two releases at sigma 1.
     assert user["epsilon"] == pytest.approx(opacus_epsilon(1.0, 1.0, 2, 0.01)) and user["delta"] == 0.01
     assert device["dp"] is True and device["device_epsilon_max"] > 0  # layer 1 still on the devices
-    rows = read_metrics(run_dir / METRICS_FILE)
+    rows = read_jsonl(run_dir / METRICS_FILE)
     assert rows[0]["user_epsilon"] < rows[1]["user_epsilon"]
 
 

@@ -101,7 +101,7 @@ def test_a_node_opens_its_ledger_once_and_the_process_builds_one_model(tmp_path:
     run = RunConfig(**SMALL, **RECIPES["fedsgd"], run_dir=str(tmp_path))
     schedule = [(1, 0, [0, 1]), (1, 1, [2]), (2, 0, [1]), (2, 1, [0]), (3, 0, [2])]
     models = {}
-    for server_round, partition, users in schedule:
+    for server_round, _partition, _users in schedule:
         torch.manual_seed(server_round)
         models[server_round] = InterestModel(run.model_config(load_device_data({"partition-id": 0}, run).num_items))
     monkeypatch.setattr(InterestModel, "__init__", lambda self, *a, **k: (built.append(1), model_init(self, *a, **k))[1])

@@ -5,13 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
 
-
-class _Row(Protocol):
-    round: int
-
-    def number(self, key: str) -> float | None: ...
+from fedinterest.common.run_files import EPSILON_MAX, EPSILON_MEAN, NDCG_10, RoundRow
 
 
 def _figure():  # noqa: ANN202 - matplotlib types
@@ -23,7 +18,7 @@ def _figure():  # noqa: ANN202 - matplotlib types
     return plt, *plt.subplots(figsize=(6.4, 4.0), dpi=100)
 
 
-def _series(rows: Sequence[_Row], key: str) -> tuple[list[int], list[float]]:
+def _series(rows: Sequence[RoundRow], key: str) -> tuple[list[int], list[float]]:
     """(rounds, values) where the row measured `key` with a finite number."""
     points = [(r.round, r.number(key)) for r in rows]
     kept = [(x, y) for x, y in points if y is not None and math.isfinite(y)]
@@ -45,10 +40,10 @@ def _save(plt, fig, ax, path: Path, empty: bool, empty_text: str) -> Path:  # no
     return path
 
 
-def plot_ndcg(rows: Sequence[_Row], path: Path, final_test: float | None = None, baseline: float | None = None) -> Path:
+def plot_ndcg(rows: Sequence[RoundRow], path: Path, final_test: float | None = None, baseline: float | None = None) -> Path:
     """Validation NDCG@10 of the global model against the server round."""
     plt, fig, ax = _figure()
-    x, y = _series(rows, "ndcg@10")
+    x, y = _series(rows, NDCG_10)
     if x:
         ax.plot(x, y, marker="o", label="validation NDCG@10 (rounds it was measured)")
     if final_test is not None and math.isfinite(final_test) and rows:
@@ -63,11 +58,11 @@ def plot_ndcg(rows: Sequence[_Row], path: Path, final_test: float | None = None,
     return _save(plt, fig, ax, path, not x, "NDCG@10 not measured in any round\n(see eval-every)")
 
 
-def plot_epsilon(rows: Sequence[_Row], path: Path, budget: float | None = None) -> Path:
+def plot_epsilon(rows: Sequence[RoundRow], path: Path, budget: float | None = None) -> Path:
     """Max and mean cumulative device epsilon against the server round, with the budget."""
     plt, fig, ax = _figure()
-    x_max, y_max = _series(rows, "epsilon_max")
-    x_mean, y_mean = _series(rows, "epsilon_mean")
+    x_max, y_max = _series(rows, EPSILON_MAX)
+    x_mean, y_mean = _series(rows, EPSILON_MEAN)
     if x_max:
         ax.plot(x_max, y_max, marker="o", label="max over devices")
     if x_mean:
