@@ -44,7 +44,7 @@ from fedinterest.common.datasets import load_split
 from fedinterest.common.examples import bucketed_batches, stack_windows
 from fedinterest.common.model import InterestModel, packed_sequence_loss
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.run_files import RESOLVED_JSON, RoundRow, read_rows
+from fedinterest.common.run_files import RoundRow, read_resolved, read_rows
 from fedinterest.common.training import train_epoch
 from fedinterest.server import simulation_dispatch
 from fedinterest.server.train_round import round_seed
@@ -121,7 +121,7 @@ def run_case(case: Case, rounds: int, out: Path) -> dict:
     measured = [row.round for row in rows][1:-1] or [row.round for row in rows]
     floor = floor_seconds_per_user(config.run, measured)
     load_after = os.getloadavg()[0]
-    resolved = json.loads((result.run_dir / RESOLVED_JSON).read_text())
+    resolved = read_resolved(result.run_dir)
     per_update = per_round / case.cohort
     return {
         "case": case.name, "dataset": case.dataset, "population": population, "users_per_node": config.run.users_per_node,

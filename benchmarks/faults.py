@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedinterest.benchmarks.federated import VARIANTS, simulate_argv
 from fedinterest.benchmarks.report import publish, store_result
-from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
+from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RoundRow, read_resolved
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 
@@ -54,7 +54,7 @@ def command(fraction: float, mode: str, rounds: int, devices: int, seed: int) ->
 
 def summarize_run_dir(run_dir: Path, benchmark_command: str | None = None) -> dict:
     """The benchmark's figures from a finished simulation's run directory."""
-    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
+    resolved = read_resolved(run_dir)
     final = json.loads((run_dir / FINAL_FILE).read_text())
     run = resolved["run"]
     counts = final["counts"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN, layer1_epsilon, old_relation_note, publish, store_result
-from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RESOLVED_JSON, RoundRow
+from fedinterest.common.run_files import FINAL_FILE, HIT_RATE_10, NDCG_10, RoundRow, read_resolved
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import parse_overrides, resolve_config
 
@@ -104,7 +104,7 @@ def _model_label(summary: dict) -> str:
 
 def summarize_run_dir(run_dir: Path) -> dict:
     """The benchmark's figures from a finished simulation's run directory."""
-    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
+    resolved = read_resolved(run_dir)
     final = json.loads((run_dir / FINAL_FILE).read_text())
     counts = final["counts"]
     wall = final["wall_seconds"]

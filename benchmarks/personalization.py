@@ -42,7 +42,7 @@ from fedinterest.common.evaluation import model_ranks
 from fedinterest.common.metrics import hit_rate, ndcg
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.run_files import CHECKPOINT_DIR, RESOLVED_JSON
+from fedinterest.common.run_files import CHECKPOINT_DIR, RESOLVED_JSON, read_resolved
 from fedinterest.common.split import LeaveOneOut
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,7 +65,7 @@ def _commit() -> str:
 
 def load_global_model(run_dir: Path, checkpoint: str) -> tuple[InterestModel, LeaveOneOut]:
     """The run's global model (as server/evaluation.py builds it) and its leave-one-out split."""
-    run = RunConfig.from_flower(json.loads((run_dir / RESOLVED_JSON).read_text(encoding="utf-8"))["run"])
+    run = RunConfig.from_flower(read_resolved(run_dir)["run"])
     split = load_split(run.dataset_spec())
     model = InterestModel(run.model_config(split.num_items, split.dataset.item_ids))
     model.load_state_dict(load_file(run_dir / CHECKPOINT_DIR / checkpoint))

@@ -16,7 +16,7 @@ from fedinterest.benchmarks.report import WINDOW_COUNT_HIDDEN
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.run_files import DEVICES_DIR, FINAL_FILE, FLWR_LOG, RESOLVED_JSON
+from fedinterest.common.run_files import DEVICES_DIR, FINAL_FILE, FLWR_LOG, read_resolved
 from fedinterest.server import checkpoint as ckpt
 
 _LEDGER = re.compile(r"^partition-(\d+)\.sqlite$")
@@ -76,7 +76,7 @@ def user_level(final: dict[str, Any]) -> dict[str, Any] | None:
 def summarize_audit(run_dir: Path, model_name: str) -> dict[str, Any]:
     """Audit a finished run: the attack on its final model beside the run's own figures."""
     run_dir = Path(run_dir)
-    resolved = json.loads((run_dir / RESOLVED_JSON).read_text(encoding="utf-8"))
+    resolved = read_resolved(run_dir)
     final = json.loads((run_dir / FINAL_FILE).read_text(encoding="utf-8"))
     run = RunConfig.from_flower(resolved["run"])
     num_members = int(resolved["federation"]["num-supernodes"])

@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedinterest.common.run_files import RESOLVED_JSON
+from fedinterest.common.run_files import read_resolved
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 
@@ -212,7 +212,7 @@ def run(out: Path) -> dict[str, Any]:
         "address": cluster.address,
         "ray_start": commands,
         "run_dir": str(result.run_dir),
-        "recorded_ray_address": json.loads((result.run_dir / RESOLVED_JSON).read_text()).get("ray_address"),
+        "recorded_ray_address": read_resolved(result.run_dir).get("ray_address"),
         "rounds": len(result.rows),
         "aggregated": result.final.counts.get("aggregated"),
         **facts,

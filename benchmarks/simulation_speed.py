@@ -39,7 +39,7 @@ from fedinterest.client.ledger import PrivacyLedger
 from fedinterest.client.local_training import train_locally
 from fedinterest.common.datasets import load_split
 from fedinterest.common.model import InterestModel
-from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, RESOLVED_JSON, read_jsonl
+from fedinterest.common.run_files import FINAL_FILE, METRICS_FILE, read_jsonl, read_resolved
 from fedinterest.server.simulation_dispatch import SWITCH
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
@@ -57,7 +57,7 @@ def overrides(rounds: int) -> list[str]:
 
 def summarize_run_dir(run_dir: Path, lookup: str) -> dict:
     """Seconds per round (median over rounds 2..R-1) and per device update of one run."""
-    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())
+    resolved = read_resolved(run_dir)
     final = json.loads((run_dir / FINAL_FILE).read_text())
     rows = read_jsonl(run_dir / METRICS_FILE)
     middle = [row["seconds"] for row in rows[1:-1]] or [row["seconds"] for row in rows]

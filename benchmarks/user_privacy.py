@@ -22,7 +22,7 @@ from pathlib import Path
 
 from fedinterest.benchmarks import federated
 from fedinterest.benchmarks.report import publish, store_result
-from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, RESOLVED_JSON
+from fedinterest.common.run_files import HIT_RATE_10, NDCG_10, read_resolved
 from fedinterest.simulations.simulate import run_simulation
 from fedinterest.simulations.simulation_config import resolve_config
 
@@ -40,7 +40,7 @@ def overrides(target_epsilon: float, extra: list[str]) -> list[str]:
 def summarize(run_dir: Path, config: str, target_epsilon: float, label: str, extra: list[str], private_popularity: dict | None = None) -> dict:
     """The federated benchmark's summary plus the user-level figures."""
     summary = federated.summarize_run_dir(run_dir)
-    resolved = json.loads((run_dir / RESOLVED_JSON).read_text())["run"]
+    resolved = read_resolved(run_dir)["run"]
     final = json.loads((run_dir / federated.FINAL_FILE).read_text())
     user = final["privacy"]["user_level"]
     summary.update({

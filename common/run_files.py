@@ -104,6 +104,18 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return parse_lines(text, str(path))
 
 
+def read_resolved(run_dir: Path) -> dict[str, Any]:
+    """A simulation's config.resolved.json: its [run] and [federation] tables and provenance."""
+    path = Path(run_dir) / RESOLVED_JSON
+    try:
+        resolved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise RunFileError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(resolved, dict):
+        raise RunFileError(f"{path}: not a JSON object")
+    return resolved
+
+
 @dataclass(frozen=True)
 class RoundRow:
     """One row of metrics.jsonl with its round's timing (absent or null fields are None)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -11,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedinterest.common.datasets import SYNTHETIC
-from fedinterest.common.run_files import FLWR_HOME_DIR, RESOLVED_JSON, RESOLVED_TOML
+from fedinterest.common.run_files import FLWR_HOME_DIR, RESOLVED_JSON, RESOLVED_TOML, read_resolved
 from fedinterest.common.run_overrides import toml_value
 from fedinterest.common.serialization import atomic_write_text
 from fedinterest.simulations.provenance import git_commit, machine
@@ -101,7 +100,7 @@ def prepare_resume(config: SimulationConfig, *, argv: Sequence[str] = ()) -> Pre
         flwr_home.rename(run_dir / f"{FLWR_HOME_DIR}.{attempt}")
     flwr_home.mkdir()
     resolved_path = run_dir / RESOLVED_JSON
-    resolved = json.loads(resolved_path.read_text(encoding="utf-8"))
+    resolved = read_resolved(run_dir)
     resolved.setdefault("resumes", []).append({
         "command": ["fedinterest", "simulate", *argv] if argv else None,
         "commit": git_commit(),
