@@ -11,13 +11,14 @@ TARGET_EPSILON = 8.0
 USER_BUDGET_SLACK = 0.05
 USER_CLIP_NORM = 1.0
 
-MODELS = ("no-dp", "layer-1", "layer-2", "layers-1+2")
+# The audited models in table order, each with its label.
 LABELS = {
     "no-dp": "no DP",
     "layer-1": "layer 1 (on-device DP-SGD)",
     "layer-2": "layer 2 only (user-level DP-FedAvg, devices train as no DP)",
     "layers-1+2": "layers 1+2 (+ user-level DP-FedAvg)",
 }
+MODELS = tuple(LABELS)
 
 
 def user_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, rounds: int) -> float:

@@ -97,8 +97,7 @@ def _time_value(value: Any, column: str) -> float:
         seconds = _finite_float(value, "timestamp", column)
     else:
         raise BadValue(f"timestamp {value!r} in column {column!r} has unsupported type {type(value).__name__}")
-    if not math.isfinite(seconds):
-        raise BadValue(f"timestamp {value!r} in column {column!r} is not finite")
+    _require_finite(seconds, value, "timestamp", column)
     if seconds < 0:
         raise BadValue(f"timestamp {value!r} in column {column!r} is negative (before 1970-01-01)")
     return seconds
@@ -110,6 +109,12 @@ def _finite_float(value: numbers.Real, what: str, column: str) -> float:
         return float(value)
     except OverflowError:
         raise BadValue(f"{what} {short_repr(str(value))} in column {column!r} is too large") from None
+
+
+def _require_finite(number: float, value: Any, what: str, column: str) -> None:
+    """BadValue for inf or nan (a float parses "inf"; a metric over it would be meaningless)."""
+    if not math.isfinite(number):
+        raise BadValue(f"{what} {value!r} in column {column!r} is not finite")
 
 
 def _float_text(s: str) -> float | None:
@@ -141,8 +146,7 @@ def _rating_value(value: Any, column: str) -> float:
         r = _finite_float(value, "rating", column)
     else:
         raise BadValue(f"rating {value!r} in column {column!r} is not a number")
-    if not math.isfinite(r):
-        raise BadValue(f"rating {value!r} in column {column!r} is not finite")
+    _require_finite(r, value, "rating", column)
     return r
 
 

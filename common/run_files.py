@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedinterest.common.errors import FedinterestError
+from fedinterest.common.structured_files import read_json
 from fedinterest.common.wire import HIT_RATE_10, NDCG_10
 
 # --- files of a run directory
@@ -107,10 +108,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 def read_resolved(run_dir: Path) -> dict[str, Any]:
     """A simulation's config.resolved.json: its [run] and [federation] tables and provenance."""
     path = Path(run_dir) / RESOLVED_JSON
-    try:
-        resolved = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise RunFileError(f"{path}: not valid JSON ({err})") from err
+    resolved = read_json(path, RunFileError)
     if not isinstance(resolved, dict):
         raise RunFileError(f"{path}: not a JSON object")
     return resolved
@@ -197,11 +195,9 @@ class FinalReport:
         """The run's final.json, None while the run has not written it."""
         path = Path(run_dir) / FINAL_FILE
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = read_json(path, RunFileError)
         except FileNotFoundError:
             return None
-        except json.JSONDecodeError as err:
-            raise RunFileError(f"{path}: not valid JSON ({err})") from err
         if not isinstance(raw, dict):
             raise RunFileError(f"{path}: not a JSON object")
         return cls(raw)

@@ -53,6 +53,7 @@ from safetensors.numpy import save as save_safetensors
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import UNHASHED, RunConfig, keys_with
 from fedinterest.common.run_files import CHECKPOINT_DIR
+from fedinterest.common.structured_files import read_json
 
 LOG = logging.getLogger("flwr.fedinterest")
 
@@ -159,10 +160,7 @@ def latest(run_dir: Path) -> Checkpoint | None:
     path = directory / MANIFEST
     if not path.is_file():
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:  # only possible if written by something else
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    manifest = read_json(path, CheckpointError)  # written atomically: invalid only if written by something else
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r} (expected {FORMAT})")
     arrays = _read_arrays(directory / manifest["weights"], manifest["weights_sha256"])
@@ -203,10 +201,7 @@ def last_release(run_dir: Path) -> tuple[int, dict[str, Any]] | None:
     path = Path(run_dir) / CHECKPOINT_DIR / RELEASES
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:  # written atomically: only possible if written by something else
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    record = read_json(path, CheckpointError)  # written atomically: invalid only if written by something else
     if record.get("format") != FORMAT or not isinstance(record.get("round"), int) or not isinstance(record.get("user_level"), dict):
         raise CheckpointError(f"{path}: not a releases record of format {FORMAT} (round and user_level)")
     return record["round"], record["user_level"]

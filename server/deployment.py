@@ -16,7 +16,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import shutil
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import RUN_MANAGED, RunConfig, keys_with
 from fedinterest.common.run_overrides import toml_value
 from fedinterest.common.serialization import atomic_write_text
+from fedinterest.common.structured_files import read_toml
 from fedinterest.server import certificates as certs
 
 CONFIG_FILE = "fedinterest-server.toml"
@@ -259,10 +259,7 @@ def load_deployment(root: Path | None) -> Deployment:
     config_file = root / CONFIG_FILE
     if not config_file.is_file():
         raise DeploymentError(f"{root}: not a deployment directory (no {CONFIG_FILE}; create one with `fedinterest server init`)")
-    try:
-        document = tomllib.loads(config_file.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise DeploymentError(f"{config_file}: not valid TOML ({err})") from err
+    document = read_toml(config_file, DeploymentError)
     table = document.get("server", {})
     unknown = sorted(set(table) - {f.name for f in fields(ServerSettings)})
     if unknown:

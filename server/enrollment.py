@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedinterest.common.errors import FedinterestError
 from fedinterest.common.serialization import atomic_write_text
+from fedinterest.common.structured_files import read_json
 from fedinterest.server.deployment import Deployment, DeploymentError
 from fedinterest.server.flower_processes import SuperLinkNotReady, flwr_json
 from fedinterest.server.superlink import require_ready, superlink_env
@@ -87,12 +88,7 @@ def read_public_key(path: Path) -> tuple[str, str]:
 def load_devices(deployment: Deployment) -> list[Device]:
     """The enrolment table (revoked devices included)."""
     path = deployment.devices_file
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise DeploymentError(f"{path}: the enrolment table is missing") from err
-    except json.JSONDecodeError as err:
-        raise DeploymentError(f"{path}: not valid JSON ({err})") from err
+    rows = read_json(path, DeploymentError, missing=f"{path}: the enrolment table is missing")
     try:
         return [Device(**row) for row in rows]
     except TypeError as err:

@@ -116,14 +116,20 @@ class SuperLinkProcess:
 
     def stop(self) -> None:
         """SIGTERM (it stops its SuperExec and ServerApp), then SIGKILL if it lingers."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
+        if self.process is not None:
+            terminate(self.process, grace=15)
+
+
+def terminate(process: subprocess.Popen[bytes], *, grace: float) -> int:
+    """SIGTERM a Flower process (it stops its children), SIGKILL it if it lingers `grace` seconds; its exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=15)
+            process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=15)
+            process.kill()
+            process.wait(timeout=grace)
+    return process.returncode
 
 
 def flwr_json(args: list[str], env: Mapping[str, str], *, timeout: float = 120) -> dict[str, Any]:

@@ -16,7 +16,6 @@ back (simulations/run_directory.py wrote it) to run it again in place.
 
 from __future__ import annotations
 
-import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from fedinterest.common.errors import FedinterestError
 from fedinterest.common.run_config import RESUME_OVERRIDABLE, RunConfig, keys_with
 from fedinterest.common.run_files import RESOLVED_JSON
 from fedinterest.common.run_overrides import parse_set_items
+from fedinterest.common.structured_files import read_json, read_toml
 
 RUN_TABLE = "run"
 # Run keys naming files: relative to the config file (in it) or to the current directory (--set).
@@ -98,12 +98,7 @@ def resolve_config(path: Path, overrides: Sequence[str] = (), *, cwd: Path | Non
     """
     path = Path(path)
     cwd = Path.cwd() if cwd is None else Path(cwd)
-    try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise SimulationConfigError(f"{path}: no such config file") from err
-    except tomllib.TOMLDecodeError as err:
-        raise SimulationConfigError(f"{path}: not valid TOML ({err})") from err
+    document = read_toml(path, SimulationConfigError, missing=f"{path}: no such config file")
     unknown = sorted(set(document) - {RUN_TABLE, FEDERATION_TABLE})
     if unknown:
         raise SimulationConfigError(f"{path}: unknown tables or keys {unknown}; a config has only [run] and [federation]")
@@ -201,12 +196,8 @@ def resume_config(run_dir: Path, overrides: Sequence[str] = ()) -> SimulationCon
     """
     run_dir = Path(run_dir).resolve()
     path = run_dir / RESOLVED_JSON
-    try:
-        resolved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise SimulationConfigError(f"{run_dir}: no {RESOLVED_JSON}; not a run directory of `fedinterest simulate`") from err
-    except json.JSONDecodeError as err:
-        raise SimulationConfigError(f"{path}: not valid JSON ({err})") from err
+    missing = f"{run_dir}: no {RESOLVED_JSON}; not a run directory of `fedinterest simulate`"
+    resolved = read_json(path, SimulationConfigError, missing=missing)
     set_values = parse_overrides(overrides)
     bad = sorted(set(set_values) - set(RESUME_KEYS))
     if bad:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from fedinterest.server.deployment import Deployment
-from fedinterest.server.flower_processes import flower_env
+from fedinterest.server.flower_processes import flower_env, terminate
 from fedinterest.server.superlink import wait_ready
 
 FEDINTEREST = str(Path(sys.executable).parent / "fedinterest")
@@ -74,13 +73,4 @@ class ServerProcess:
 
     def stop(self) -> int | None:
         """SIGTERM (the SuperLink stops its ServerApp process), SIGKILL if it lingers; the exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-        return self.process.returncode
+        return None if self.process is None else terminate(self.process, grace=30)

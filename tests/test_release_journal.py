@@ -19,20 +19,8 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from opacus.accountants import RDPAccountant
 from scripted_grid import ScriptedGrid, as_server_task
 
+from fedinterest.common import wire
 from fedinterest.common.run_config import RunConfig
-from fedinterest.common.wire import (
-    ARRAYS,
-    CONFIG,
-    EPSILON,
-    HIT_RATE_10,
-    METRICS,
-    NDCG_10,
-    NUM_EXAMPLES,
-    NUM_USERS,
-    REFUSED,
-    SERVER_ROUND,
-    TRAIN_LOSS,
-)
 from fedinterest.server import checkpoint as ckpt
 from fedinterest.server.rounds import run
 
@@ -62,17 +50,17 @@ class Devices:
         self.round = 0
 
     def node(self, message: Message) -> Message:
-        arrays = message.content[ARRAYS]
+        arrays = message.content[wire.ARRAYS]
         if message.metadata.message_type == MessageType.EVALUATE:
             digest = hashlib.sha256(b"".join(a.numpy().tobytes() for a in arrays.values())).hexdigest()
             self.evaluated.setdefault(self.round, set()).add(digest)
             if self.round == self.crash_after:
                 raise KeyboardInterrupt("the server process dies after sending the model, before the checkpoint")
-            return Message(RecordDict({METRICS: MetricRecord({NUM_EXAMPLES: 1, HIT_RATE_10: 0.0, NDCG_10: 0.0})}), reply_to=message)
-        self.round = int(message.content[CONFIG][SERVER_ROUND])
+            return Message(RecordDict({wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 1, wire.HIT_RATE_10: 0.0, wire.NDCG_10: 0.0})}), reply_to=message)
+        self.round = int(message.content[wire.CONFIG][wire.SERVER_ROUND])
         moved = ArrayRecord({k: Array((a.numpy() + 0.001).astype(np.float32)) for k, a in arrays.items()})
-        metrics = MetricRecord({NUM_EXAMPLES: 1, NUM_USERS: 1, TRAIN_LOSS: 1.0, EPSILON: [1.0], REFUSED: 0})
-        return Message(RecordDict({ARRAYS: moved, METRICS: metrics}), reply_to=message)
+        metrics = MetricRecord({wire.NUM_EXAMPLES: 1, wire.NUM_USERS: 1, wire.TRAIN_LOSS: 1.0, wire.EPSILON: [1.0], wire.REFUSED: 0})
+        return Message(RecordDict({wire.ARRAYS: moved, wire.METRICS: metrics}), reply_to=message)
 
     def grid(self) -> ScriptedGrid:
         return ScriptedGrid({n: self.node for n in NODES})
