@@ -2,50 +2,21 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from loader_helpers import expect_error, write_file, write_parquet
 
 from fedinterest.common.column_values import ColumnMap
-from fedinterest.common.interaction_loader import load_interactions
-from fedinterest.common.interactions import DataFormatError, to_sequences
+from fedinterest.common.interactions import to_sequences
 from fedinterest.common.movielens_loader import load_movielens_1m, load_movielens_100k
 from fedinterest.common.sequence_loader import load_sequences
 from fedinterest.common.table_loader import load_table
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-
-def _write(tmp_path: Path, name: str, content: str | bytes) -> Path:
-    path = tmp_path / name
-    if isinstance(content, str):
-        path.write_text(content, encoding="utf-8", newline="")
-    else:
-        path.write_bytes(content)
-    return path
-
-
-def _write_parquet(tmp_path: Path, name: str, data: dict | pa.Table) -> Path:
-    path = tmp_path / name
-    table = data if isinstance(data, pa.Table) else pa.table(data)
-    pq.write_table(table, path)
-    return path
-
-
-def _expect_error(load, path: Path, line: int | None, reason: str) -> DataFormatError:
-    """Assert that `load(path)` fails naming the file, `line` and the `reason` text."""
-    with pytest.raises(DataFormatError, match=re.escape(reason)) as info:
-        load(path)
-    err = info.value
-    assert err.path == str(path)
-    assert err.line == line
-    where = f"{path}:{line}: " if line is not None else f"{path}: "
-    assert str(err).startswith(where), str(err)
-    return err
 
 
 # ---------------------------------------------------------------------------- file-level errors
@@ -63,9 +34,9 @@ ALL_LOADERS = {
 
 @pytest.mark.parametrize("fmt", list(ALL_LOADERS))
 def test_missing_file_and_directory(tmp_path: Path, fmt: str) -> None:
-    _expect_error(ALL_LOADERS[fmt], tmp_path / "nope.dat", None, "file does not exist")
+    expect_error(ALL_LOADERS[fmt], tmp_path / "nope.dat", None, "file does not exist")
     (tmp_path / "adir").mkdir()
-    _expect_error(ALL_LOADERS[fmt], tmp_path / "adir", None, "is a directory")
+    expect_error(ALL_LOADERS[fmt], tmp_path / "adir", None, "is a directory")
 
 
 @pytest.mark.parametrize("fmt", list(ALL_LOADERS))
@@ -73,7 +44,7 @@ def test_missing_file_and_directory(tmp_path: Path, fmt: str) -> None:
 def test_empty_files(tmp_path: Path, fmt: str, content: str, reason: str) -> None:
     if fmt == "parquet" and content:
         reason = "not a readable Parquet file"
-    _expect_error(ALL_LOADERS[fmt], _write(tmp_path, "f.dat", content), None, reason)
+    expect_error(ALL_LOADERS[fmt], write_file(tmp_path, "f.dat", content), None, reason)
 
 
 # ---------------------------------------------------------------------------- MovieLens errors
@@ -108,23 +79,23 @@ ML_BAD = [
 )
 def test_movielens_errors(tmp_path: Path, loader, sep: str, sep_name: str, content: str, line: int, reason: str) -> None:
     text = "\n".join(row.replace(" ", sep) if row.strip() else row for row in content.split("\n"))
-    _expect_error(loader, _write(tmp_path, "ratings.dat", text), line, reason.format(sep=sep_name))
+    expect_error(loader, write_file(tmp_path, "ratings.dat", text), line, reason.format(sep=sep_name))
 
 
 def test_movielens_wrong_layout_and_bad_utf8(tmp_path: Path) -> None:
     # A 1M file given to the 100K loader (and vice versa) fails on line 1, not later.
-    _expect_error(load_movielens_100k, _write(tmp_path, "a.dat", "1::2::3::4\n"), 1, "expected 4 tab-separated fields, got 1")
-    _expect_error(load_movielens_1m, _write(tmp_path, "b.dat", "1\t2\t3\t4\n"), 1, "expected 4 '::'-separated fields, got 1")
+    expect_error(load_movielens_100k, write_file(tmp_path, "a.dat", "1::2::3::4\n"), 1, "expected 4 tab-separated fields, got 1")
+    expect_error(load_movielens_1m, write_file(tmp_path, "b.dat", "1\t2\t3\t4\n"), 1, "expected 4 '::'-separated fields, got 1")
     bad = b"1\t2\t3\t4\n1\t2\t3\t4\n1\t\xe9\t3\t4\n"
-    _expect_error(load_movielens_100k, _write(tmp_path, "c.dat", bad), 3, "not valid UTF-8 (byte 0xe9 at column 3)")
-    _expect_error(load_movielens_1m, _write(tmp_path, "d.dat", bad.replace(b"\t", b"::")), 3, "not valid UTF-8")
+    expect_error(load_movielens_100k, write_file(tmp_path, "c.dat", bad), 3, "not valid UTF-8 (byte 0xe9 at column 3)")
+    expect_error(load_movielens_1m, write_file(tmp_path, "d.dat", bad.replace(b"\t", b"::")), 3, "not valid UTF-8")
 
 
 # ---------------------------------------------------------------------------- MovieLens happy paths
 
 
 def test_movielens_100k_reads_rows_exactly(tmp_path: Path) -> None:
-    path = _write(tmp_path, "u.data", "196\t242\t3\t881250949\n186\t302\t1\t891717742\n007\t0100\t5\t0")
+    path = write_file(tmp_path, "u.data", "196\t242\t3\t881250949\n186\t302\t1\t891717742\n007\t0100\t5\t0")
     table = load_movielens_100k(path)
     assert table.source == str(path)
     assert table.users == ["196", "186", "7"]
@@ -136,7 +107,7 @@ def test_movielens_100k_reads_rows_exactly(tmp_path: Path) -> None:
 
 
 def test_movielens_1m_reads_rows_exactly(tmp_path: Path) -> None:
-    path = _write(tmp_path, "ratings.dat", "1::1193::5::978300760\r\n1::661::3::978302109\r\n2::1193::4::978300000\r\n")
+    path = write_file(tmp_path, "ratings.dat", "1::1193::5::978300760\r\n1::661::3::978302109\r\n2::1193::4::978300000\r\n")
     table = load_movielens_1m(path)
     assert table.users == ["1", "1", "2"]
     assert table.items == ["1193", "661", "1193"]
@@ -177,18 +148,18 @@ CSV_BAD = [
 @pytest.mark.parametrize(("content", "columns", "line", "reason"), CSV_BAD)
 @pytest.mark.parametrize(("fmt", "sep", "sep_name"), [("csv", ",", "comma-separated"), ("tsv", "\t", "tab-separated")])
 def test_delimited_errors(tmp_path: Path, fmt: str, sep: str, sep_name: str, content, columns, line, reason) -> None:
-    path = _write(tmp_path, f"data.{fmt}", content.replace(",", sep))
-    _expect_error(lambda p: load_table(p, columns=columns), path, line, reason.format(sep=sep_name))
+    path = write_file(tmp_path, f"data.{fmt}", content.replace(",", sep))
+    expect_error(lambda p: load_table(p, columns=columns), path, line, reason.format(sep=sep_name))
 
 
 def test_csv_quoting_errors_and_line_numbers(tmp_path: Path) -> None:
     head = "user,item,timestamp,note\n"
     # Unclosed quote: reported on the line where the broken row starts.
-    _expect_error(load_table, _write(tmp_path, "a.csv", head + '1,2,3,ok\n1,2,3,"open\n'), 3, "malformed CSV: unexpected end of data")
-    _expect_error(load_table, _write(tmp_path, "b.csv", head + '1,2,3,"x"y\n'), 2, "malformed CSV")
+    expect_error(load_table, write_file(tmp_path, "a.csv", head + '1,2,3,ok\n1,2,3,"open\n'), 3, "malformed CSV: unexpected end of data")
+    expect_error(load_table, write_file(tmp_path, "b.csv", head + '1,2,3,"x"y\n'), 2, "malformed CSV")
     # A quoted field spanning lines 2-3 shifts the physical line of every later row.
-    _expect_error(load_table, _write(tmp_path, "c.csv", head + '1,2,3,"two\nlines"\n1,2,bad,x\n'), 4, "timestamp 'bad'")
-    _expect_error(load_table, _write(tmp_path, "d.csv", (head + "1,2,3,x\n1,2,3,\xe9\n").encode("latin-1")), 3, "not valid UTF-8")
+    expect_error(load_table, write_file(tmp_path, "c.csv", head + '1,2,3,"two\nlines"\n1,2,bad,x\n'), 4, "timestamp 'bad'")
+    expect_error(load_table, write_file(tmp_path, "d.csv", (head + "1,2,3,x\n1,2,3,\xe9\n").encode("latin-1")), 3, "not valid UTF-8")
 
 
 # ---------------------------------------------------------------------------- CSV / TSV happy paths
@@ -196,7 +167,7 @@ def test_csv_quoting_errors_and_line_numbers(tmp_path: Path) -> None:
 
 def test_csv_reads_rows_exactly(tmp_path: Path) -> None:
     text = 'user,item,timestamp,note\r\n u1 ,i1,100,"a, b"\r\nu2,i2,50.5,"multi\r\nline"\r\nu1,i3,100,\r\n'
-    table = load_table(_write(tmp_path, "x.csv", text))
+    table = load_table(write_file(tmp_path, "x.csv", text))
     assert table.users == ["u1", "u2", "u1"]
     assert table.items == ["i1", "i2", "i3"]
     np.testing.assert_array_equal(table.timestamps, [100.0, 50.5, 100.0])
@@ -214,7 +185,7 @@ def test_column_mapping_ratings_and_iso_timestamps(tmp_path: Path) -> None:
         "c,z,1.7e9,5,-\n"
     )
     columns = ColumnMap(user="uid", item="iid", timestamp="ts", rating="stars")
-    table = load_table(_write(tmp_path, "mapped.csv", text), columns=columns)
+    table = load_table(write_file(tmp_path, "mapped.csv", text), columns=columns)
     base = 1704067200.0  # 2024-01-01T00:00:00Z
     assert table.users == ["a", "a", "b", "b", "c"]
     assert table.items == ["x", "y", "x", "z", "z"]
@@ -227,7 +198,7 @@ def test_tsv_reads_rows_exactly(tmp_path: Path) -> None:
     # TSV has no quoting: a quote character is part of the value.
     text = 'user\titem\ttimestamp\n"u1"\ti 1\t7\nu2\ti2\t2024-03-01T12:00:00\n'
     for name in ("x.tsv", "x.tab"):
-        table = load_table(_write(tmp_path, name, text))
+        table = load_table(write_file(tmp_path, name, text))
         assert table.users == ['"u1"', "u2"]
         assert table.items == ["i 1", "i2"]
         np.testing.assert_array_equal(table.timestamps, [7.0, 1709294400.0])
@@ -258,14 +229,14 @@ JSONL_BAD = [
 
 @pytest.mark.parametrize(("content", "line", "reason"), JSONL_BAD)
 def test_jsonl_errors(tmp_path: Path, content, line: int, reason: str) -> None:
-    _expect_error(load_table, _write(tmp_path, "x.jsonl", content), line, reason)
+    expect_error(load_table, write_file(tmp_path, "x.jsonl", content), line, reason)
 
 
 def test_jsonl_rating_errors(tmp_path: Path) -> None:
     load = lambda p: load_table(p, columns=RATED)  # noqa: E731
-    _expect_error(load, _write(tmp_path, "a.jsonl", '{"user": "a", "item": "b", "timestamp": 1}\n'), 1, "key 'rating' missing")
-    _expect_error(load, _write(tmp_path, "b.jsonl", '{"user": "a", "item": "b", "timestamp": 1, "rating": null}\n'), 1, "rating None in column 'rating' is not a number")
-    _expect_error(load, _write(tmp_path, "c.jsonl", '{"user": "a", "item": "b", "timestamp": 1, "rating": Infinity}\n'), 1, "rating inf in column 'rating' is not finite")
+    expect_error(load, write_file(tmp_path, "a.jsonl", '{"user": "a", "item": "b", "timestamp": 1}\n'), 1, "key 'rating' missing")
+    expect_error(load, write_file(tmp_path, "b.jsonl", '{"user": "a", "item": "b", "timestamp": 1, "rating": null}\n'), 1, "rating None in column 'rating' is not a number")
+    expect_error(load, write_file(tmp_path, "c.jsonl", '{"user": "a", "item": "b", "timestamp": 1, "rating": Infinity}\n'), 1, "rating inf in column 'rating' is not finite")
 
 
 def test_jsonl_reads_rows_exactly(tmp_path: Path) -> None:
@@ -275,7 +246,7 @@ def test_jsonl_reads_rows_exactly(tmp_path: Path) -> None:
         '{"u": 12.0, "i": "y", "t": "1970-01-01T00:01:00", "r": 1}'
     )
     for name in ("x.jsonl", "x.ndjson"):
-        table = load_table(_write(tmp_path, name, text), columns=ColumnMap("u", "i", "t", "r"))
+        table = load_table(write_file(tmp_path, name, text), columns=ColumnMap("u", "i", "t", "r"))
         assert table.users == ["12", "13", "12"]
         assert table.items == ["x", "7", "y"]
         np.testing.assert_array_equal(table.timestamps, [5.0, 2.5, 60.0])
@@ -314,27 +285,27 @@ PARQUET_BAD = [
 
 @pytest.mark.parametrize(("data", "columns", "line", "reason"), PARQUET_BAD)
 def test_parquet_errors(tmp_path: Path, data, columns: ColumnMap, line: int | None, reason: str) -> None:
-    path = _write_parquet(tmp_path, "x.parquet", data)
-    _expect_error(lambda p: load_table(p, columns=columns), path, line, reason)
+    path = write_parquet(tmp_path, "x.parquet", data)
+    expect_error(lambda p: load_table(p, columns=columns), path, line, reason)
 
 
 def test_parquet_unreadable(tmp_path: Path) -> None:
-    _expect_error(load_table, _write(tmp_path, "junk.parquet", b"PAR1 this is not parquet at all"), None, "not a readable Parquet file")
-    good = _write_parquet(tmp_path, "good.parquet", GOOD)
-    truncated = _write(tmp_path, "cut.parquet", good.read_bytes()[:-20])
-    _expect_error(load_table, truncated, None, "not a readable Parquet file")
+    expect_error(load_table, write_file(tmp_path, "junk.parquet", b"PAR1 this is not parquet at all"), None, "not a readable Parquet file")
+    good = write_parquet(tmp_path, "good.parquet", GOOD)
+    truncated = write_file(tmp_path, "cut.parquet", good.read_bytes()[:-20])
+    expect_error(load_table, truncated, None, "not a readable Parquet file")
 
 
 def test_parquet_reads_rows_exactly(tmp_path: Path) -> None:
     stamps = pa.array([0, 1_500_000, 86_400_000_000_000], pa.timestamp("ns", tz="UTC"))
     data = pa.table({"uid": [3, 4, 3], "iid": ["p", "q", "r"], "ts": stamps, "stars": [1.0, 2.5, 5.0]})
-    table = load_table(_write_parquet(tmp_path, "x.parquet", data), columns=ColumnMap("uid", "iid", "ts", "stars"))
+    table = load_table(write_parquet(tmp_path, "x.parquet", data), columns=ColumnMap("uid", "iid", "ts", "stars"))
     assert table.users == ["3", "4", "3"]
     assert table.items == ["p", "q", "r"]
     np.testing.assert_array_equal(table.timestamps, [0.0, 0.0015, 86400.0])
     np.testing.assert_array_equal(table.ratings, [1.0, 2.5, 5.0])
     np.testing.assert_array_equal(table.lines, [1, 2, 3])
-    table = load_table(_write_parquet(tmp_path, "y.parquet", _with("timestamp", ["2024-01-01", "5", "6.5"])))
+    table = load_table(write_parquet(tmp_path, "y.parquet", _with("timestamp", ["2024-01-01", "5", "6.5"])))
     np.testing.assert_array_equal(table.timestamps, [1704067200.0, 5.0, 6.5])
     assert table.ratings is None
 
@@ -353,11 +324,11 @@ SEQ_BAD = [
 
 @pytest.mark.parametrize(("content", "line", "reason"), SEQ_BAD)
 def test_sequence_errors(tmp_path: Path, content, line: int, reason: str) -> None:
-    _expect_error(load_sequences, _write(tmp_path, "seq.txt", content), line, reason)
+    expect_error(load_sequences, write_file(tmp_path, "seq.txt", content), line, reason)
 
 
 def test_sequences_read_exactly_and_keep_file_order(tmp_path: Path) -> None:
-    table = load_sequences(_write(tmp_path, "seq.txt", "u1 c a b a\nu2\tb  a\n"))
+    table = load_sequences(write_file(tmp_path, "seq.txt", "u1 c a b a\nu2\tb  a\n"))
     assert table.users == ["u1"] * 4 + ["u2"] * 2
     assert table.items == ["c", "a", "b", "a", "b", "a"]
     np.testing.assert_array_equal(table.timestamps, [0, 1, 2, 3, 0, 1])
@@ -366,76 +337,3 @@ def test_sequences_read_exactly_and_keep_file_order(tmp_path: Path) -> None:
     data = to_sequences(table, "seq")
     assert data.item_ids == ("c", "a", "b")
     assert [s.tolist() for s in data.sequences] == [[1, 2, 3, 2], [3, 2]]
-
-
-# ---------------------------------------------------------------------------- ordering, dispatch, options
-
-
-def test_to_sequences_is_chronological_with_stable_ties(tmp_path: Path) -> None:
-    text = "user,item,timestamp\na,w,5\nb,q,2\na,x,3\na,y,3\nb,r,1\na,z,1\na,v,3\n"
-    data = to_sequences(load_table(_write(tmp_path, "t.csv", text)), "t")
-    by_user = {u: [data.item_ids[i - 1] for i in seq] for u, seq in zip(data.user_ids, data.sequences)}
-    # Equal timestamps (x, y, v at 3) stay in file order.
-    assert by_user == {"a": ["z", "x", "y", "v", "w"], "b": ["r", "q"]}
-
-
-def test_load_interactions_dispatches_every_format(tmp_path: Path) -> None:
-    files = {
-        "ml-100k": _write(tmp_path, "u.data", "1\t2\t3\t4\n"),
-        "ml-1m": _write(tmp_path, "r.dat", "1::2::3::4\n"),
-        "csv": _write(tmp_path, "a.txt", "user,item,timestamp\n1,2,4\n"),
-        "tsv": _write(tmp_path, "b.txt", "user\titem\ttimestamp\n1\t2\t4\n"),
-        "jsonl": _write(tmp_path, "c.txt", '{"user": 1, "item": 2, "timestamp": 4}\n'),
-        "parquet": _write_parquet(tmp_path, "d.bin", {"user": [1], "item": [2], "timestamp": [4]}),
-        "sequences": _write(tmp_path, "e.txt", "1 2\n"),
-    }
-    for fmt, path in files.items():
-        table = load_interactions(path, format=fmt)
-        assert (table.source, table.users, table.items) == (str(path), ["1"], ["2"]), fmt
-    with pytest.raises(ValueError, match="unknown interaction format 'ml-20m'; choices: ml-100k, ml-1m, csv, tsv, jsonl, parquet, sequences"):
-        load_interactions(files["ml-1m"], format="ml-20m")
-    with pytest.raises(ValueError, match="columns= applies only to"):
-        load_interactions(files["ml-1m"], format="ml-1m", columns=ColumnMap(user="uid"))
-    mapped = load_interactions(_write(tmp_path, "m.csv", "uid,iid,ts\n5,6,7\n"), format="csv", columns=ColumnMap("uid", "iid", "ts"))
-    assert (mapped.users, mapped.items) == (["5"], ["6"])
-
-
-def test_load_table_format_inference_and_options(tmp_path: Path) -> None:
-    path = _write(tmp_path, "data.txt", "user,item,timestamp\n1,2,3\n")
-    _expect_error(load_table, path, None, "cannot tell the format from the suffix '.txt'; pass format= one of csv, tsv, jsonl, parquet")
-    _expect_error(lambda p: load_table(p, format="xlsx"), path, None, "unknown format 'xlsx'; formats: csv, tsv, jsonl, parquet")
-    assert load_table(_write(tmp_path, "UP.CSV", "user,item,timestamp\n1,2,3\n")).users == ["1"]
-    with pytest.raises(ValueError, match="distinct"):
-        ColumnMap(user="id", item="id")
-    with pytest.raises(ValueError, match="non-empty"):
-        ColumnMap(rating=" ")
-
-
-# ---------------------------------------------------------------------------- real data smoke tests
-
-
-def _real(relative: str) -> Path:
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        reason = f"real data file {path} is absent"
-        print(reason)
-        pytest.skip(reason)
-    return path
-
-
-def test_real_movielens_100k() -> None:
-    table = load_movielens_100k(_real("ml-100k/u.data"))
-    assert len(table) == 100_000
-    assert len(set(table.users)) == 943
-    assert len(set(table.items)) == 1_682
-    assert (table.users[0], table.items[0]) == ("196", "242")
-
-
-def test_real_movielens_1m_subset() -> None:
-    table = load_movielens_1m(_real("ml-1m/ratings_u1-2999.dat"))
-    assert len(table) == 487_650
-    assert len(set(table.users)) == 2_999
-    assert len(set(table.items)) == 3_615
-    assert (table.users[0], table.items[0]) == ("1", "1193")
-    assert table.timestamps.min() == 970620734 and table.timestamps.max() == 1046388675
-    assert table.lines[-1] == 487_650
