@@ -183,7 +183,6 @@ def count_users(run: RunConfig) -> tuple[int, int]:
     return len(split), split.num_items
 
 
-
 # Keys `--set` may change when resuming: the checkpoint accepts no other change (server/checkpoint.py).
 RESUME_KEYS = keys_with(RESUME_OVERRIDABLE)
 
