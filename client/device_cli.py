@@ -29,6 +29,7 @@ from fedinterest.common.cli_errors import ReportingGroup
 from fedinterest.common.column_values import ColumnMap
 from fedinterest.common.errors import UsageError
 from fedinterest.common.interaction_loader import ALL_FORMATS
+from fedinterest.common.table_loader import GENERIC_FORMATS
 
 
 class _DeviceGroup(ReportingGroup):
@@ -135,7 +136,7 @@ def ingest(
         raise UsageError(f"--format must be one of {', '.join(ALL_FORMATS)}, got {fmt!r}")
     columns = ColumnMap(user=user_col, item=item_col, timestamp=time_col, rating=rating_col)
     # The fixed layouts have no named columns: only a generic format takes the mapping.
-    generic = fmt is None or fmt in ("csv", "tsv", "jsonl", "parquet")
+    generic = fmt is None or fmt in GENERIC_FORMATS
     with open_device_dir(directory).store() as store:
         result = ingest_file(store, file, fmt=fmt, columns=columns if generic else ColumnMap(), user=user)
     if result.already_imported:

@@ -18,6 +18,7 @@ from fedinterest.common.run_files import (
     NDCG_PNG,
     REPLY_COUNTS,
     FinalReport,
+    PrivacySummary,
     RoundRow,
     as_number,
     read_rows,
@@ -30,7 +31,8 @@ from fedinterest.server.run_admin import find_run, read_record
 from fedinterest.server.run_outcome import outcome
 
 REPORT_MD = "report.md"
-ROUND_COLUMNS = ("round", *REPLY_COUNTS[:-1], "train_loss", EPSILON_MAX, EPSILON_MEAN, "user_epsilon", *METRIC_KEYS, "seconds")
+# The per-round table leaves out "empty" replies (no user trained, not all refused); the summary counts them.
+ROUND_COLUMNS = ("round", *(k for k in REPLY_COUNTS if k != "empty"), "train_loss", EPSILON_MAX, EPSILON_MEAN, "user_epsilon", *METRIC_KEYS, "seconds")
 
 
 def _fmt(value: Any) -> str:
@@ -47,7 +49,7 @@ def summary(
     popularity: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The numbers of the report (also its `--json`)."""
-    privacy = final.privacy if final is not None else FinalReport({}).privacy
+    privacy = final.privacy if final is not None else PrivacySummary({})
     devices = {key: int(sum(r.number(key) or 0 for r in rows)) for key in REPLY_COUNTS}
     verdict = outcome(final, rows, devices)
     return {

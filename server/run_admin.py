@@ -27,6 +27,7 @@ from fedinterest.common.run_files import (
     RUN_JSON,
     FinalReport,
     MetricsFollower,
+    PrivacySummary,
     RoundRow,
     device_epsilon,
     read_rows,
@@ -217,7 +218,7 @@ def run_state(deployment: Deployment, ref: str | None) -> dict[str, Any]:
         except (RuntimeError, subprocess.SubprocessError) as err:
             reasons = [f"the reasons per device are unknown: {err}"]
     completed = status == COMPLETED
-    privacy = final.privacy if final is not None else FinalReport({}).privacy
+    privacy = final.privacy if final is not None else PrivacySummary({})
     # A finished run's figure is final.json's alone; while it runs, the latest round's.
     eps_max, eps_mean = (privacy.device_epsilon_max, privacy.device_epsilon_mean) if final is not None else device_epsilon(None, rows)
     return {

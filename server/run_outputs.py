@@ -32,7 +32,6 @@ from fedinterest.server.run_rows import append_round, metrics_row, reconcile, ti
 LOG = logging.getLogger("flwr.fedinterest")
 
 
-
 class MetricsRow(RoundCallback):
     """The round's metrics.jsonl row, kept in the state: the checkpoint holds it too (written before the row)."""
 

@@ -35,7 +35,6 @@ USER_LEVEL_NOTE = (
 )
 
 
-
 def ledger_epsilons(run_dir: Path, delta: float) -> dict[str, tuple[float, int]]:
     """Per user account in the node ledgers under `{run_dir}/devices/`: (epsilon at `delta`, rounds charged).
 

@@ -83,7 +83,6 @@ def prepare_run(config: SimulationConfig, out: Path, *, argv: Sequence[str] = ()
     return PreparedRun(run_dir=run_dir, flwr_home=flwr_home, config=final, dataset=dataset, commit=commit)
 
 
-
 def prepare_resume(config: SimulationConfig, *, argv: Sequence[str] = ()) -> PreparedRun:
     """The run directory of `config` ready for another Flower run: a fresh FLWR_HOME.
 

@@ -99,7 +99,6 @@ def write_report(config: SimulationConfig, run_dir: Path, wall_seconds: float) -
     return rows, final, privacy, summary
 
 
-
 def check_updates(run_dir: Path, final: FinalReport) -> None:
     """Fail a run that completed without aggregating a single device update because replies
     failed or were rejected: its metrics would describe the initial model."""

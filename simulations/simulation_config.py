@@ -43,7 +43,6 @@ class SimulationConfigError(FedinterestError, ValueError):
     """A simulation config or override that cannot run (the message names the key)."""
 
 
-
 @dataclass(frozen=True)
 class FederationConfig:
     """The simulated federation: how many virtual devices and the CPUs each one holds."""
@@ -74,8 +73,6 @@ class SimulationConfig:
     federation: FederationConfig
     source: str | None = None  # the config file it came from
     overrides: tuple[str, ...] = ()  # the --set items, as given
-
-
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, object]:

@@ -15,10 +15,6 @@ from fedinterest.common.movielens_loader import load_movielens_1m, load_movielen
 from fedinterest.common.sequence_loader import load_sequences
 from fedinterest.common.table_loader import load_table
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-
 # ---------------------------------------------------------------------------- file-level errors
 
 ALL_LOADERS = {
